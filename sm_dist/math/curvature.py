@@ -1,0 +1,71 @@
+"""Curvature sent down a stage (spec §2 and §4): batched per-sample power iteration and damping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+GRANULARITIES = ("sample", "microbatch", "batch")
+
+
+def _row_norms(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).norm(dim=1)
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    return (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(dim=1)
+
+
+def normalize_rows(x: Tensor) -> Tensor:
+    """One unit vector per sample; rows of zeros stay zero."""
+    norms = _row_norms(x)
+    scale = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    return x * scale.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def initial_vectors(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Random unit rows to start a power iteration from."""
+    start = torch.randn(like.shape, dtype=like.dtype, generator=generator, device="cpu")
+    return normalize_rows(start.to(like.device))
+
+
+def power_iteration(hzz: Callable[[Tensor], Tensor], start: Tensor,
+                    rounds: int) -> tuple[Tensor, Tensor]:
+    """Per-sample λ_k ≈ |dominant eigenvalue| of the block-diagonal H_zz, one product per round.
+
+    `hzz` multiplies a batch of per-sample vectors by H_zz; because H_zz is block-diagonal over
+    samples, each row iterates independently. Returns (λ per sample, the unit vectors reached),
+    the latter to warm-start the next iteration on the same samples. λ is the absolute value
+    of the last Rayleigh quotient, which bounds λ_max even when the dominant eigenvalue is
+    negative (spec §4).
+    """
+    u = normalize_rows(start)
+    lam = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+    for _ in range(rounds):
+        hu = hzz(u)
+        lam = _row_dots(u, hu).abs()
+        u_next = normalize_rows(hu)
+        # A row whose product vanished (a dead ReLU sample) keeps its vector.
+        dead = _row_norms(hu) == 0
+        u = torch.where(dead.reshape(-1, *([1] * (u.dim() - 1))), u, u_next)
+    return lam, u
+
+
+def reduce_eigenvalues(lam: Tensor, granularity: str) -> Tensor:
+    """Per-sample λ for `sample`, the microbatch's max for `microbatch` (and `batch`, which the
+    caller reduces once more over all its microbatches)."""
+    if granularity == "sample":
+        return lam
+    if granularity in ("microbatch", "batch"):
+        return lam.max().expand_as(lam).clone() if lam.numel() else lam
+    raise ValueError(f"unknown curvature granularity {granularity!r}; choose one of "
+                     f"{', '.join(GRANULARITIES)}")
+
+
+def damped_curvature(lam: Tensor, *, delta_rel: float, delta_abs: float,
+                     delta_floor: float) -> tuple[Tensor, Tensor]:
+    """(c, δ) with δ = max(delta_rel·λ + delta_abs, delta_floor) and c = λ + δ (δ must be > 0)."""
+    delta = (delta_rel * lam + delta_abs).clamp_min(delta_floor)
+    return lam + delta, delta

@@ -1,0 +1,132 @@
+"""Inner solvers for a local loss: truncated CG (resumable) and GD with Armijo (spec §2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sm_dist.math.line_search import ArmijoRule, armijo_backtrack
+from sm_dist.math.local_loss import LocalLoss
+
+
+@dataclass
+class SolverReport:
+    """What an inner loop has done so far on one local loss."""
+
+    steps: int  # inner steps taken (each one 𝓗 product)
+    value: float  # L_s(d) at the current iterate
+    stopped: str | None  # why the solver will take no more steps, or None
+
+
+class TruncatedCG:
+    """Conjugate gradient on 𝓗d = −g from d = 0, in slices: `run(n)` continues the same run.
+
+    Stops when ‖r‖ ≤ tol·‖g‖, or on non-positive curvature pᵀ𝓗p ≤ 0: at the first step it then
+    takes one gradient step with an Armijo search on L_s instead; later it keeps the iterate.
+    The state (d, r, p, rᵀr) and 𝓗d live here between calls.
+    """
+
+    def __init__(self, loss: LocalLoss, *, tol: float, armijo: ArmijoRule,
+                 fallback_step: float) -> None:
+        self.loss = loss
+        self.tol = tol
+        self.armijo = armijo
+        self.fallback_step = fallback_step
+        self.d = torch.zeros_like(loss.grad)
+        self.hd = torch.zeros_like(loss.grad)
+        self.r = -loss.grad.clone()
+        self.p = self.r.clone()
+        self.rr = float(self.r @ self.r)
+        self.grad_norm = math.sqrt(self.rr)
+        self.steps = 0
+        self.stopped: str | None = "zero gradient" if self.rr == 0.0 else None
+
+    def run(self, n: int) -> int:
+        """Take up to n more CG steps; returns how many were taken."""
+        taken = 0
+        while taken < n and self.stopped is None:
+            hp = self.loss.hvp(self.p)
+            curvature = float(self.p @ hp)
+            if curvature <= 0.0:
+                if self.steps == 0:
+                    self._gradient_fallback(hp)
+                    taken += 1
+                self.stopped = "negative curvature"
+                break
+            alpha = self.rr / curvature
+            self.d += alpha * self.p
+            self.hd += alpha * hp
+            self.r -= alpha * hp
+            rr_next = float(self.r @ self.r)
+            self.steps += 1
+            taken += 1
+            if math.sqrt(rr_next) <= self.tol * self.grad_norm:
+                self.stopped = "converged"
+                break
+            self.p = self.r + (rr_next / self.rr) * self.p
+            self.rr = rr_next
+        return taken
+
+    def _gradient_fallback(self, hp: torch.Tensor) -> None:
+        # p = −g here, so hp = 𝓗(−g): one Armijo step along −g on L_s costs no further product.
+        phi = self.loss.line_value(self.d, self.hd, self.p, hp)
+        result = armijo_backtrack(phi, phi(0.0), self.rr, self.fallback_step, self.armijo)
+        if result.accepted:
+            self.d += result.step * self.p
+            self.hd += result.step * hp
+        self.steps += 1
+
+    def report(self) -> SolverReport:
+        return SolverReport(self.steps, self.loss.value(self.d, self.hd), self.stopped)
+
+
+class GradientDescentArmijo:
+    """d ← d − α∇L_s(d) with an Armijo search on L_s; one 𝓗 product per step (𝓗d is tracked).
+
+    With `fixed_step` the step is constant (no search). Otherwise the first trial step is
+    `initial_step` and each later step starts from twice the last accepted one; `last_step`
+    is read back by the caller to carry it into the next outer iteration.
+    """
+
+    def __init__(self, loss: LocalLoss, *, armijo: ArmijoRule, initial_step: float,
+                 fixed_step: float | None = None) -> None:
+        self.loss = loss
+        self.armijo = armijo
+        self.fixed_step = fixed_step
+        self.next_step = initial_step
+        self.last_step = initial_step / 2.0
+        self.d = torch.zeros_like(loss.grad)
+        self.hd = torch.zeros_like(loss.grad)
+        self.steps = 0
+        self.stopped: str | None = None
+
+    def run(self, n: int) -> int:
+        taken = 0
+        while taken < n and self.stopped is None:
+            grad = self.loss.gradient(self.d, self.hd)
+            grad_sq = float(grad @ grad)
+            if grad_sq == 0.0:
+                self.stopped = "zero gradient"
+                break
+            h_grad = self.loss.hvp(grad)
+            if self.fixed_step is not None:
+                step = self.fixed_step
+            else:
+                phi = self.loss.line_value(self.d, self.hd, -grad, -h_grad)
+                result = armijo_backtrack(phi, phi(0.0), grad_sq, self.next_step, self.armijo)
+                if not result.accepted:
+                    self.stopped = "line search failed"
+                    break
+                step = result.step
+                self.last_step = step
+                self.next_step = 2.0 * step
+            self.d -= step * grad
+            self.hd -= step * h_grad
+            self.steps += 1
+            taken += 1
+        return taken
+
+    def report(self) -> SolverReport:
+        return SolverReport(self.steps, self.loss.value(self.d, self.hd), self.stopped)

@@ -1,0 +1,90 @@
+"""Ψ_s, the stage function of spec §2, with its gradients and Hessian-vector products in (z, θ)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample vector so that it broadcasts over one sample's features."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+
+
+class StageFunction:
+    """Ψ(z, θ) = Σ_k ⟨g_k, f(z_k, θ) − z_out,k⟩ + ½ c_k ‖f(z_k, θ) − z_out,k‖² around (z_in, θ_t).
+
+    `module` computes f at its current parameters θ_t; `z_in` holds the stored inputs of the
+    samples, `g` and `c` the gradient and per-sample curvature received from above. z_out is
+    the recorded output itself, so the residual is exactly zero at the base point.
+
+    The first derivatives are built once with `create_graph=True`; every Hessian-vector product
+    is then one backward pass through that retained graph (Pearlmutter's trick by double
+    backward), which measured ~30x cheaper than torch.func's forward-over-reverse on CPU.
+    For stage 1, whose input X is fixed, z does not require grad and no z derivatives are built.
+    """
+
+    def __init__(self, z: Tensor, out: Tensor, params: list[Tensor], g: Tensor, c: Tensor) -> None:
+        """From a forward already recorded by autograd: `out` = f(z, params) with its graph.
+
+        `z` requires grad exactly when input derivatives are wanted (every stage but the first).
+        """
+        self.params = params
+        self.with_input = z.requires_grad
+        self.z = z
+        with torch.enable_grad():
+            residual = out - out.detach()
+            psi = (g * residual).sum() + 0.5 * (per_sample(c, out) * residual * residual).sum()
+            inputs = ([z] if self.with_input else []) + params
+            grads = torch.autograd.grad(psi, inputs, create_graph=True, materialize_grads=True)
+        self.grad_z: Tensor | None = grads[0] if self.with_input else None
+        self.grad_theta: list[Tensor] = list(grads[1:] if self.with_input else grads)
+        self.products = 0  # Hessian-vector products of Ψ, for cost accounting
+
+    @classmethod
+    def build(cls, module: nn.Module, z_in: Tensor, g: Tensor, c: Tensor, *,
+              with_input: bool = True) -> StageFunction:
+        """Run the forward of `module` on `z_in` and build Ψ around it."""
+        z = z_in.detach().requires_grad_(with_input)
+        with torch.enable_grad():
+            out = module(z)
+        return cls(z, out, trainable_parameters(module), g, c)
+
+    def _diff(self, outputs: list[Tensor], directions: list[Tensor],
+              wrt: list[Tensor]) -> tuple[Tensor, ...]:
+        self.products += 1
+        return torch.autograd.grad(outputs, wrt, grad_outputs=directions, retain_graph=True,
+                                   materialize_grads=True)
+
+    def gradients(self) -> tuple[Tensor | None, list[Tensor]]:
+        """(∇_z Ψ, ∇_θ Ψ) at the base point: ∂h/∂z_{s-1} and ∂h/∂θ_s for these samples."""
+        gz = None if self.grad_z is None else self.grad_z.detach()
+        return gz, [t.detach() for t in self.grad_theta]
+
+    def hvp(self, u: Tensor, w: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The full Hessian of Ψ in (z, θ) times (u, w): (H_zz u + H_zθ w, H_θz u + H_θθ w)."""
+        assert self.grad_z is not None, "built without input derivatives"
+        out = self._diff([self.grad_z, *self.grad_theta], [u, *w], [self.z, *self.params])
+        return out[0], list(out[1:])
+
+    def hvp_theta(self, w: list[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
+        """H(0, w) = (H_zθ w, H_θθ w); the z part is None when built without input derivatives."""
+        wrt = ([self.z] if self.with_input else []) + self.params
+        out = self._diff(self.grad_theta, w, wrt)
+        if self.with_input:
+            return out[0], list(out[1:])
+        return None, list(out)
+
+    def hvp_z_theta_part(self, u: Tensor) -> list[Tensor]:
+        """The θ part of H(u, 0): H_θz u."""
+        assert self.grad_z is not None, "built without input derivatives"
+        return list(self._diff([self.grad_z], [u], self.params))
+
+    def hvp_zz(self, u: Tensor) -> Tensor:
+        """H_zz u, the z block alone (what the power iteration needs)."""
+        assert self.grad_z is not None, "built without input derivatives"
+        return self._diff([self.grad_z], [u], [self.z])[0]
+
+
+def trainable_parameters(module: nn.Module) -> list[Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]

@@ -1,0 +1,70 @@
+"""The run directory: resolved config, metrics.jsonl written as iterations finish."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from sm_dist.config import JobConfig, dump_job
+
+
+class RunDirError(Exception):
+    """The output directory cannot be used (it holds a run already, or is not writable)."""
+
+
+def default_run_dir(job: JobConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(job.run.runs_dir) / f"{job.name}-{stamp}"
+    suffix = 1
+    while path.exists():  # two runs started within the same second
+        suffix += 1
+        path = Path(job.run.runs_dir) / f"{job.name}-{stamp}-{suffix}"
+    return path
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse a directory that already holds a run, so that nothing saved is overwritten."""
+    if (path / "metrics.jsonl").exists() or (path / "config.yaml").exists():
+        raise RunDirError(f"{path} already holds a run (config.yaml or metrics.jsonl); "
+                          "choose another --out, or move that directory away")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} exists and is not a directory; choose another --out")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class RunDirectory:
+    """Creates the directory, writes config.yaml, appends one JSON line per iteration."""
+
+    def __init__(self, path: Path, job: JobConfig) -> None:
+        check_run_dir(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        dump_job(job, path / "config.yaml")
+        self._metrics: IO[str] = open(path / "metrics.jsonl", "a", encoding="utf-8")
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        # One flushed line per iteration: a crash keeps every finished iteration.
+        self._metrics.write(json.dumps(_clean(record)) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run directory's metrics.jsonl."""
+    with open(Path(path) / "metrics.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,175 @@
+"""PipelineStage: one stage's microbatch forward and backward, its curvature and its update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from sm_dist.config import OptimizerConfig
+from sm_dist.math.curvature import (
+    damped_curvature,
+    initial_vectors,
+    power_iteration,
+    reduce_eigenvalues,
+)
+from sm_dist.math.losses import LossSpec, top_of_pipeline
+from sm_dist.math.stage_function import StageFunction, trainable_parameters
+from sm_dist.updates import StageUpdateReport, make_update_rule
+
+# Optimizers whose backward carries curvature down (spec §2) and builds Ψ for the update phase.
+CURVATURE_OPTIMIZERS = frozenset({"sm"})
+
+
+@dataclass
+class MicrobatchStash:
+    """What a stage keeps of one microbatch between its forward and the end of the iteration."""
+
+    z_in: Tensor  # requires grad on every stage but the first
+    out: Tensor  # the output with its autograd graph
+    y: Tensor | None = None  # labels, on the last stage only
+
+
+@dataclass
+class StageCounters:
+    forward_microbatches: int = 0
+    backward_microbatches: int = 0
+    psi_products: int = 0  # Hessian-vector products of Ψ (power iteration and 𝓗 products)
+
+
+@dataclass
+class BackwardState:
+    """Per-iteration products of the backward: stage functions, damping, largest c sent down."""
+
+    functions: dict[int, StageFunction] = field(default_factory=dict)
+    eigenvalues: dict[int, Tensor] = field(default_factory=dict)
+    deltas: dict[int, Tensor] = field(default_factory=dict)
+    max_curvature_sent: float | None = None
+
+
+class PipelineStage:
+    """One stage of the pipeline: its layers, its per-microbatch stash, its optimizer state.
+
+    The caller (a single-process loop or an RPC worker) decides the order of the calls; the
+    stage only knows how to run one microbatch forward or backward and how to update itself.
+    """
+
+    def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: OptimizerConfig,
+                 loss: LossSpec | None, *, seed: int = 0) -> None:
+        self.index = index
+        self.num_stages = num_stages
+        self.module = module
+        self.config = optimizer
+        self.loss = loss
+        self.is_first = index == 0
+        self.is_last = index == num_stages - 1
+        if self.is_last and loss is None:
+            raise ValueError("the last stage needs the loss")
+        self.needs_curvature = optimizer.name in CURVATURE_OPTIMIZERS
+        self.params = trainable_parameters(module)
+        self.stash: dict[int, MicrobatchStash] = {}
+        self.backward_state = BackwardState()
+        self.power_vectors: dict[int, Tensor] = {}  # warm starts, kept across iterations
+        self.generator = torch.Generator().manual_seed(seed * 1000 + index)
+        self.counters = StageCounters()
+        self.update = make_update_rule(optimizer, self)
+
+    # ----------------------------------------------------------------------------- forward
+    def forward_microbatch(self, j: int, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Run f_s on microbatch j, keep what the backward needs, return the output (detached)."""
+        z_in = x.detach().requires_grad_(not self.is_first)
+        with torch.enable_grad():
+            out = self.module(z_in)
+        self.stash[j] = MicrobatchStash(z_in, out, y)
+        self.counters.forward_microbatches += 1
+        return out.detach()
+
+    def forward_only(self, x: Tensor) -> Tensor:
+        """f_s without keeping anything (evaluation and line-search trial passes)."""
+        with torch.no_grad():
+            return self.module(x)
+
+    # ---------------------------------------------------------------------------- backward
+    def top_of_pipeline(self, j: int, n: int) -> tuple[Tensor, Tensor, float, int]:
+        """Last stage: loss of microbatch j in a batch of n, and the (g, c) to start its backward.
+
+        Returns (g, c, loss contribution Σ ℓ/n, correct predictions).
+        """
+        assert self.loss is not None and self.stash[j].y is not None
+        top = top_of_pipeline(self.loss, self.stash[j].out.detach(), self.stash[j].y, n)
+        return top.grad, top.curvature, float(top.loss), top.correct
+
+    def backward_microbatch(self, j: int, g_out: Tensor, c_out: Tensor | None,
+                            same_batch: bool = False) -> tuple[Tensor | None, Tensor | None]:
+        """Backpropagate microbatch j: accumulate ∂h/∂θ_s, return (g_in, c_in) for the stage below.
+
+        c_in is None on the first stage, for optimizers that need no curvature, and with
+        `curvature: batch` (then `finish_backward` returns it once every microbatch is done).
+        """
+        entry = self.stash[j]
+        self.counters.backward_microbatches += 1
+        if not self.needs_curvature:
+            torch.autograd.backward(entry.out, g_out)
+            del self.stash[j]  # frees the graph; the gradient is in p.grad
+            return (None if self.is_first else entry.z_in.grad.detach()), None
+        assert c_out is not None, "SM needs the curvature from the stage above"
+        fn = StageFunction(entry.z_in, entry.out, self.params, g_out, c_out)
+        g_in, g_theta = fn.gradients()
+        for p, g in zip(self.params, g_theta):
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        state = self.backward_state
+        state.functions[j] = fn
+        del self.stash[j]
+        if self.is_first:
+            return None, None
+        lam = self._eigenvalues(j, fn, same_batch)
+        if self.config.curvature == "batch":
+            state.eigenvalues[j] = lam
+            return g_in, None
+        return g_in, self._damp(j, reduce_eigenvalues(lam, self.config.curvature))
+
+    def finish_backward(self) -> dict[int, Tensor] | None:
+        """With `curvature: batch`, the c_in of every microbatch from the batch's largest λ."""
+        state = self.backward_state
+        if self.is_first or not self.needs_curvature or self.config.curvature != "batch":
+            return None
+        lam_max = torch.stack([lam.max() for lam in state.eigenvalues.values()]).max()
+        return {j: self._damp(j, lam_max.expand_as(lam).clone())
+                for j, lam in state.eigenvalues.items()}
+
+    def _eigenvalues(self, j: int, fn: StageFunction, same_batch: bool) -> Tensor:
+        assert fn.grad_z is not None
+        start = self.power_vectors.get(j)
+        if not (self.config.power_warm_start and same_batch and start is not None
+                and start.shape == fn.grad_z.shape):
+            start = initial_vectors(fn.grad_z, self.generator)
+        products = fn.products
+        lam, vectors = power_iteration(fn.hvp_zz, start, self.config.power_iterations)
+        self.counters.psi_products += fn.products - products
+        self.power_vectors[j] = vectors
+        return lam
+
+    def _damp(self, j: int, lam: Tensor) -> Tensor:
+        cfg = self.config
+        c, delta = damped_curvature(lam, delta_rel=cfg.delta_rel, delta_abs=cfg.delta_abs,
+                                    delta_floor=cfg.delta_floor)
+        state = self.backward_state
+        state.deltas[j] = delta
+        top = float(c.max()) if c.numel() else 0.0
+        state.max_curvature_sent = max(top, state.max_curvature_sent or 0.0)
+        return c
+
+    # ------------------------------------------------------------------------------ update
+    def update_report(self) -> StageUpdateReport:
+        return self.update.report()
+
+    def end_iteration(self) -> None:
+        """Drop the iteration's stash, stage functions and gradients (after the update)."""
+        self.stash.clear()
+        self.backward_state = BackwardState()
+        for p in self.params:
+            p.grad = None
+
+    def grad_sq_norm(self) -> float:
+        return sum(float((p.grad * p.grad).sum()) for p in self.params if p.grad is not None)

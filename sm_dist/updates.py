@@ -1,0 +1,150 @@
+"""Per-stage update rules: SM's local-loss minimisation, torch optimizers, and GD+Armijo trials."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from sm_dist.config import OptimizerConfig
+from sm_dist.math.line_search import ArmijoRule
+from sm_dist.math.local_loss import LocalLoss, flatten, unflatten
+from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
+
+if TYPE_CHECKING:
+    from sm_dist.stage import PipelineStage
+
+
+@dataclass
+class StageUpdateReport:
+    """What one stage's update did this iteration (for metrics and the monitor)."""
+
+    inner_steps: int = 0
+    local_loss: float | None = None  # L_s(d_s) after the inner loop
+    curvature_sent: float | None = None  # the largest c this stage sent down
+    psi_products: int = 0  # Ψ Hessian-vector products this iteration, backward included
+    stopped: str | None = None  # why the inner solver stopped early, if it did
+
+
+def armijo_rule(cfg: OptimizerConfig) -> ArmijoRule:
+    return ArmijoRule(c=cfg.armijo_c, beta=cfg.armijo_beta)
+
+
+class SurrogateUpdate:
+    """SM on one stage: L_s from the backward, N inner steps on it, then θ ← θ_t + d."""
+
+    def __init__(self, cfg: OptimizerConfig, stage: PipelineStage) -> None:
+        self.cfg = cfg
+        self.stage = stage
+        self.solver: TruncatedCG | GradientDescentArmijo | None = None
+        self.next_step = cfg.armijo_init  # gd_armijo inner solver: carried across iterations
+        self._products_before = 0
+        self._report = StageUpdateReport()
+
+    def begin(self) -> None:
+        """Build the local loss from this iteration's backward (spec §2, 'Local loss')."""
+        stage = self.stage
+        state = stage.backward_state
+        parts = [(state.functions[j], None if stage.is_first else state.deltas[j])
+                 for j in sorted(state.functions)]
+        grad = flatten([p.grad for p in stage.params])
+        loss = LocalLoss(parts, grad, self.cfg.rho)
+        self._products_before = sum(fn.products for fn, _ in parts)
+        if self.cfg.inner_solver == "cg":
+            self.solver = TruncatedCG(loss, tol=self.cfg.cg_tol, armijo=armijo_rule(self.cfg),
+                                      fallback_step=self.cfg.armijo_init)
+        else:
+            self.solver = GradientDescentArmijo(loss, armijo=armijo_rule(self.cfg),
+                                                initial_step=self.next_step,
+                                                fixed_step=self.cfg.inner_lr)
+
+    def step(self, n: int) -> int:
+        """Up to n more inner steps; returns how many were taken (resumable)."""
+        assert self.solver is not None, "begin() first"
+        return self.solver.run(n)
+
+    def finish(self) -> StageUpdateReport:
+        """Apply d to the parameters and report."""
+        assert self.solver is not None, "begin() first"
+        solver, stage = self.solver, self.stage
+        with torch.no_grad():
+            for p, dp in zip(stage.params, unflatten(solver.d, stage.params)):
+                p.add_(dp)
+        if isinstance(solver, GradientDescentArmijo) and solver.fixed_step is None:
+            self.next_step = 2.0 * solver.last_step
+        functions = stage.backward_state.functions.values()
+        inner_products = sum(fn.products for fn in functions) - self._products_before
+        stage.counters.psi_products += inner_products
+        report = solver.report()
+        self._report = StageUpdateReport(
+            inner_steps=report.steps, local_loss=report.value,
+            curvature_sent=stage.backward_state.max_curvature_sent,
+            psi_products=sum(fn.products for fn in functions), stopped=report.stopped)
+        self.solver = None
+        return self._report
+
+    def report(self) -> StageUpdateReport:
+        return self._report
+
+
+class TorchOptimizerUpdate:
+    """gd (constant step), sgd and adam: a torch optimizer on this stage's parameters."""
+
+    def __init__(self, cfg: OptimizerConfig, stage: PipelineStage) -> None:
+        if cfg.name == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                stage.params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
+                weight_decay=cfg.weight_decay)
+        elif cfg.name == "sgd":
+            self.optimizer = torch.optim.SGD(stage.params, lr=cfg.lr, momentum=cfg.momentum,
+                                             weight_decay=cfg.weight_decay)
+        else:  # gd: the paper's constant-step baseline
+            self.optimizer = torch.optim.SGD(stage.params, lr=cfg.lr)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def report(self) -> StageUpdateReport:
+        return StageUpdateReport()
+
+
+class ArmijoTrialUpdate:
+    """GD+Armijo on one stage: θ = θ_t − α∇h for the trial steps the coordinator chooses."""
+
+    def __init__(self, cfg: OptimizerConfig, stage: PipelineStage) -> None:
+        self.stage = stage
+        self.base: list[Tensor] | None = None
+
+    def set_step(self, alpha: float) -> None:
+        params = self.stage.params
+        with torch.no_grad():
+            if self.base is None:
+                self.base = [p.detach().clone() for p in params]
+            for p, base in zip(params, self.base):
+                torch.add(base, p.grad, alpha=-alpha, out=p)
+
+    def end_trial(self, accept: bool) -> None:
+        """Keep the last trial step, or go back to θ_t."""
+        if self.base is not None and not accept:
+            with torch.no_grad():
+                for p, base in zip(self.stage.params, self.base):
+                    p.copy_(base)
+        self.base = None
+
+    def report(self) -> StageUpdateReport:
+        return StageUpdateReport()
+
+
+UpdateRule = SurrogateUpdate | TorchOptimizerUpdate | ArmijoTrialUpdate
+
+
+def make_update_rule(cfg: OptimizerConfig, stage: PipelineStage) -> UpdateRule:
+    if cfg.name == "sm":
+        return SurrogateUpdate(cfg, stage)
+    if cfg.name in ("gd", "sgd", "adam"):
+        return TorchOptimizerUpdate(cfg, stage)
+    if cfg.name == "gd_armijo":
+        return ArmijoTrialUpdate(cfg, stage)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")

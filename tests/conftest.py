@@ -1,0 +1,54 @@
+"""Shared test fixtures: small job dicts and a runner for the sm-dist command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Multi-process tests start several torch processes on 2 cores: one thread each.
+torch.set_num_threads(1)
+
+
+def synthetic_job(**sections: Any) -> dict[str, Any]:
+    """A tiny synthetic-data job as a dict; keyword arguments replace or extend its sections."""
+    job: dict[str, Any] = {
+        "name": "tiny",
+        "model": {"mlp": {"widths": [6, 5, 4, 3], "activation": "tanh"}, "balance": [1, 1, 1]},
+        "data": {"dataset": "synthetic", "microbatches": 2,
+                 "synthetic": {"features": 6, "classes": 3, "train_size": 24, "test_size": 12}},
+        "loss": "cross_entropy",
+        "optimizer": {"name": "sm", "inner_steps": 3},
+        "run": {"iterations": 3, "eval_every": 2, "dtype": "float64", "threads": 1},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(job.get(name), dict):
+            job[name] = {**job[name], **value}
+        else:
+            job[name] = value
+    return job
+
+
+def write_job(path: Path, job: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m sm_dist ARGS` in a subprocess, as a user would run it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "sm_dist", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_job() -> dict[str, Any]:
+    return synthetic_job()
