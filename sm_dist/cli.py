@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,9 +13,18 @@ import torch
 
 from sm_dist.config import ConfigError, JobConfig, load_job
 from sm_dist.data import DataError, Dataset
-from sm_dist.job import JobSetupError, build_local_pipeline, load_job_data, resolve_device
+from sm_dist.engine import launch_local, run_rank
+from sm_dist.job import (
+    JobSetupError,
+    build_stage,
+    build_stage_modules,
+    load_job_data,
+    resolve_device,
+)
+from sm_dist.local_pipeline import LocalPipeline
 from sm_dist.run_dir import RunDirectory, RunDirError, check_run_dir, default_run_dir
 from sm_dist.trainer import Record, train
+from sm_dist.transport import TransportError, under_launcher
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -35,11 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_cmd = commands.add_parser(
         "train", help="train the model a job file describes",
-        description="Train the model a job file describes and write a run directory "
-                    "(config.yaml, metrics.jsonl). Exit codes: 0 done, 2 bad input, 1 failure.")
+        description="Train the model a job file describes, one process per stage (started "
+                    "here, or joined as a rank under torchrun), and write a run directory "
+                    "(config.yaml, metrics.jsonl, trace.json). Exit codes: 0 done, 2 bad "
+                    "input, 1 failure.")
     _job_args(train_cmd)
     train_cmd.add_argument("--single-process", action="store_true",
-                           help="run every stage in this one process, in pipeline order")
+                           help="run every stage in this one process, in pipeline order "
+                                "(the reference the multi-process engine is tested against)")
+    train_cmd.add_argument("--no-live", action="store_true",
+                           help="plain progress lines instead of the live monitor")
     train_cmd.add_argument("--out", type=Path, default=None,
                            help="run directory (default: <run.runs_dir>/<name>-<timestamp>/)")
 
@@ -77,22 +92,41 @@ def format_record(record: Record, iterations: int) -> str:
 
 def run_train(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
-    if not args.single_process:
-        return _fail("this version runs jobs in one process only: add --single-process", 2)
+
+    def print_record(record: Record) -> None:
+        print(format_record(record, job.run.iterations), flush=True)
+
+    if under_launcher():  # a rank of a job started by torchrun or by launch_local below
+        rank = int(os.environ["RANK"])
+        out = args.out if args.out is not None else default_run_dir(job)
+        if rank == 0:
+            check_run_dir(out)
+        code = run_rank(job, out, print_record if rank == 0 else (lambda r: None),
+                        lambda line: print(line, flush=True))
+        if rank == 0 and code == 0:
+            print(f"sm-dist: done; results in {out}")
+        return code
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
     out = args.out if args.out is not None else default_run_dir(job)
     check_run_dir(out)
     device = resolve_device(job)
-    data = _to_device(load_job_data(job), device)
-    pipeline = build_local_pipeline(job, device)
+    # Check everything a rank would trip over before any process starts or anything is written.
+    data = load_job_data(job)
+    modules = build_stage_modules(job)
+    if not args.single_process:
+        del data, modules
+        extra = ["--no-live"] if args.no_live else []
+        return launch_local(job, args.job, args.overrides, out, extra)
+    data = _to_device(data, device)
+    pipeline = LocalPipeline([build_stage(job, s, m, device) for s, m in enumerate(modules)])
     run_dir = RunDirectory(out, job)  # created only once the input is known to be good
     print(f"sm-dist: {job.name}: {len(job.model.balance)} stages in one process, "
           f"{job.optimizer.name}, {len(data.train_x)} training samples -> {out}")
     try:
         def on_record(record: Record) -> None:
             run_dir.write_record(record)
-            print(format_record(record, job.run.iterations), flush=True)
+            print_record(record)
         records = train(job, pipeline, data, on_record)
     finally:
         run_dir.close()
@@ -117,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_validate(args)
     except ConfigError as err:
         return _fail(str(err), EXIT_BAD_INPUT)
-    except (DataError, JobSetupError, RunDirError) as err:
+    except (DataError, JobSetupError, RunDirError, TransportError) as err:
         return _fail(str(err), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         return _fail("interrupted; the run directory keeps every finished iteration",

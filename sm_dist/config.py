@@ -72,11 +72,21 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class InnerStepsConfig:
+    """SM's inner steps when stages fill the pipeline's bubbles (spec §5): at least `min` each,
+    then more while the stage would otherwise wait for its next input, at most `max`."""
+    min: int = field(metadata={"min": 1, "example": "10"})
+    max: int = field(metadata={"min": 1, "example": "100"})
+    fill_bubbles: bool = True
+
+
+@dataclass(kw_only=True)
 class OptimizerConfig:
     """The outer optimizer and, for Surrogate Minimization, its inner solver and trust region."""
     name: str = field(default="sm", metadata={"choices": ("sm", "gd", "gd_armijo", "sgd", "adam")})
     inner_solver: str = field(default="cg", metadata={"choices": ("cg", "gd_armijo")})
-    inner_steps: int = field(default=20, metadata={"min": 1})
+    # A fixed count (bit-reproducible), or {min, max, fill_bubbles} to fill the idle time.
+    inner_steps: int | InnerStepsConfig = field(default=20, metadata={"min": 1})
     # A fixed step for the gd_armijo inner solver; None = Armijo line search.
     inner_lr: float | None = field(default=None, metadata={"gt": 0})
     curvature: str = field(
@@ -109,6 +119,9 @@ class RunConfig:
     eval_every: int = field(default=10, metadata={"min": 0})  # 0 = evaluate only at the end
     runs_dir: str = "runs"
     threads: int = field(default=0, metadata={"min": 0})  # torch threads/process; 0 = default
+    # Seconds an RPC, or a stage waiting for its input, may take before the job is failed.
+    rpc_timeout: float = field(default=120.0, metadata={"gt": 0})
+    worker_threads: int = field(default=16, metadata={"min": 4})  # RPC threads per stage process
 
 
 @dataclass(kw_only=True)
@@ -260,6 +273,9 @@ def _convert(tp: Any, value: Any, key: str, errors: list[str], built: dict[str, 
             return None
         if len(members) == 1:
             return _convert(members[0], value, key, errors, built)
+        sections = [m for m in members if dataclasses.is_dataclass(m)]
+        if sections and isinstance(value, Mapping):  # a mapping can only mean the section
+            return _convert(sections[0], value, key, errors, built)
         for member in members:  # first member that accepts the value wins
             converted = _convert(member, value, key, [], built)
             if converted is not _INVALID:
@@ -457,6 +473,10 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
             errors.append("optimizer.delta_rel: delta_rel and delta_abs are both 0, so the trust "
                           "region radius δ would be 0; set delta_rel > 0 (e.g. 0.3) or "
                           "delta_abs > 0")
+        steps = optimizer.inner_steps
+        if isinstance(steps, InnerStepsConfig) and steps.max < steps.min:
+            errors.append(f"optimizer.inner_steps.max: max {steps.max} is below min {steps.min}; "
+                          f"set max >= min")
         if optimizer.rho > 0 and optimizer.inner_solver != "gd_armijo":
             errors.append(f"optimizer.rho: rho = {optimizer.rho} needs inner_solver: gd_armijo "
                           "(CG minimises only a quadratic); set optimizer.inner_solver: "

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from sm_dist.math.losses import evaluate_loss
-from sm_dist.stage import PipelineStage
-from sm_dist.updates import (
-    ArmijoTrialUpdate,
-    StageUpdateReport,
-    SurrogateUpdate,
-    TorchOptimizerUpdate,
+from sm_dist.pipeline import (
+    BatchResult,
+    Done,
+    IterationRequest,
+    IterationResult,
+    Microbatches,
+    eval_chunks,
 )
-
-Microbatches = list[tuple[Tensor, Tensor]]
-
-
-@dataclass
-class BatchResult:
-    """What one forward pass measured: h at the iterate (Σ ℓ / n) and the correct predictions."""
-
-    loss: float
-    correct: int
-    samples: int
+from sm_dist.stage import PipelineStage
+from sm_dist.timeline import TimelineEvent
+from sm_dist.updates import ArmijoTrialUpdate, SurrogateUpdate, TorchOptimizerUpdate
 
 
 class LocalPipeline:
@@ -34,14 +25,39 @@ class LocalPipeline:
     Forward of every microbatch through every stage, then the backward stage by stage from the
     top (microbatches in reverse order, as GPipe's drain does); within a stage that is the same
     order of gradient accumulation as the distributed schedule, so both give the same numbers.
+    There are no bubbles in one process, so `fill_bubbles` runs each stage's minimum.
     """
 
     def __init__(self, stages: list[PipelineStage]) -> None:
         self.stages = stages
+        self.num_stages = len(stages)
+        self.events: list[TimelineEvent] = []  # one process has no pipeline timeline
 
     @property
     def last(self) -> PipelineStage:
         return self.stages[-1]
+
+    def submit(self, request: IterationRequest) -> Done:
+        batch = self.forward_backward(request.microbatches, request.n, request.same_batch)
+        update = request.update
+        for stage in self.stages:
+            rule = stage.update
+            if update.kind == "sm":
+                assert isinstance(rule, SurrogateUpdate)
+                rule.begin()
+                rule.step(update.steps)
+                rule.finish()
+            elif update.kind == "step":
+                assert isinstance(rule, TorchOptimizerUpdate)
+                rule.step()
+        reports = [stage.update_report() for stage in self.stages]
+        if update.kind != "none":  # GD+Armijo keeps its gradient for the trial steps
+            self.end_iteration()
+        test = None
+        if request.eval_data is not None:
+            x, y = request.eval_data
+            test = (*self.evaluate(request.iteration, x, y), len(x))
+        return Done(IterationResult(batch, reports, test))
 
     def forward_backward(self, microbatches: Microbatches, n: int,
                          same_batch: bool) -> BatchResult:
@@ -64,25 +80,11 @@ class LocalPipeline:
                 curvatures.update(late)
         return BatchResult(loss, correct, n)
 
-    def sm_update(self, inner_steps: int) -> list[StageUpdateReport]:
-        reports = []
-        for stage in self.stages:
-            rule = stage.update
-            assert isinstance(rule, SurrogateUpdate)
-            rule.begin()
-            rule.step(inner_steps)
-            reports.append(rule.finish())
-        return reports
-
-    def optimizer_step(self) -> None:
-        for stage in self.stages:
-            assert isinstance(stage.update, TorchOptimizerUpdate)
-            stage.update.step()
-
     def grad_sq_norm(self) -> float:
         return sum(stage.grad_sq_norm() for stage in self.stages)
 
-    def trial_loss(self, alpha: float, microbatches: Microbatches, n: int) -> BatchResult:
+    def trial_loss(self, iteration: int, alpha: float, microbatches: Microbatches,
+                   n: int) -> BatchResult:
         """h(θ_t − α∇h) by one forward-only pass (GD+Armijo's trial step)."""
         for stage in self.stages:
             assert isinstance(stage.update, ArmijoTrialUpdate)
@@ -94,20 +96,21 @@ class LocalPipeline:
             correct += right
         return BatchResult(loss_sum / n, correct, n)
 
-    def end_trial(self, accept: bool) -> None:
+    def end_trial(self, iteration: int, accept: bool) -> None:
         for stage in self.stages:
             assert isinstance(stage.update, ArmijoTrialUpdate)
             stage.update.end_trial(accept)
+        self.end_iteration()
 
     def end_iteration(self) -> None:
         for stage in self.stages:
             stage.end_iteration()
 
-    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 8192) -> tuple[float, int]:
+    def evaluate(self, iteration: int, x: Tensor, y: Tensor) -> tuple[float, int]:
         """Summed loss and correct predictions over a data set, forward-only, in chunks."""
         loss_sum, correct = 0.0, 0
-        for start in range(0, len(x), chunk):
-            part, right = self._forward_only(x[start:start + chunk], y[start:start + chunk])
+        for xs, ys in eval_chunks(x, y):
+            part, right = self._forward_only(xs, ys)
             loss_sum += part
             correct += right
         return loss_sum, correct
@@ -119,5 +122,5 @@ class LocalPipeline:
         assert self.last.loss is not None
         return evaluate_loss(self.last.loss, x, y)
 
-    def reports(self) -> list[StageUpdateReport]:
-        return [stage.update_report() for stage in self.stages]
+    def close(self) -> None:
+        pass

@@ -68,6 +68,7 @@ class PipelineStage:
             raise ValueError("the last stage needs the loss")
         self.needs_curvature = optimizer.name in CURVATURE_OPTIMIZERS
         self.params = trainable_parameters(module)
+        self.device = next(module.parameters()).device
         self.stash: dict[int, MicrobatchStash] = {}
         self.backward_state = BackwardState()
         self.power_vectors: dict[int, Tensor] = {}  # warm starts, kept across iterations
@@ -78,7 +79,8 @@ class PipelineStage:
     # ----------------------------------------------------------------------------- forward
     def forward_microbatch(self, j: int, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Run f_s on microbatch j, keep what the backward needs, return the output (detached)."""
-        z_in = x.detach().requires_grad_(not self.is_first)
+        z_in = x.to(self.device).detach().requires_grad_(not self.is_first)
+        y = None if y is None else y.to(self.device)
         with torch.enable_grad():
             out = self.module(z_in)
         self.stash[j] = MicrobatchStash(z_in, out, y)
@@ -88,7 +90,7 @@ class PipelineStage:
     def forward_only(self, x: Tensor) -> Tensor:
         """f_s without keeping anything (evaluation and line-search trial passes)."""
         with torch.no_grad():
-            return self.module(x)
+            return self.module(x.to(self.device))
 
     # ---------------------------------------------------------------------------- backward
     def top_of_pipeline(self, j: int, n: int) -> tuple[Tensor, Tensor, float, int]:

@@ -5,40 +5,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
-
-from torch import Tensor
+from typing import Any
 
 from sm_dist.config import JobConfig
 from sm_dist.data import BatchStream, Dataset, split_microbatches
-from sm_dist.local_pipeline import BatchResult, Microbatches
 from sm_dist.math.line_search import ArmijoRule, armijo_backtrack
+from sm_dist.pipeline import IterationRequest, IterationResult, Microbatches, Pipeline, update_phase
+from sm_dist.timeline import TimelineEvent, iteration_utilisation
 from sm_dist.updates import StageUpdateReport
 
 Record = dict[str, Any]
-
-
-class Pipeline(Protocol):
-    """What the loop needs from a pipeline, in-process or distributed."""
-
-    def forward_backward(self, microbatches: Microbatches, n: int,
-                         same_batch: bool) -> BatchResult: ...
-    def sm_update(self, inner_steps: int) -> list[StageUpdateReport]: ...
-    def optimizer_step(self) -> None: ...
-    def grad_sq_norm(self) -> float: ...
-    def trial_loss(self, alpha: float, microbatches: Microbatches, n: int) -> BatchResult: ...
-    def end_trial(self, accept: bool) -> None: ...
-    def end_iteration(self) -> None: ...
-    def evaluate(self, x: Tensor, y: Tensor) -> tuple[float, int]: ...
-
-
-@dataclass
-class PassCounter:
-    """Pipeline passes over the batch so far (one pass = every microbatch through every stage)."""
-
-    forward: int = 0
-    backward: int = 0
 
 
 class GlobalArmijo:
@@ -49,13 +25,14 @@ class GlobalArmijo:
         self.rule = ArmijoRule(c=cfg.armijo_c, beta=cfg.armijo_beta)
         self.next_step = cfg.armijo_init
 
-    def step(self, pipeline: Pipeline, microbatches: Microbatches, n: int,
+    def step(self, pipeline: Pipeline, iteration: int, microbatches: Microbatches, n: int,
              loss: float) -> Record:
         grad_sq = pipeline.grad_sq_norm()
-        result = armijo_backtrack(lambda a: pipeline.trial_loss(a, microbatches, n).loss,
-                                  loss, grad_sq, self.next_step, self.rule)
+        result = armijo_backtrack(
+            lambda a: pipeline.trial_loss(iteration, a, microbatches, n).loss,
+            loss, grad_sq, self.next_step, self.rule)
         # The last trial evaluated is the accepted one, so its parameters are already in place.
-        pipeline.end_trial(result.accepted)
+        pipeline.end_trial(iteration, result.accepted)
         if result.accepted:
             self.next_step = 2.0 * result.step
         return {"step_size": result.step if result.accepted else 0.0,
@@ -64,50 +41,96 @@ class GlobalArmijo:
 
 def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
           on_record: Callable[[Record], None]) -> list[Record]:
-    """Run job.run.iterations iterations; `on_record` gets each iteration's metrics as it ends."""
+    """Run job.run.iterations iterations; `on_record` gets each iteration's metrics.
+
+    Iteration t+1 is submitted before t's result is read, so a distributed pipeline can start
+    it as soon as stage 0 is free (GD+Armijo cannot: its step depends on t's loss). A record is
+    written once the next iteration's result is in, because the idle time a stage has after
+    its update ends only when the next iteration's input reaches it.
+    """
     opt, run = job.optimizer, job.run
     stream = BatchStream(data.train_x, data.train_y, job.data.batch, shuffle=job.data.shuffle,
                          seed=run.seed)
     armijo = GlobalArmijo(job) if opt.name == "gd_armijo" else None
-    passes = PassCounter()
+    passes = {"forward": 0, "backward": 0}
     records: list[Record] = []
-    previous: Record | None = None
-    start = time.perf_counter()
-    for iteration in range(1, run.iterations + 1):
-        began = time.perf_counter()
+    pending_record: Record | None = None
+    start = last_time = time.perf_counter()
+
+    def request(iteration: int) -> IterationRequest:
         x, y, same_batch = stream.next_batch()
-        microbatches = split_microbatches(x, y, job.data.microbatches)
-        measured = pipeline.forward_backward(microbatches, len(x), same_batch)
-        passes.forward += 1
-        passes.backward += 1
-        record: Record = {"iteration": iteration, "train_loss": measured.loss,
-                          "train_acc": measured.correct / measured.samples}
-        if opt.name == "sm":
-            reports = pipeline.sm_update(opt.inner_steps)
-            record.update(sm_fields(reports))
-        elif armijo is not None:
-            extra = armijo.step(pipeline, microbatches, len(x), measured.loss)
-            passes.forward += extra["line_search_trials"]
-            record.update(extra)
-        else:
-            pipeline.optimizer_step()
-        pipeline.end_iteration()
-        if previous is not None and same_batch and "predicted_decrease" in previous:
-            actual = measured.loss - previous["train_loss"]
-            predicted = previous["predicted_decrease"]
-            record["actual_decrease_prev"] = actual
-            record["decrease_ratio_prev"] = actual / predicted if predicted else None
-        if (run.eval_every and iteration % run.eval_every == 0) or iteration == run.iterations:
-            loss_sum, correct = pipeline.evaluate(data.test_x, data.test_y)
-            record["test_loss"] = loss_sum / len(data.test_x)
-            record["test_acc"] = correct / len(data.test_x)
-        now = time.perf_counter()
-        record.update(wall_time=now - start, iteration_time=now - began,
-                      forward_passes=passes.forward, backward_passes=passes.backward)
+        last = iteration == run.iterations
+        evaluate = last or bool(run.eval_every and iteration % run.eval_every == 0)
+        return IterationRequest(
+            iteration, split_microbatches(x, y, job.data.microbatches), len(x), same_batch,
+            update_phase(opt, last),
+            (data.test_x, data.test_y) if evaluate and armijo is None else None, last)
+
+    def flush(record: Record | None) -> None:
+        if record is None:
+            return
+        add_utilisation(record, pipeline.events, pipeline.num_stages)
         records.append(record)
         on_record(record)
-        previous = record
+
+    current = request(1)
+    pending = pipeline.submit(current)
+    try:
+        for iteration in range(1, run.iterations + 1):
+            following = request(iteration + 1) if iteration < run.iterations else None
+            ahead = pipeline.submit(following) if following and armijo is None else None
+            result = pending.wait()
+            passes["forward"] += 1
+            passes["backward"] += 1
+            record = base_record(iteration, result)
+            if armijo is not None:
+                extra = armijo.step(pipeline, iteration, current.microbatches, current.n,
+                                    result.batch.loss)
+                passes["forward"] += extra["line_search_trials"]
+                record.update(extra)
+                if current.last or (run.eval_every and iteration % run.eval_every == 0):
+                    loss_sum, correct = pipeline.evaluate(iteration, data.test_x, data.test_y)
+                    record.update(test_loss=loss_sum / len(data.test_x),
+                                  test_acc=correct / len(data.test_x))
+            if pending_record is not None and current.same_batch and \
+                    pending_record.get("predicted_decrease"):
+                actual = record["train_loss"] - pending_record["train_loss"]
+                record["actual_decrease_prev"] = actual
+                record["decrease_ratio_prev"] = actual / pending_record["predicted_decrease"]
+            now = time.perf_counter()
+            record.update(wall_time=now - start, iteration_time=now - last_time,
+                          forward_passes=passes["forward"], backward_passes=passes["backward"])
+            last_time = now
+            flush(pending_record)
+            pending_record = record
+            if following is not None and ahead is None:
+                ahead = pipeline.submit(following)
+            current, pending = following, ahead  # type: ignore[assignment]
+    finally:
+        flush(pending_record)  # also on failure: every finished iteration is kept
     return records
+
+
+def base_record(iteration: int, result: IterationResult) -> Record:
+    batch = result.batch
+    record: Record = {"iteration": iteration, "train_loss": batch.loss,
+                      "train_acc": batch.correct / batch.samples}
+    if any(r.inner_steps or r.local_loss is not None for r in result.reports):
+        record.update(sm_fields(result.reports))
+    if result.test is not None:
+        loss_sum, correct, count = result.test
+        record.update(test_loss=loss_sum / count, test_acc=correct / count)
+    return record
+
+
+def add_utilisation(record: Record, events: list[TimelineEvent], num_stages: int) -> None:
+    """Busy fraction per stage, the bubble fraction and where the idle time sat."""
+    use = iteration_utilisation(events, record["iteration"], num_stages)
+    if use is None:
+        return
+    record.update(iteration_time=use.duration, busy_fraction=use.busy_fraction,
+                  bubble_fraction=use.bubble_fraction, turnaround_idle=use.turnaround_idle,
+                  update_idle=use.update_idle)
 
 
 def sm_fields(reports: list[StageUpdateReport]) -> Record:

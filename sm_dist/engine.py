@@ -1,0 +1,131 @@
+"""The pipeline engine: one process per stage; rank 0 also runs the coordinator."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from sm_dist.config import JobConfig
+from sm_dist.job import build_stage, build_stage_modules, load_job_data, resolve_device
+from sm_dist.rpc_pipeline import RpcPipeline
+from sm_dist.run_dir import RunDirectory
+from sm_dist.timeline import write_chrome_trace
+from sm_dist.trainer import Record, train
+from sm_dist.transport import RankInfo, StageError, Transport
+from sm_dist.worker import StageWorker
+
+EXIT_RUNTIME, EXIT_BAD_INPUT = 1, 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str], out: Path,
+                 extra_args: Sequence[str] = ()) -> int:
+    """Start one process per stage on this machine through torch's launcher API (the code path
+    torchrun uses), each running `sm-dist train` as its rank; returns the job's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    num_stages = len(job.model.balance)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=num_stages, run_id=f"sm-dist-{uuid.uuid4()}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+        monitor_interval=0.2, start_method="spawn")
+    args = ["-m", "sm_dist", "train", job_path, "--out", str(out), *extra_args]
+    for override in overrides:
+        args += ["--set", override]
+    try:
+        elastic_launch(config, sys.executable)(*args)
+    except ChildFailedError as err:
+        for rank, failure in sorted(err.failures.items()):
+            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+                   else f"exited with code {failure.exitcode}")
+            print(f"sm-dist: error: stage {rank} (rank {rank}, pid {failure.pid}) {how}",
+                  file=sys.stderr)
+        codes = {f.exitcode for f in err.failures.values()}
+        return EXIT_BAD_INPUT if codes == {EXIT_BAD_INPUT} else EXIT_RUNTIME
+    return 0
+
+
+def run_rank(job: JobConfig, out: Path, on_record: Callable[[Record], None],
+             announce: Callable[[str], None]) -> int:
+    """This process's part of the job, under torchrun or launch_local: hold stage RANK; rank 0
+    also coordinates. Returns the exit code."""
+    info = RankInfo.from_env()
+    num_stages = len(job.model.balance)
+    if info.world_size != num_stages:
+        if info.rank == 0:
+            print(f"sm-dist: error: the job has {num_stages} stages (model.balance) but "
+                  f"{info.world_size} processes were started; start exactly one per stage "
+                  f"(e.g. torchrun --nproc-per-node {num_stages})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # Several stage processes share the machine's cores: split them unless told otherwise.
+    threads = job.run.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
+    torch.set_num_threads(threads)
+    device = resolve_device(job, info.local_rank)
+    stage = build_stage(job, info.rank, build_stage_modules(job)[info.rank], device)
+    transport = Transport(info, timeout=job.run.rpc_timeout,
+                          worker_threads=job.run.worker_threads, device=device)
+    transport.start(StageWorker(stage, transport))
+    if info.rank != 0:
+        transport.shutdown(graceful=True)  # serve the other stages until the coordinator ends
+        return 0
+    return coordinate(job, transport, out, on_record, announce)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`, which saves what is finished
+
+
+def coordinate(job: JobConfig, transport: Transport, out: Path,
+               on_record: Callable[[Record], None], announce: Callable[[str], None]) -> int:
+    """Rank 0: drive the training loop over RPC; write the run directory."""
+    signal.signal(signal.SIGTERM, _terminate)
+    num_stages = len(job.model.balance)
+    pipeline: RpcPipeline | None = None
+    run_dir: RunDirectory | None = None
+    try:
+        data = load_job_data(job)
+        pipeline = RpcPipeline(transport, num_stages)
+        run_dir = RunDirectory(out, job)
+        hosts = sorted({info["host"] for info in pipeline.stages.values()})
+        announce(f"sm-dist: {job.name}: {num_stages} stage processes on {', '.join(hosts)}, "
+                 f"{job.optimizer.name}, {len(data.train_x)} training samples -> {out}")
+
+        def record(rec: Record) -> None:
+            assert run_dir is not None
+            run_dir.write_record(rec)
+            on_record(rec)
+
+        train(job, pipeline, data, record)
+    except StageError as err:
+        print(f"sm-dist: error: {err}", file=sys.stderr)
+        _save_trace(run_dir, pipeline)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_RUNTIME)  # a peer may be dead: a graceful RPC shutdown would wait for it
+    finally:
+        if run_dir is not None:
+            run_dir.close()
+    _save_trace(run_dir, pipeline)
+    transport.shutdown(graceful=True)
+    return 0
+
+
+def _save_trace(run_dir: RunDirectory | None, pipeline: RpcPipeline | None) -> None:
+    if run_dir is not None and pipeline is not None:
+        hosts = {s: info["host"] for s, info in pipeline.stages.items()}
+        write_chrome_trace(run_dir.path / "trace.json", pipeline.events, hosts)

@@ -1,0 +1,276 @@
+"""Stage function Ψ and local loss 𝓗 against dense torch.func references (spec §3, 1-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sm_dist.data import split_microbatches
+from sm_dist.job import build_local_pipeline, load_job_data
+from sm_dist.math.local_loss import LocalLoss, unflatten
+from sm_dist.math.stage_function import StageFunction
+from sm_dist.updates import SurrogateUpdate
+from tests.helpers_math import (
+    ACTIVATIONS,
+    DTYPE,
+    flat,
+    local_hessian_dense,
+    make_job,
+    psi_dense,
+    psi_hessian,
+    randn,
+    seeded,
+    split_hessian,
+    tiny_mlp,
+    whole_model,
+)
+
+RTOL = 1e-10
+
+
+def assert_close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
+    """Relative to the size of the reference vector (entries near zero do not blow it up)."""
+    scale = float(expected.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=rtol * scale)
+
+
+def stage_inputs(widths: list[int], activation: str, samples: int, seed: int,
+                 c_scale: float = 1.0) -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """A one-layer stage (Linear + activation) with random z_in, g and per-sample c > 0."""
+    module = tiny_mlp(widths + [1], activation, seed)[0]  # the first layer: Linear + activation
+    gen = seeded(seed + 100)
+    z_in = randn(samples, widths[0], gen=gen)
+    g = randn(samples, widths[1], gen=gen) / samples
+    c = c_scale * (0.5 + torch.rand(samples, generator=gen, dtype=DTYPE)) / samples
+    return module, z_in, g, c
+
+
+# ------------------------------------------------------------------- 1. ∇L_s(0) = ∂h/∂θ_s
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("microbatches", [1, 3])
+@pytest.mark.parametrize("optimizer", ["sm", "gd"])
+def test_local_gradient_is_network_gradient(activation: str, microbatches: int,
+                                            optimizer: str) -> None:
+    job = make_job(model={"mlp": {"activation": activation}},
+                   data={"microbatches": microbatches}, optimizer={"name": optimizer})
+    pipeline = build_local_pipeline(job, torch.device("cpu"))
+    data = load_job_data(job)
+    x, y = data.train_x, data.train_y
+    model = whole_model([stage.module for stage in pipeline.stages])
+    params = list(model.parameters())
+    expected = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    for p in params:
+        p.grad = None
+
+    result = pipeline.forward_backward(split_microbatches(x, y, microbatches), len(x), False)
+    assert result.loss == pytest.approx(float(F.cross_entropy(model(x), y).detach()), rel=1e-13)
+    got = [p.grad for stage in pipeline.stages for p in stage.params]
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    if optimizer == "sm":
+        offset = 0
+        for stage in pipeline.stages:
+            update = stage.update
+            assert isinstance(update, SurrogateUpdate)
+            update.begin()
+            assert update.solver is not None
+            loss = update.solver.loss
+            zero = torch.zeros(loss.dim, dtype=DTYPE)
+            grad0 = loss.gradient(zero, loss.hvp(zero))
+            count = sum(p.numel() for p in stage.params)
+            reference = flat(expected)[offset:offset + count]
+            torch.testing.assert_close(grad0, reference, rtol=1e-12, atol=1e-15)
+            offset += count
+        assert offset == sum(p.numel() for p in params)
+
+
+# ------------------------------------------------------- StageFunction against dense Ψ
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_stage_function_derivatives_match_dense(activation: str) -> None:
+    module, z_in, g, c = stage_inputs([3, 4], activation, samples=5, seed=1)
+    psi, x0 = psi_dense(module, z_in, g, c)
+    nz = z_in.numel()
+    dense_grad = torch.func.jacrev(psi)(x0)
+    dense_h = torch.func.hessian(psi)(x0)
+    assert float(psi(x0)) == 0.0  # the residual vanishes at the base point
+    hzz, hzt, htt = split_hessian(dense_h, nz)
+
+    fn = StageFunction.build(module, z_in, g, c)
+    gz, gt = fn.gradients()
+    assert gz is not None
+    assert_close(gz.reshape(-1), dense_grad[:nz])
+    assert_close(flat(gt), dense_grad[nz:])
+
+    gen = seeded(7)
+    for _ in range(3):
+        u = randn(*z_in.shape, gen=gen)
+        w = randn(x0.numel() - nz, gen=gen)
+        wl = unflatten(w, fn.params)
+        hz, ht = fn.hvp(u, wl)
+        full = dense_h @ torch.cat([u.reshape(-1), w])
+        assert_close(torch.cat([hz.reshape(-1), flat(ht)]), full)
+        a, b = fn.hvp_theta(wl)
+        assert a is not None
+        assert_close(a.reshape(-1), hzt @ w)
+        assert_close(flat(b), htt @ w)
+        assert_close(flat(fn.hvp_z_theta_part(u)), hzt.T @ u.reshape(-1))
+        assert_close(fn.hvp_zz(u).reshape(-1), hzz @ u.reshape(-1))
+    # Ψ treats samples independently: H_zz is block-diagonal over samples.
+    w_out = z_in.shape[1]
+    for k in range(z_in.shape[0]):
+        block = hzz[k * w_out:(k + 1) * w_out].clone()
+        block[:, k * w_out:(k + 1) * w_out] = 0.0
+        assert float(block.abs().max()) == 0.0
+
+
+def test_stage_function_without_input_has_theta_derivatives_only() -> None:
+    module, z_in, g, c = stage_inputs([3, 4], "tanh", samples=4, seed=2)
+    fn = StageFunction.build(module, z_in, g, c, with_input=False)
+    assert not fn.with_input
+    gz, gt = fn.gradients()
+    assert gz is None
+    psi, x0 = psi_dense(module, z_in, g, c)
+    nz = z_in.numel()
+    assert_close(flat(gt), torch.func.jacrev(psi)(x0)[nz:])
+    htt = torch.func.hessian(psi)(x0)[nz:, nz:]
+    w = randn(htt.shape[0], gen=seeded(3))
+    a, b = fn.hvp_theta(unflatten(w, fn.params))
+    assert a is None
+    assert_close(flat(b), htt @ w)
+    assert fn.products == 1
+
+
+# ---------------------------------------------------------------- 2. 𝓗 against dense
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("with_input", [True, False])
+def test_local_loss_hvp_matches_dense_and_is_symmetric(activation: str,
+                                                       with_input: bool) -> None:
+    module, _, _, _ = stage_inputs([3, 4], activation, samples=1, seed=4)
+    gen = seeded(40)
+    parts, dense = [], torch.zeros((), dtype=DTYPE)
+    for size in (3, 2):  # two microbatches of one stage
+        z_in = randn(size, 3, gen=gen)
+        g = randn(size, 4, gen=gen) / 5
+        c = (0.5 + torch.rand(size, generator=gen, dtype=DTYPE)) / 5
+        delta = (0.1 + torch.rand(size, generator=gen, dtype=DTYPE)) / 5 if with_input else None
+        fn = StageFunction.build(module, z_in, g, c, with_input=with_input)
+        parts.append((fn, delta))
+        dense = dense + local_hessian_dense(module, z_in, g, c, delta)
+    grad = flat([sum(gp) for gp in zip(*(fn.gradients()[1] for fn, _ in parts))])
+    loss = LocalLoss(parts, grad, rho=0.0)
+    dim = loss.dim
+    assert dense.shape == (dim, dim)
+    for _ in range(3):
+        v = randn(dim, gen=gen)
+        assert_close(loss.hvp(v), dense @ v)
+    # The operator as a matrix, column by column: equal to the dense one and symmetric.
+    columns = torch.stack([loss.hvp(e) for e in torch.eye(dim, dtype=DTYPE)], dim=1)
+    assert_close(columns, dense)
+    u, w = randn(dim, gen=gen), randn(dim, gen=gen)
+    uhw, whu = float(u @ loss.hvp(w)), float(w @ loss.hvp(u))
+    assert uhw == pytest.approx(whu, rel=RTOL)
+    # Two Ψ products per microbatch with an input, one without.
+    per_product = sum(2 if with_input else 1 for _ in parts)
+    before = sum(fn.products for fn, _ in parts)
+    loss.hvp(u)
+    assert sum(fn.products for fn, _ in parts) - before == per_product
+
+
+def test_local_loss_rejects_mismatched_delta() -> None:
+    module, z_in, g, c = stage_inputs([3, 4], "tanh", samples=3, seed=5)
+    with_input = StageFunction.build(module, z_in, g, c)
+    without = StageFunction.build(module, z_in, g, c, with_input=False)
+    grad = flat(with_input.gradients()[1])
+    with pytest.raises(ValueError):
+        LocalLoss([(with_input, None)], grad, 0.0)
+    with pytest.raises(ValueError):
+        LocalLoss([(without, torch.ones(3, dtype=DTYPE))], grad, 0.0)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("curvature", ["sample", "microbatch", "batch"])
+def test_pipeline_local_losses_match_dense(activation: str, curvature: str) -> None:
+    """Every stage's 𝓗 from a real backward equals the dense one built from the spec's recipe.
+
+    delta_rel = 1, delta_abs = 0 makes δ = λ and c = λ + δ = 2δ exactly, so the c each stage
+    received can be read from the δ its upper neighbour kept.
+    """
+    job = make_job(model={"mlp": {"activation": activation}}, data={"microbatches": 3},
+                   optimizer={"curvature": curvature, "delta_rel": 1.0, "delta_abs": 0.0})
+    pipeline = build_local_pipeline(job, torch.device("cpu"))
+    data = load_job_data(job)
+    x, y = data.train_x, data.train_y
+    n, mbs = len(x), split_microbatches(x, y, 3)
+
+    # Reference g's: ∂h/∂z_s of the whole network, cut per microbatch like the pipeline.
+    zs: list[Tensor] = [x]
+    for stage in pipeline.stages:
+        zs.append(stage.module(zs[-1]))
+    outs = zs[1:]
+    grads = torch.autograd.grad(F.cross_entropy(zs[-1], y), outs)
+    for stage in pipeline.stages:
+        for p in stage.params:
+            p.grad = None
+
+    pipeline.forward_backward(mbs, n, False)
+    stages = pipeline.stages
+    gen = seeded(11)
+    for s, stage in enumerate(stages):
+        ins = torch.tensor_split(zs[s].detach(), 3)
+        gs = torch.tensor_split(grads[s], 3)
+        dense = torch.zeros((), dtype=DTYPE)
+        for j in range(3):
+            if s == len(stages) - 1:
+                c = torch.full((len(ins[j]),), 0.5 / n, dtype=DTYPE)
+            else:
+                c = 2.0 * stages[s + 1].backward_state.deltas[j]
+            delta = None if s == 0 else stage.backward_state.deltas[j]
+            dense = dense + local_hessian_dense(stage.module, ins[j], gs[j], c, delta)
+        update = stage.update
+        assert isinstance(update, SurrogateUpdate)
+        update.begin()
+        assert update.solver is not None
+        loss = update.solver.loss
+        for _ in range(2):
+            v = randn(loss.dim, gen=gen)
+            assert_close(loss.hvp(v), dense @ v)
+        if s > 0:
+            deltas = [stage.backward_state.deltas[j] for j in range(3)]
+            if curvature == "sample":
+                assert len(set(float(d) for d in torch.cat(deltas))) > 1
+            elif curvature == "microbatch":
+                assert all(bool((d == d.max()).all()) for d in deltas)
+            else:
+                assert len(set(float(d) for d in torch.cat(deltas))) == 1
+
+
+# ------------------------------------------------------------- 3. ReLU: H_θθ = c·JᵀJ
+@pytest.mark.parametrize("last", [False, True])
+def test_relu_stage_theta_hessian_is_gauss_newton(last: bool) -> None:
+    """Linear+ReLU (or the last, Linear-only layer): H_θθ = Σ_k c_k J_kᵀJ_k exactly."""
+    module, z_in, g, c = stage_inputs([3, 4], "relu", samples=6, seed=6)
+    if last:
+        module = nn.Sequential(module[0])
+    assert any(isinstance(m, nn.ReLU) for m in module.modules()) != last
+    theta0 = flat(list(module.parameters()))
+
+    def f(theta: Tensor, z: Tensor) -> Tensor:
+        names = [name for name, _ in module.named_parameters()]
+        sizes = [p.numel() for p in module.parameters()]
+        parts = dict(zip(names, (t.view_as(p) for t, p in
+                                 zip(theta.split(sizes), module.parameters()))))
+        return torch.func.functional_call(module, parts, (z,))
+
+    jac = torch.func.jacrev(f)(theta0, z_in)  # (samples, out, dθ)
+    gauss_newton = torch.einsum("k,kod,koe->de", c, jac, jac)
+    fn = StageFunction.build(module, z_in, g, c)
+    eye = torch.eye(theta0.numel(), dtype=DTYPE)
+    htt = torch.stack([flat(fn.hvp_theta(unflatten(e, fn.params))[1]) for e in eye], dim=1)
+    assert_close(htt, gauss_newton)
+    assert float(torch.linalg.eigvalsh(htt).min()) >= -1e-12 * float(htt.abs().max())
+    # The same from the dense Hessian of Ψ (g drops out: f is linear in θ between kinks).
+    assert_close(psi_hessian(module, z_in, g, c)[z_in.numel():, z_in.numel():], gauss_newton)
