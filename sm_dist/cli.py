@@ -128,6 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
             run_dir.write_record(record)
             print_record(record)
         records = train(job, pipeline, data, on_record)
+        run_dir.save_model(pipeline.state_dicts())
     finally:
         run_dir.close()
     last = records[-1]

@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def run_rank(job: JobConfig, out: Path, on_record: Callable[[Record], None],
              announce: Callable[[str], None]) -> int:
     """This process's part of the job, under torchrun or launch_local: hold stage RANK; rank 0
     also coordinates. Returns the exit code."""
+    # RPC's internal gloo group trips a deprecation warning in torch itself; not ours to fix.
+    warnings.filterwarnings("ignore", message="You are using a Backend")
     info = RankInfo.from_env()
     num_stages = len(job.model.balance)
     if info.world_size != num_stages:
@@ -111,6 +114,7 @@ def coordinate(job: JobConfig, transport: Transport, out: Path,
             on_record(rec)
 
         train(job, pipeline, data, record)
+        run_dir.save_model(pipeline.state_dicts())
     except StageError as err:
         print(f"sm-dist: error: {err}", file=sys.stderr)
         _save_trace(run_dir, pipeline)

@@ -122,5 +122,12 @@ class LocalPipeline:
         assert self.last.loss is not None
         return evaluate_loss(self.last.loss, x, y)
 
+    def state_dicts(self) -> list[dict[str, Tensor]]:
+        return [stage.state_dict() for stage in self.stages]
+
+    def load_state_dicts(self, states: list[dict[str, Tensor]]) -> None:
+        for stage, state in zip(self.stages, states, strict=True):
+            stage.load_state_dict(state)
+
     def close(self) -> None:
         pass

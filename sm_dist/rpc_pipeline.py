@@ -61,13 +61,15 @@ class RpcPipeline:
         transport.hosts.update({s: info["host"] for s, info in self.stages.items()})
 
     def _send_plans(self, iteration: int, schedule: Schedule,
-                    data: dict[tuple[str, int], tuple[Tensor, Tensor]], **options: Any
+                    data: dict[tuple[str, int], tuple[Tensor, Tensor]],
+                    per_stage_args: list[tuple] | None = None, **options: Any
                     ) -> dict[int, Future]:
         plan_id = self._next_plan
         self._next_plan += 1
         futures = {}
         for s, actions in enumerate(schedule):
-            plan = Plan(plan_id, iteration, actions, **options)
+            args = per_stage_args[s] if per_stage_args is not None else ()
+            plan = Plan(plan_id, iteration, actions, command_args=args, **options)
             if s == 0:
                 plan.inputs = {key: x for key, (x, _) in data.items()}
             if s == self.num_stages - 1:
@@ -91,9 +93,12 @@ class RpcPipeline:
                                    same_batch=request.same_batch)
         return PendingRpcIteration(self, futures, request.n)
 
-    def _everywhere(self, iteration: int, **options: Any) -> dict[int, PlanResult]:
+    def _everywhere(self, iteration: int, per_stage_args: list[tuple] | None = None,
+                    **options: Any) -> dict[int, PlanResult]:
+        """A plan without actions on every stage (a command, or a GD+Armijo trial's end)."""
         schedule: Schedule = [[] for _ in range(self.num_stages)]
-        return self.results(self._send_plans(iteration, schedule, {}, **options))
+        return self.results(self._send_plans(iteration, schedule, {}, per_stage_args,
+                                             **options))
 
     def grad_sq_norm(self) -> float:
         results = self._everywhere(-1, command="grad_sq_norm")
@@ -118,6 +123,13 @@ class RpcPipeline:
 
     def evaluate(self, iteration: int, x: Tensor, y: Tensor) -> tuple[float, int]:
         return self._forward_only(iteration, "E", eval_chunks(x, y))
+
+    def state_dicts(self) -> list[dict[str, Tensor]]:
+        results = self._everywhere(-1, command="state_dict")
+        return [results[s].value for s in range(self.num_stages)]
+
+    def load_state_dicts(self, states: list[dict[str, Tensor]]) -> None:
+        self._everywhere(-1, [(state,) for state in states], command="load_state_dict")
 
     def close(self) -> None:
         pass

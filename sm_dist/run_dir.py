@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from sm_dist.config import JobConfig, dump_job
 
 
@@ -59,6 +61,12 @@ class RunDirectory:
         # One flushed line per iteration: a crash keeps every finished iteration.
         self._metrics.write(json.dumps(_clean(record)) + "\n")
         self._metrics.flush()
+
+    def save_model(self, state_dicts: list[dict[str, Any]]) -> None:
+        """The trained parameters, one state dict per stage, as `model.pt`."""
+        tmp = self.path / "model.pt.tmp"
+        torch.save({"stages": state_dicts}, tmp)
+        tmp.replace(self.path / "model.pt")
 
     def close(self) -> None:
         self._metrics.close()

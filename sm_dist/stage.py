@@ -173,5 +173,12 @@ class PipelineStage:
         for p in self.params:
             p.grad = None
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """This stage's parameters and buffers, on the CPU."""
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.module.load_state_dict(state)
+
     def grad_sq_norm(self) -> float:
         return sum(float((p.grad * p.grad).sum()) for p in self.params if p.grad is not None)

@@ -73,6 +73,7 @@ class Plan:
     trial_step: float | None = None  # GD+Armijo: set θ = θ_t − α∇h before the actions
     end_trial: bool | None = None  # GD+Armijo: keep (True) or undo (False) the last trial
     command: str | None = None  # a stage method to call after the actions (grad_sq_norm, ...)
+    command_args: tuple = ()
 
 
 @dataclass
@@ -162,7 +163,7 @@ class StageWorker:
             future.wait()
         self._sends.clear()
         if plan.command is not None:
-            result.value = getattr(stage, plan.command)()
+            result.value = getattr(stage, plan.command)(*plan.command_args)
         return result
 
     def _perform(self, plan: Plan, position: int, action: Action, result: PlanResult) -> str:

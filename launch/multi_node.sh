@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Train a job across several machines under torchrun: run this same command on every node.
+#
+# Usage: launch/multi_node.sh JOB.yaml [sm-dist train args...]
+#        launch/multi_node.sh --help
+#
+# Each node starts NPROC_PER_NODE stage processes; together the NNODES nodes must start exactly
+# one process per stage (NNODES * NPROC_PER_NODE = len(model.balance)). The node whose processes
+# get ranks 0.. holds stage 0 and the coordinator, and writes the run directory (--out is a path
+# on that node). With the c10d rendezvous torchrun ignores --node-rank and numbers the nodes in
+# the order of their host names (then process ids): node order on a cluster with ordered names
+# (SLURM's node ids follow them); RDZV_BACKEND=static makes NODE_RANK 0 rank 0 in every case.
+# The script checks the job (`sm-dist validate`, with the --set overrides among the arguments),
+# prints the command on one line prefixed "launch:" (on stderr), then runs
+#   torchrun --nnodes NNODES --node-rank NODE_RANK --nproc-per-node NPROC_PER_NODE \
+#     --rdzv-backend RDZV_BACKEND --rdzv-endpoint MASTER_ADDR:MASTER_PORT --rdzv-id RDZV_ID \
+#     -m sm_dist train JOB.yaml ARGS...
+# Every argument after JOB.yaml goes to `sm-dist train` unchanged.
+#
+# Environment:
+#   NNODES          number of nodes (required)
+#   NODE_RANK       this node's index, 0 .. NNODES-1 (required)
+#   MASTER_ADDR     address of node 0, reachable from every node (required)
+#   MASTER_PORT     rendezvous port on MASTER_ADDR (default 29500)
+#   NPROC_PER_NODE  stage processes on this node (default: stages / NNODES, which must divide)
+#   RDZV_ID         rendezvous id, the same on every node of one job (default sm-dist)
+#   RDZV_BACKEND    torchrun rendezvous: c10d (default) or static (honours NODE_RANK exactly)
+#   PYTHON          interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
+#   TORCHRUN        torchrun to use (default: next to $PYTHON, else torchrun on PATH)
+#
+# Example (2 nodes, a 4-stage job, 2 GPUs each):
+#   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/multi_node.sh JOB.yaml --set run.device=cuda
+#   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/multi_node.sh JOB.yaml --set run.device=cuda
+# Exit codes: those of sm-dist train (0 done, 2 bad input, 1 failure); 2 when the job or the
+# environment is unusable before anything starts.
+set -euo pipefail
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+if smd_want_help "$@"; then
+  smd_usage "${BASH_SOURCE[0]}"
+  exit 0
+fi
+if [[ $# -lt 1 ]]; then
+  smd_usage "${BASH_SOURCE[0]}" >&2
+  smd_die "missing JOB.yaml"
+fi
+job=$1
+shift
+
+for var in NNODES NODE_RANK MASTER_ADDR; do
+  if [[ -z ${!var:-} ]]; then
+    smd_die "$var is not set; set NNODES, NODE_RANK and MASTER_ADDR on every node (see --help)"
+  fi
+done
+master_port=${MASTER_PORT:-29500}
+rdzv_id=${RDZV_ID:-sm-dist}
+rdzv_backend=${RDZV_BACKEND:-c10d}
+if [[ $MASTER_ADDR == *:* && $MASTER_ADDR != \[* ]]; then
+  master_addr_port="[$MASTER_ADDR]:$master_port"  # an IPv6 address
+else
+  master_addr_port="$MASTER_ADDR:$master_port"
+fi
+smd_require_count NNODES "$NNODES"
+smd_require_uint NODE_RANK "$NODE_RANK"
+smd_require_count MASTER_PORT "$master_port"
+if ((NODE_RANK >= NNODES)); then
+  smd_die "NODE_RANK=$NODE_RANK is out of range for NNODES=$NNODES (use 0 .. $((NNODES - 1)))"
+fi
+
+smd_check_python
+stages=$(smd_num_stages "$job" "$@")
+if [[ -n ${NPROC_PER_NODE:-} ]]; then
+  smd_require_count NPROC_PER_NODE "$NPROC_PER_NODE"
+  nproc=$NPROC_PER_NODE
+elif ((stages % NNODES == 0)); then
+  nproc=$((stages / NNODES))
+else
+  smd_die "the job has $stages stages, which NNODES=$NNODES nodes cannot share evenly; use a node count that divides $stages, or set NPROC_PER_NODE"
+fi
+if ((NNODES * nproc != stages)); then
+  smd_die "world size NNODES * NPROC_PER_NODE = $NNODES * $nproc = $((NNODES * nproc)) does not match the job's $stages stages (len(model.balance)); start exactly one process per stage"
+fi
+
+smd_torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" \
+  --nproc-per-node "$nproc" --rdzv-backend "$rdzv_backend" --rdzv-endpoint "$master_addr_port" \
+  --rdzv-id "$rdzv_id" -m sm_dist train "$job" "$@"

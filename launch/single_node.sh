@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Train a job on this machine under torchrun, one process per pipeline stage.
+#
+# Usage: launch/single_node.sh JOB.yaml [sm-dist train args...]
+#        launch/single_node.sh --help
+#
+# Checks the job (`sm-dist validate`, with the --set overrides among the arguments), reads its
+# number of stages N = len(model.balance) (after those overrides), prints the command on one
+# line prefixed "launch:" (on stderr), then runs
+#   torchrun --standalone --nnodes 1 --nproc-per-node N -m sm_dist train JOB.yaml ARGS...
+# Every argument after JOB.yaml goes to `sm-dist train` unchanged (--set, --out, --no-live).
+#
+# Environment:
+#   NPROC_PER_NODE  processes to start instead of N (sm-dist refuses a count other than N)
+#   PYTHON          interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
+#   TORCHRUN        torchrun to use (default: next to $PYTHON, else torchrun on PATH)
+#
+# Example:
+#   launch/single_node.sh configs/fashion/mlp4-sm.yaml --set run.iterations=5 --no-live
+# Exit codes: those of sm-dist train (0 done, 2 bad input, 1 failure); 2 when the job or the
+# environment is unusable before anything starts.
+set -euo pipefail
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+if smd_want_help "$@"; then
+  smd_usage "${BASH_SOURCE[0]}"
+  exit 0
+fi
+if [[ $# -lt 1 ]]; then
+  smd_usage "${BASH_SOURCE[0]}" >&2
+  smd_die "missing JOB.yaml"
+fi
+job=$1
+shift
+
+smd_check_python
+stages=$(smd_num_stages "$job" "$@")
+nproc=${NPROC_PER_NODE:-$stages}
+smd_require_count NPROC_PER_NODE "$nproc"
+if [[ $nproc -ne $stages ]]; then
+  printf 'launch: warning: NPROC_PER_NODE=%s but the job has %s stages; sm-dist will refuse\n' \
+    "$nproc" "$stages" >&2
+fi
+
+smd_torchrun --standalone --nnodes 1 --nproc-per-node "$nproc" \
+  -m sm_dist train "$job" "$@"
