@@ -1,4 +1,4 @@
-"""The sm-dist command line: train and validate job files."""
+"""The sm-dist command line: train, validate, schedule and report."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from sm_dist.checkpoints import CheckpointError, check_resumable
 from sm_dist.config import ConfigError, JobConfig, load_job
 from sm_dist.data import DataError, Dataset
-from sm_dist.engine import launch_local, run_rank
 from sm_dist.job import (
     JobSetupError,
     build_stage,
@@ -21,12 +21,11 @@ from sm_dist.job import (
     load_job_data,
     resolve_device,
 )
-from sm_dist.local_pipeline import LocalPipeline
-from sm_dist.run_dir import RunDirectory, RunDirError, check_run_dir, default_run_dir
-from sm_dist.trainer import Record, train
+from sm_dist.run_dir import RunDirError, check_run_dir, default_run_dir
 from sm_dist.transport import TransportError, under_launcher
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT = 0, 1, 2
+EPILOG = "Exit codes: 0 success, 2 bad input (job file, data, directories), 1 runtime failure."
 
 
 def _job_args(parser: argparse.ArgumentParser) -> None:
@@ -39,29 +38,58 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sm-dist",
-        description="Pipeline-parallel training with Surrogate Minimization (SM) and baselines.")
+        prog="sm-dist", epilog=EPILOG,
+        description="Pipeline-parallel training with Surrogate Minimization (SM) and baselines, "
+                    "one process per pipeline stage. Start with: sm-dist train "
+                    "configs/quickstart.yaml")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train_cmd = commands.add_parser(
-        "train", help="train the model a job file describes",
+        "train", help="train the model a job file describes", epilog=EPILOG,
         description="Train the model a job file describes, one process per stage (started "
-                    "here, or joined as a rank under torchrun), and write a run directory "
-                    "(config.yaml, metrics.jsonl, trace.json). Exit codes: 0 done, 2 bad "
-                    "input, 1 failure.")
+                    "here, or joined as a rank under torchrun), and write a run directory: "
+                    "config.yaml, metrics.jsonl, trace.json, summary.json, model.pt, "
+                    "checkpoints/ and plots.")
     _job_args(train_cmd)
+    train_cmd.add_argument("--out", type=Path, default=None,
+                           help="run directory (default: <run.runs_dir>/<name>-<timestamp>/)")
     train_cmd.add_argument("--single-process", action="store_true",
                            help="run every stage in this one process, in pipeline order "
                                 "(the reference the multi-process engine is tested against)")
-    train_cmd.add_argument("--no-live", action="store_true",
-                           help="plain progress lines instead of the live monitor")
-    train_cmd.add_argument("--out", type=Path, default=None,
-                           help="run directory (default: <run.runs_dir>/<name>-<timestamp>/)")
+    live = train_cmd.add_mutually_exclusive_group()
+    live.add_argument("--no-live", dest="live", action="store_false", default=None,
+                      help="plain progress lines instead of the live monitor")
+    live.add_argument("--live", dest="live", action="store_true",
+                      help="the live monitor even when the output is not a terminal")
+    train_cmd.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                           help="continue RUN_DIR from its newest complete checkpoint "
+                                "(the same job; only run.iterations may grow)")
 
     validate_cmd = commands.add_parser(
-        "validate", help="check a job file without running it",
-        description="Check a job file (every error at once) without running anything.")
+        "validate", help="check a job file without running it", epilog=EPILOG,
+        description="Check a job file and report every error at once, without running.")
     _job_args(validate_cmd)
+
+    schedule_cmd = commands.add_parser(
+        "schedule", help="print the schedule a job will run, as a stage-by-time grid",
+        epilog=EPILOG,
+        description="Print each stage's actions for one iteration as a grid of clock slots "
+                    "(F forward, B backward, L build local loss, I inner steps, W fill inner "
+                    "steps while waiting, A apply update, E evaluate; '.' idle), with unit "
+                    "costs, over two iterations so that the bubbles between them show.")
+    _job_args(schedule_cmd)
+    schedule_cmd.add_argument("--iterations", type=int, default=2,
+                              help="iterations to draw back to back (default 2)")
+
+    report_cmd = commands.add_parser(
+        "report", help="plots and a summary table from run directories", epilog=EPILOG,
+        description="Draw the loss, accuracy and pipeline-timeline plots and write "
+                    "summary.json for one or more run directories (several runs share "
+                    "each figure), and print a summary table.")
+    report_cmd.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report_cmd.add_argument("--out", default=None,
+                            help="where to write (default: the run directory for one run, "
+                                 "a new report-<timestamp>/ beside the runs for several)")
     return parser
 
 
@@ -75,65 +103,40 @@ def _to_device(data: Dataset, device: torch.device) -> Dataset:
                    test_x=data.test_x.to(device), test_y=data.test_y.to(device))
 
 
-def format_record(record: Record, iterations: int) -> str:
-    """One plain progress line per iteration."""
-    parts = [f"iter {record['iteration']:>{len(str(iterations))}}/{iterations}",
-             f"loss {record['train_loss']:.4f}", f"acc {record['train_acc']:.3f}"]
-    if "predicted_decrease" in record:
-        parts.append(f"pred {record['predicted_decrease']:+.3e}")
-        parts.append("inner " + ",".join(str(s) for s in record["inner_steps"]))
-    if "step_size" in record:
-        parts.append(f"step {record['step_size']:.3g} ({record['line_search_trials']} trials)")
-    if "test_acc" in record:
-        parts.append(f"test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.3f}")
-    parts.append(f"{record['wall_time']:.1f}s")
-    return "  ".join(parts)
-
-
 def run_train(args: argparse.Namespace) -> int:
+    from sm_dist.engine import launch_local, run_rank
+    from sm_dist.local_pipeline import LocalPipeline
+    from sm_dist.session import run_training
+
     job = load_job(args.job, args.overrides)
-
-    def print_record(record: Record) -> None:
-        print(format_record(record, job.run.iterations), flush=True)
-
+    resume = args.resume is not None
+    if resume:
+        if args.out is not None and args.out != args.resume:
+            return _fail("--resume continues RUN_DIR in place; leave out --out", EXIT_BAD_INPUT)
+        args.out = args.resume
     if under_launcher():  # a rank of a job started by torchrun or by launch_local below
-        rank = int(os.environ["RANK"])
         out = args.out if args.out is not None else default_run_dir(job)
-        if rank == 0:
-            check_run_dir(out)
-        code = run_rank(job, out, print_record if rank == 0 else (lambda r: None),
-                        lambda line: print(line, flush=True))
-        if rank == 0 and code == 0:
-            print(f"sm-dist: done; results in {out}")
-        return code
+        if int(os.environ["RANK"]) == 0:
+            check_resumable(out, job) if resume else check_run_dir(out)
+        return run_rank(job, out, args.live, resume)
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
     out = args.out if args.out is not None else default_run_dir(job)
-    check_run_dir(out)
+    check_resumable(out, job) if resume else check_run_dir(out)
     device = resolve_device(job)
     # Check everything a rank would trip over before any process starts or anything is written.
     data = load_job_data(job)
     modules = build_stage_modules(job)
     if not args.single_process:
         del data, modules
-        extra = ["--no-live"] if args.no_live else []
-        return launch_local(job, args.job, args.overrides, out, extra)
-    data = _to_device(data, device)
+        extra = {None: [], True: ["--live"], False: ["--no-live"]}[args.live]
+        extra += ["--resume", str(out)] if resume else ["--out", str(out)]
+        return launch_local(job, args.job, args.overrides, extra)
     pipeline = LocalPipeline([build_stage(job, s, m, device) for s, m in enumerate(modules)])
-    run_dir = RunDirectory(out, job)  # created only once the input is known to be good
-    print(f"sm-dist: {job.name}: {len(job.model.balance)} stages in one process, "
-          f"{job.optimizer.name}, {len(data.train_x)} training samples -> {out}")
-    try:
-        def on_record(record: Record) -> None:
-            run_dir.write_record(record)
-            print_record(record)
-        records = train(job, pipeline, data, on_record)
-        run_dir.save_model(pipeline.state_dicts())
-    finally:
-        run_dir.close()
-    last = records[-1]
-    print(f"sm-dist: done: train_loss {last['train_loss']:.4f}, "
-          f"test_acc {last.get('test_acc', float('nan')):.3f}; results in {out}")
+    header = (f"sm-dist: {job.name}: {len(job.model.balance)} stages in one process, "
+              f"{job.optimizer.name}, {len(data.train_x)} training samples -> {out}")
+    run_training(job, pipeline, _to_device(data, device), out, header=header, live=args.live,
+                 resume=resume)
     return EXIT_OK
 
 
@@ -144,15 +147,44 @@ def run_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_schedule(args: argparse.Namespace) -> int:
+    from sm_dist.pipeline import update_phase
+    from sm_dist.schedule import gpipe_schedule, render_grid, validate_schedule
+
+    job = load_job(args.job, args.overrides)
+    stages, microbatches = len(job.model.balance), job.data.microbatches
+    update = update_phase(job.optimizer)
+    schedule = gpipe_schedule(stages, microbatches, update)
+    validate_schedule(schedule, microbatches)
+    print(f"{job.name}: {stages} stages, {microbatches} microbatches, {job.optimizer.name}; "
+          f"one column per slot of unit cost, {args.iterations} iterations back to back")
+    for s, actions in enumerate(schedule):
+        print(f"stage {s}: " + " ".join(str(a) for a in actions))
+    print()
+    print(render_grid(schedule, iterations=max(1, args.iterations)))
+    if job.optimizer.name == "gd_armijo":
+        print("\nGD+Armijo then runs forward-only trial passes (T) until its line search "
+              "accepts a step; they depend on the loss, so iterations do not overlap.")
+    return EXIT_OK
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from sm_dist.report import report_main
+
+    return report_main(args.runs, args.out, Console())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"train": run_train, "validate": run_validate, "schedule": run_schedule,
+                "report": run_report}
     try:
-        if args.command == "train":
-            return run_train(args)
-        return run_validate(args)
+        return commands[args.command](args)
     except ConfigError as err:
         return _fail(str(err), EXIT_BAD_INPUT)
-    except (DataError, JobSetupError, RunDirError, TransportError) as err:
+    except (DataError, JobSetupError, RunDirError, TransportError, CheckpointError) as err:
         return _fail(str(err), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         return _fail("interrupted; the run directory keeps every finished iteration",

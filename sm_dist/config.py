@@ -118,10 +118,16 @@ class RunConfig:
     device: str = field(default="cpu", metadata={"choices": ("cpu", "cuda")})
     eval_every: int = field(default=10, metadata={"min": 0})  # 0 = evaluate only at the end
     runs_dir: str = "runs"
+    # Checkpoints every this many iterations (0: only at the end); keep the newest keep_last.
+    checkpoint_every: int = field(default=0, metadata={"min": 0})
+    keep_last: int = field(default=2, metadata={"min": 0})  # 0 keeps every checkpoint
     threads: int = field(default=0, metadata={"min": 0})  # torch threads/process; 0 = default
     # Seconds an RPC, or a stage waiting for its input, may take before the job is failed.
     rpc_timeout: float = field(default=120.0, metadata={"gt": 0})
     worker_threads: int = field(default=16, metadata={"min": 4})  # RPC threads per stage process
+    # TensorPipe's transport between processes: uv (TCP), or shm on one machine, whose reactor
+    # thread spins a CPU core per process (a loss when processes outnumber the cores).
+    rpc_transport: str = field(default="uv", metadata={"choices": ("uv", "shm")})
 
 
 @dataclass(kw_only=True)

@@ -9,7 +9,7 @@ import socket
 import sys
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,9 +17,7 @@ import torch
 from sm_dist.config import JobConfig
 from sm_dist.job import build_stage, build_stage_modules, load_job_data, resolve_device
 from sm_dist.rpc_pipeline import RpcPipeline
-from sm_dist.run_dir import RunDirectory
-from sm_dist.timeline import write_chrome_trace
-from sm_dist.trainer import Record, train
+from sm_dist.session import run_training
 from sm_dist.transport import RankInfo, StageError, Transport
 from sm_dist.worker import StageWorker
 
@@ -32,7 +30,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str], out: Path,
+def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
                  extra_args: Sequence[str] = ()) -> int:
     """Start one process per stage on this machine through torch's launcher API (the code path
     torchrun uses), each running `sm-dist train` as its rank; returns the job's exit code."""
@@ -45,7 +43,7 @@ def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str], out: P
         min_nodes=1, max_nodes=1, nproc_per_node=num_stages, run_id=f"sm-dist-{uuid.uuid4()}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
         monitor_interval=0.2, start_method="spawn")
-    args = ["-m", "sm_dist", "train", job_path, "--out", str(out), *extra_args]
+    args = ["-m", "sm_dist", "train", job_path, *extra_args]
     for override in overrides:
         args += ["--set", override]
     try:
@@ -61,8 +59,7 @@ def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str], out: P
     return 0
 
 
-def run_rank(job: JobConfig, out: Path, on_record: Callable[[Record], None],
-             announce: Callable[[str], None]) -> int:
+def run_rank(job: JobConfig, out: Path, live: bool | None, resume: bool) -> int:
     """This process's part of the job, under torchrun or launch_local: hold stage RANK; rank 0
     also coordinates. Returns the exit code."""
     # RPC's internal gloo group trips a deprecation warning in torch itself; not ours to fix.
@@ -81,55 +78,37 @@ def run_rank(job: JobConfig, out: Path, on_record: Callable[[Record], None],
     device = resolve_device(job, info.local_rank)
     stage = build_stage(job, info.rank, build_stage_modules(job)[info.rank], device)
     transport = Transport(info, timeout=job.run.rpc_timeout,
-                          worker_threads=job.run.worker_threads, device=device)
+                          worker_threads=job.run.worker_threads, device=device,
+                          transport=job.run.rpc_transport)
     transport.start(StageWorker(stage, transport))
     if info.rank != 0:
         transport.shutdown(graceful=True)  # serve the other stages until the coordinator ends
         return 0
-    return coordinate(job, transport, out, on_record, announce)
+    return coordinate(job, transport, out, live, resume)
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through `finally`, which saves what is finished
 
 
-def coordinate(job: JobConfig, transport: Transport, out: Path,
-               on_record: Callable[[Record], None], announce: Callable[[str], None]) -> int:
-    """Rank 0: drive the training loop over RPC; write the run directory."""
+def coordinate(job: JobConfig, transport: Transport, out: Path, live: bool | None,
+               resume: bool) -> int:
+    """Rank 0: drive the training over RPC and write the run directory."""
     signal.signal(signal.SIGTERM, _terminate)
     num_stages = len(job.model.balance)
-    pipeline: RpcPipeline | None = None
-    run_dir: RunDirectory | None = None
     try:
         data = load_job_data(job)
         pipeline = RpcPipeline(transport, num_stages)
-        run_dir = RunDirectory(out, job)
-        hosts = sorted({info["host"] for info in pipeline.stages.values()})
-        announce(f"sm-dist: {job.name}: {num_stages} stage processes on {', '.join(hosts)}, "
-                 f"{job.optimizer.name}, {len(data.train_x)} training samples -> {out}")
-
-        def record(rec: Record) -> None:
-            assert run_dir is not None
-            run_dir.write_record(rec)
-            on_record(rec)
-
-        train(job, pipeline, data, record)
-        run_dir.save_model(pipeline.state_dicts())
+        hosts = {s: info["host"] for s, info in pipeline.stages.items()}
+        header = (f"sm-dist: {job.name}: {num_stages} stage processes on "
+                  f"{', '.join(sorted(set(hosts.values())))}, {job.optimizer.name}, "
+                  f"{len(data.train_x)} training samples -> {out}")
+        run_training(job, pipeline, data, out, header=header, live=live, resume=resume,
+                     hosts=hosts)
     except StageError as err:
         print(f"sm-dist: error: {err}", file=sys.stderr)
-        _save_trace(run_dir, pipeline)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_RUNTIME)  # a peer may be dead: a graceful RPC shutdown would wait for it
-    finally:
-        if run_dir is not None:
-            run_dir.close()
-    _save_trace(run_dir, pipeline)
     transport.shutdown(graceful=True)
     return 0
-
-
-def _save_trace(run_dir: RunDirectory | None, pipeline: RpcPipeline | None) -> None:
-    if run_dir is not None and pipeline is not None:
-        hosts = {s: info["host"] for s, info in pipeline.stages.items()}
-        write_chrome_trace(run_dir.path / "trace.json", pipeline.events, hosts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -128,6 +130,13 @@ class LocalPipeline:
     def load_state_dicts(self, states: list[dict[str, Tensor]]) -> None:
         for stage, state in zip(self.stages, states, strict=True):
             stage.load_state_dict(state)
+
+    def checkpoint(self) -> Done:
+        return Done([stage.checkpoint_state() for stage in self.stages])
+
+    def restore_checkpoint(self, states: list[dict[str, Any]]) -> None:
+        for stage, state in zip(self.stages, states, strict=True):
+            stage.restore_checkpoint(state)
 
     def close(self) -> None:
         pass

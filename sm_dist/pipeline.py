@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -56,6 +56,8 @@ class Pipeline(Protocol):
     events: list[TimelineEvent]  # what each stage did when (empty in one process)
 
     def submit(self, request: IterationRequest) -> PendingIteration: ...
+    def checkpoint(self) -> Pending: ...  # every stage's state after what was submitted so far
+    def restore_checkpoint(self, states: list[dict[str, Any]]) -> None: ...
     def grad_sq_norm(self) -> float: ...
     def trial_loss(self, iteration: int, alpha: float, microbatches: Microbatches,
                    n: int) -> BatchResult: ...
@@ -66,13 +68,17 @@ class Pipeline(Protocol):
     def close(self) -> None: ...
 
 
-class Done:
-    """A PendingIteration that is already complete (the in-process pipeline)."""
+class Pending(Protocol):
+    def wait(self) -> Any: ...
 
-    def __init__(self, result: IterationResult) -> None:
+
+class Done:
+    """A result that is already there (the in-process pipeline)."""
+
+    def __init__(self, result: Any) -> None:
         self.result = result
 
-    def wait(self) -> IterationResult:
+    def wait(self) -> Any:
         return self.result
 
 

@@ -44,6 +44,16 @@ class PendingRpcIteration:
         return IterationResult(batch, reports, test)
 
 
+@dataclass
+class PendingStates:
+    pipeline: RpcPipeline
+    futures: dict[int, Future]
+
+    def wait(self) -> list[Any]:
+        results = self.pipeline.results(self.futures)
+        return [results[s].value for s in range(self.pipeline.num_stages)]
+
+
 class RpcPipeline:
     """Sends each stage its plan for every pass; the stages pass tensors among themselves.
 
@@ -130,6 +140,15 @@ class RpcPipeline:
 
     def load_state_dicts(self, states: list[dict[str, Tensor]]) -> None:
         self._everywhere(-1, [(state,) for state in states], command="load_state_dict")
+
+    def checkpoint(self) -> PendingStates:
+        """Every stage's checkpoint state after the plans sent so far (does not wait)."""
+        schedule: Schedule = [[] for _ in range(self.num_stages)]
+        return PendingStates(self, self._send_plans(-1, schedule, {},
+                                                    command="checkpoint_state"))
+
+    def restore_checkpoint(self, states: list[dict[str, Any]]) -> None:
+        self._everywhere(-1, [(state,) for state in states], command="restore_checkpoint")
 
     def close(self) -> None:
         pass

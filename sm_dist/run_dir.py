@@ -48,14 +48,34 @@ def _clean(value: Any) -> Any:
 
 
 class RunDirectory:
-    """Creates the directory, writes config.yaml, appends one JSON line per iteration."""
+    """Creates the directory, writes config.yaml, appends one JSON line per iteration.
 
-    def __init__(self, path: Path, job: JobConfig) -> None:
-        check_run_dir(path)
-        path.mkdir(parents=True, exist_ok=True)
+    Resuming after iteration k keeps the records up to k (the file as it was is kept beside it
+    as metrics.jsonl.before-resume-<time>) and appends from there.
+    """
+
+    def __init__(self, path: Path, job: JobConfig, resume_after: dict[str, Any] | None = None
+                 ) -> None:
         self.path = path
+        if resume_after is None:
+            check_run_dir(path)
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            self._keep_records_until(resume_after)
         dump_job(job, path / "config.yaml")
         self._metrics: IO[str] = open(path / "metrics.jsonl", "a", encoding="utf-8")
+
+    def _keep_records_until(self, last: dict[str, Any]) -> None:
+        metrics = self.path / "metrics.jsonl"
+        old = read_metrics(self.path) if metrics.exists() else []
+        kept = [r for r in old if r["iteration"] <= last["iteration"]]
+        if not kept or kept[-1]["iteration"] != last["iteration"]:
+            kept.append(last)  # the checkpoint was written before its record
+        if metrics.exists():
+            metrics.rename(self.path / f"metrics.jsonl.before-resume-{int(time.time())}")
+        with open(metrics, "w", encoding="utf-8") as handle:
+            for record in kept:
+                handle.write(json.dumps(_clean(record)) + "\n")
 
     def write_record(self, record: dict[str, Any]) -> None:
         # One flushed line per iteration: a crash keeps every finished iteration.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,17 @@ from sm_dist.updates import StageUpdateReport, make_update_rule
 
 # Optimizers whose backward carries curvature down (spec §2) and builds Ψ for the update phase.
 CURVATURE_OPTIMIZERS = frozenset({"sm"})
+
+
+def to_cpu(value: Any) -> Any:
+    """A copy of nested containers with every tensor on the CPU (for checkpoints)."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
 
 
 @dataclass
@@ -179,6 +191,18 @@ class PipelineStage:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.module.load_state_dict(state)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: parameters, optimizer state, warm starts."""
+        return {"module": self.state_dict(), "update": to_cpu(self.update.state_dict()),
+                "power_vectors": {j: v.cpu() for j, v in self.power_vectors.items()},
+                "generator": self.generator.get_state()}
+
+    def restore_checkpoint(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["module"])
+        self.update.load_state_dict(state["update"])
+        self.power_vectors = {j: v.to(self.device) for j, v in state["power_vectors"].items()}
+        self.generator.set_state(state["generator"])
 
     def grad_sq_norm(self) -> float:
         return sum(float((p.grad * p.grad).sum()) for p in self.params if p.grad is not None)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sm_dist.checkpoints import ResumePoint
 from sm_dist.config import JobConfig
 from sm_dist.data import BatchStream, Dataset, split_microbatches
 from sm_dist.math.line_search import ArmijoRule, armijo_backtrack
@@ -40,8 +41,14 @@ class GlobalArmijo:
 
 
 def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
-          on_record: Callable[[Record], None]) -> list[Record]:
-    """Run job.run.iterations iterations; `on_record` gets each iteration's metrics.
+          on_record: Callable[[Record], None],
+          on_progress: Callable[[Record], None] | None = None,
+          on_checkpoint: Callable[[ResumePoint, list[dict[str, Any]]], None] | None = None,
+          resume: ResumePoint | None = None) -> list[Record]:
+    """Run the job's iterations (after `resume.iteration` when resuming; the stages' states
+    must be restored already). `on_record` gets each iteration's complete metrics,
+    `on_progress` the same record earlier, as soon as its result is in (without utilisation),
+    and `on_checkpoint` the states every run.checkpoint_every iterations and at the end.
 
     Iteration t+1 is submitted before t's result is read, so a distributed pipeline can start
     it as soon as stage 0 is free (GD+Armijo cannot: its step depends on t's loss). A record is
@@ -53,12 +60,21 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
                          seed=run.seed)
     armijo = GlobalArmijo(job) if opt.name == "gd_armijo" else None
     passes = {"forward": 0, "backward": 0}
+    first, previous, offset = 1, None, 0.0
+    if resume is not None:
+        stream.load_state_dict(resume.stream)
+        if armijo is not None and resume.armijo_step is not None:
+            armijo.next_step = resume.armijo_step
+        passes = dict(resume.passes)
+        first, previous, offset = resume.iteration + 1, resume.last_record, resume.wall_time
     records: list[Record] = []
+    stream_after: dict[int, dict[str, Any]] = {}
     pending_record: Record | None = None
     start = last_time = time.perf_counter()
 
     def request(iteration: int) -> IterationRequest:
         x, y, same_batch = stream.next_batch()
+        stream_after[iteration] = stream.state_dict()
         last = iteration == run.iterations
         evaluate = last or bool(run.eval_every and iteration % run.eval_every == 0)
         return IterationRequest(
@@ -73,12 +89,20 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
         records.append(record)
         on_record(record)
 
-    current = request(1)
+    def checkpoint_due(iteration: int) -> bool:
+        every = run.checkpoint_every
+        return on_checkpoint is not None and (
+            iteration == run.iterations or bool(every and iteration % every == 0))
+
+    current = request(first)
     pending = pipeline.submit(current)
     try:
-        for iteration in range(1, run.iterations + 1):
+        for iteration in range(first, run.iterations + 1):
             following = request(iteration + 1) if iteration < run.iterations else None
-            ahead = pipeline.submit(following) if following and armijo is None else None
+            states = None
+            if armijo is None:  # the states after this iteration, before the next one starts
+                states = pipeline.checkpoint() if checkpoint_due(iteration) else None
+                ahead = pipeline.submit(following) if following else None
             result = pending.wait()
             passes["forward"] += 1
             passes["backward"] += 1
@@ -92,19 +116,25 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
                     loss_sum, correct = pipeline.evaluate(iteration, data.test_x, data.test_y)
                     record.update(test_loss=loss_sum / len(data.test_x),
                                   test_acc=correct / len(data.test_x))
-            if pending_record is not None and current.same_batch and \
-                    pending_record.get("predicted_decrease"):
-                actual = record["train_loss"] - pending_record["train_loss"]
+                states = pipeline.checkpoint() if checkpoint_due(iteration) else None
+                ahead = pipeline.submit(following) if following else None
+            if previous is not None and current.same_batch and previous.get("predicted_decrease"):
+                actual = record["train_loss"] - previous["train_loss"]
                 record["actual_decrease_prev"] = actual
-                record["decrease_ratio_prev"] = actual / pending_record["predicted_decrease"]
+                record["decrease_ratio_prev"] = actual / previous["predicted_decrease"]
             now = time.perf_counter()
-            record.update(wall_time=now - start, iteration_time=now - last_time,
+            record.update(wall_time=offset + now - start, iteration_time=now - last_time,
                           forward_passes=passes["forward"], backward_passes=passes["backward"])
             last_time = now
+            if on_progress is not None:
+                on_progress(record)
+            if states is not None and on_checkpoint is not None:
+                point = ResumePoint(iteration, stream_after[iteration],
+                                    armijo.next_step if armijo else None, dict(passes),
+                                    record["wall_time"], dict(record))
+                on_checkpoint(point, states.wait())
             flush(pending_record)
-            pending_record = record
-            if following is not None and ahead is None:
-                ahead = pipeline.submit(following)
+            pending_record = previous = record
             current, pending = following, ahead  # type: ignore[assignment]
     finally:
         flush(pending_record)  # also on failure: every finished iteration is kept

@@ -116,8 +116,9 @@ class Transport:
     """This process's RPC endpoint: one per stage, named stage<rank>, TensorPipe underneath."""
 
     def __init__(self, info: RankInfo, *, timeout: float, worker_threads: int,
-                 device: torch.device) -> None:
+                 device: torch.device, transport: str = "uv") -> None:
         self.info = info
+        self.transport = transport
         self.timeout = timeout
         self.worker_threads = worker_threads
         self.device = device
@@ -129,9 +130,11 @@ class Transport:
         global _HANDLER, _IDENTITY
         _HANDLER = handler
         _IDENTITY = (self.info.rank, self.info.rank, self.host)
+        # shm reaches only this machine, so uv stays as the fallback for the others.
+        transports = ["uv"] if self.transport == "uv" else ["shm", "uv"]
         options = rpc.TensorPipeRpcBackendOptions(
             num_worker_threads=self.worker_threads, rpc_timeout=self.timeout,
-            init_method="env://")
+            init_method="env://", _transports=transports)
         if self.device.type == "cuda":
             # One GPU per stage: tensors sent to stage r land on that stage's GPU directly.
             options.set_devices([self.device])
@@ -144,11 +147,17 @@ class Transport:
 
     def call_async(self, rank: int, method: str, *args: Any) -> Future:
         """`handler.method(*args)` on `rank`; completes with its value (or a RemoteFailure)."""
+        if rank == self.info.rank:  # this process: no need to serialise anything
+            done: Future = Future()
+            done.set_result(_dispatch(method, args))
+            return done
         return rpc.rpc_async(worker_name(rank), _dispatch, args=(method, args))
 
     def run_async(self, rank: int, method: str, *args: Any) -> Future:
         """Like call_async for handler methods that return a Future (long-running work); no
         timeout of its own, since a stage waiting for its input has one (see StageWorker)."""
+        if rank == self.info.rank:
+            return _dispatch_async(method, args)
         return rpc.rpc_async(worker_name(rank), _dispatch_async, args=(method, args), timeout=0)
 
     def result(self, rank: int, future: Future) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -88,6 +88,12 @@ class SurrogateUpdate:
     def report(self) -> StageUpdateReport:
         return self._report
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_step = state["next_step"]
+
 
 class TorchOptimizerUpdate:
     """gd (constant step), sgd and adam: a torch optimizer on this stage's parameters."""
@@ -108,6 +114,12 @@ class TorchOptimizerUpdate:
 
     def report(self) -> StageUpdateReport:
         return StageUpdateReport()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 class ArmijoTrialUpdate:
@@ -135,6 +147,12 @@ class ArmijoTrialUpdate:
 
     def report(self) -> StageUpdateReport:
         return StageUpdateReport()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # GD+Armijo's step size lives with the coordinator
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 UpdateRule = SurrogateUpdate | TorchOptimizerUpdate | ArmijoTrialUpdate

@@ -54,9 +54,10 @@ class Mailbox:
         with self._ready:
             return key in self._items
 
-    def has_plan(self, plan_id: int) -> bool:
+    def has_later_plan(self, plan_id: int) -> bool:
+        """Whether anything arrived for a plan after `plan_id` (the next iteration's input)."""
         with self._ready:
-            return any(key[0] == plan_id for key in self._items)  # type: ignore[index]
+            return any(key[0] > plan_id for key in self._items)  # type: ignore[index]
 
 
 @dataclass
@@ -258,7 +259,7 @@ class StageWorker:
         def arrived() -> bool:
             if waiting_for is not None:  # evaluation follows in this plan
                 return self.mailbox.contains((plan.plan_id, waiting_for.kind, waiting_for.index))
-            return self.mailbox.has_plan(plan.plan_id + 1)
+            return self.mailbox.has_later_plan(plan.plan_id)
 
         taken = 0
         while taken < limit and not arrived():

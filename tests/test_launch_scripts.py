@@ -158,7 +158,7 @@ def test_single_node_trains(tmp_path: Path) -> None:
     assert shlex.split(line)[-6:] == ["sm_dist", "train", str(job), "--out", str(run_dir),
                                       "--no-live"]
     assert len(metrics(run_dir)) == 2
-    assert "sm-dist: done" in out
+    assert "results in" in out
 
 
 def test_multi_node_names_a_missing_variable(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_two_nodes_train_together(tmp_path: Path) -> None:
         assert (f"--nnodes 2 --node-rank {rank} --nproc-per-node 1 --rdzv-backend c10d "
                 f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id launch-test -m sm_dist train") in line
     # Whichever node's process became rank 0 coordinated and wrote the run directory.
-    assert sum("sm-dist: done" in out for _, out, _ in results) == 1
+    assert sum("results in" in out for _, out, _ in results) == 1
     assert len(metrics(run_dir)) == 2
 
 

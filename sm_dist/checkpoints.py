@@ -1,0 +1,98 @@
+"""Checkpoints in a run directory: one file per stage, the coordinator's file written last."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sm_dist.config import JobConfig, job_to_dict, load_job
+
+COORDINATOR_FILE = "coordinator.pt"  # its presence marks a checkpoint as complete
+
+
+class CheckpointError(Exception):
+    """A run cannot be resumed: no complete checkpoint, or a job that does not match it."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: the coordinator's state after `iteration`."""
+
+    iteration: int
+    stream: dict[str, Any]  # the batch stream after that iteration's batch
+    armijo_step: float | None  # GD+Armijo's next first trial step
+    passes: dict[str, int]
+    wall_time: float
+    last_record: dict[str, Any]  # that iteration's record (for the actual decrease after it)
+
+
+def step_dir(run_dir: Path, iteration: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{iteration}"
+
+
+def save_checkpoint(run_dir: Path, point: ResumePoint, stage_states: list[dict[str, Any]],
+                    keep_last: int) -> Path:
+    """Write checkpoints/step-<k>/stage-<s>.pt for every stage, then coordinator.pt; keep the
+    newest `keep_last` complete checkpoints (0 keeps all)."""
+    target = step_dir(run_dir, point.iteration)
+    target.mkdir(parents=True, exist_ok=True)
+    for s, state in enumerate(stage_states):
+        torch.save(state, target / f"stage-{s}.pt")
+    tmp = target / (COORDINATOR_FILE + ".tmp")
+    torch.save({"point": point, "num_stages": len(stage_states), "saved_at": time.time()}, tmp)
+    tmp.replace(target / COORDINATOR_FILE)  # last, and atomic: now the checkpoint is complete
+    if keep_last:
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    return target
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (an interrupted one has no coordinator file)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / COORDINATOR_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def load_checkpoint(path: Path) -> tuple[ResumePoint, list[dict[str, Any]]]:
+    meta = torch.load(path / COORDINATOR_FILE, weights_only=False)
+    states = [torch.load(path / f"stage-{s}.pt", weights_only=False)
+              for s in range(meta["num_stages"])]
+    return meta["point"], states
+
+
+def check_resumable(run_dir: Path, job: JobConfig) -> Path:
+    """The newest complete checkpoint of run_dir, if `job` may continue it (only
+    run.iterations may differ from the job the run was started with)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml); "
+                              "give --resume the directory a run wrote")
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint; set run.checkpoint_every "
+                              "to write them, or start a new run")
+    saved = job_to_dict(load_job(run_dir / "config.yaml"))
+    wanted = job_to_dict(job)
+    saved["run"].pop("iterations")
+    wanted["run"].pop("iterations")
+    differ = sorted(_differences(saved, wanted))
+    if differ:
+        raise CheckpointError(f"the job differs from the one {run_dir} was started with in "
+                              f"{', '.join(differ)}; only run.iterations may change on resume")
+    return found[-1]
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix]

@@ -1,0 +1,169 @@
+"""What the coordinator shows while training: a live rich view, or one plain line per iteration."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sm_dist.timeline import TimelineEvent
+
+Record = dict[str, Any]
+PHASES = {"F": "forward", "E": "evaluate", "T": "trial", "B": "backward", "L": "update",
+          "I": "update", "W": "update (fill)", "A": "update"}
+
+
+def format_record(record: Record, iterations: int) -> str:
+    """One plain progress line per iteration."""
+    parts = [f"iter {record['iteration']:>{len(str(iterations))}}/{iterations}",
+             f"loss {record['train_loss']:.4f}", f"acc {record['train_acc']:.3f}"]
+    if "predicted_decrease" in record:
+        parts.append(f"pred {record['predicted_decrease']:+.3e}")
+        parts.append("inner " + ",".join(str(s) for s in record["inner_steps"]))
+    if "step_size" in record:
+        parts.append(f"step {record['step_size']:.3g} ({record['line_search_trials']} trials)")
+    if "test_acc" in record:
+        parts.append(f"test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.3f}")
+    if "bubble_fraction" in record:
+        parts.append(f"bubble {record['bubble_fraction']:.0%}")
+    parts.append(f"{record['wall_time']:.1f}s")
+    return "  ".join(parts)
+
+
+def stage_phase(events: Sequence[TimelineEvent], stage: int, now: float) -> str:
+    """What a stage is doing now, as far as the coordinator can know without asking it.
+
+    Stages report their actions when they finish an iteration. Until the next report, the
+    stage is taken to repeat its last reported iteration: its phase is the one it had at the
+    same time after the start of that iteration (the schedule is the same every iteration).
+    """
+    mine = [e for e in events if e.stage == stage]
+    if not mine:
+        return "starting"
+    last_iteration = mine[-1].iteration
+    template = [e for e in mine if e.iteration == last_iteration]
+    before = [e for e in mine if e.iteration < last_iteration]
+    origin = before[-1].end if before else template[0].start
+    elapsed = now - template[-1].end  # time since the stage reported its last action
+    for event in template:
+        if event.start - origin <= elapsed < event.end - origin:
+            return PHASES[event.kind]
+    return "idle"
+
+
+class PlainMonitor:
+    """One line per iteration, for logs and terminals without the live view."""
+
+    def __init__(self, iterations: int, stream: TextIO | None = None) -> None:
+        self.iterations = iterations
+        self.stream = stream
+
+    def __enter__(self) -> PlainMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def progress(self, record: Record) -> None:
+        """A new iteration's result, printed at once (its utilisation is not known yet)."""
+        print(format_record(record, self.iterations), file=self.stream, flush=True)
+
+    def record(self, record: Record) -> None:
+        pass
+
+
+class LiveMonitor:
+    """The rich live view, redrawn at most `refresh_per_second` times by rich's own thread.
+
+    The training loop only stores what the stages already sent (iteration results and their
+    timelines); drawing reads that state, so the monitor sends nothing to the stages and costs
+    the loop a few assignments per iteration.
+    """
+
+    def __init__(self, name: str, iterations: int, num_stages: int,
+                 events: list[TimelineEvent], console: Console | None = None,
+                 refresh_per_second: float = 4.0) -> None:
+        self.name = name
+        self.iterations = iterations
+        self.num_stages = num_stages
+        self.events = events  # the pipeline's own list, appended to as results arrive
+        self.console = console or Console()
+        self.latest: Record = {}
+        self.finished: Record = {}  # the last record with utilisation (one iteration behind)
+        self.test: Record = {}
+        self._lock = threading.Lock()
+        self.stopped = False  # training is over: no stage is doing anything any more
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=self.console)
+        self.task = self.bar.add_task(name, total=iterations)
+        self.live = Live(self, console=self.console, refresh_per_second=refresh_per_second,
+                         transient=False)
+
+    def __enter__(self) -> LiveMonitor:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped = True
+        self.live.refresh()
+        self.live.stop()
+
+    def progress(self, record: Record) -> None:
+        with self._lock:
+            self.latest = record
+            if "test_acc" in record:
+                self.test = record
+        self.bar.update(self.task, completed=record["iteration"])
+
+    def record(self, record: Record) -> None:
+        with self._lock:
+            self.finished = record
+
+    def __rich__(self) -> RenderableType:
+        with self._lock:
+            latest, finished, test = dict(self.latest), dict(self.finished), dict(self.test)
+        return Group(self.bar, self._summary(latest, finished, test),
+                     self._stages(latest, finished))
+
+    def _summary(self, latest: Record, finished: Record, test: Record) -> Table:
+        table = Table.grid(padding=(0, 3))
+        row = []
+        if latest:
+            row += [f"loss [bold]{latest['train_loss']:.4f}[/]",
+                    f"acc {latest['train_acc']:.3f}"]
+        if test:
+            row.append(f"test acc {test['test_acc']:.3f} (iter {test['iteration']})")
+        if latest.get("decrease_ratio_prev") is not None:
+            row.append(f"decrease actual/predicted {latest['actual_decrease_prev']:+.2e}"
+                       f" / {latest['actual_decrease_prev'] / latest['decrease_ratio_prev']:+.2e}")
+        elif "predicted_decrease" in latest:
+            row.append(f"predicted decrease {latest['predicted_decrease']:+.2e}")
+        if "bubble_fraction" in finished:
+            row.append(f"bubble {finished['bubble_fraction']:.0%}")
+        table.add_row(*(row or ["waiting for the first iteration"]))
+        return table
+
+    def _stages(self, latest: Record, finished: Record) -> Table:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ("stage", "phase", "inner steps", "local loss", "curvature sent", "busy"):
+            table.add_column(column, justify="left" if column == "phase" else "right")
+        now = time.time()
+        for s in range(self.num_stages):
+            steps = latest.get("inner_steps", [None] * self.num_stages)[s]
+            value = latest.get("local_loss", [None] * self.num_stages)[s]
+            curvature = latest.get("curvature", [None] * self.num_stages)[s]
+            busy = finished.get("busy_fraction", [None] * self.num_stages)[s]
+            phase = "done" if self.stopped else stage_phase(self.events, s, now)
+            table.add_row(str(s), phase if self.events else "-",
+                          "-" if steps is None else str(steps),
+                          "-" if value is None else f"{value:+.3e}",
+                          "-" if curvature is None else f"{curvature:.3e}",
+                          "-" if busy is None else f"{busy:.0%}")
+        return table

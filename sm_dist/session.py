@@ -1,0 +1,74 @@
+"""One training run from the coordinator's side: run directory, monitor, checkpoints, outputs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from sm_dist.checkpoints import ResumePoint, check_resumable, load_checkpoint, save_checkpoint
+from sm_dist.config import JobConfig
+from sm_dist.data import Dataset
+from sm_dist.monitor import LiveMonitor, PlainMonitor
+from sm_dist.pipeline import Pipeline
+from sm_dist.run_dir import RunDirectory
+from sm_dist.timeline import write_chrome_trace
+from sm_dist.trainer import Record, train
+
+
+def use_live_monitor(live: bool | None) -> bool:
+    """The live view on a terminal unless --no-live; --live forces it (e.g. under `script`)."""
+    return sys.stdout.isatty() if live is None else live
+
+
+def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *,
+                 header: str, live: bool | None, resume: bool = False,
+                 hosts: dict[int, str] | None = None) -> list[Record]:
+    """Train and write everything a run directory holds; the pipeline is ready to use."""
+    point: ResumePoint | None = None
+    if resume:
+        checkpoint = check_resumable(out, job)
+        point, states = load_checkpoint(checkpoint)
+        pipeline.restore_checkpoint(states)
+        header += f" (resumed after iteration {point.iteration} from {checkpoint})"
+    run_dir = RunDirectory(out, job, resume_after=point.last_record if point else None)
+    console = Console()
+    console.print(header, highlight=False, markup=False)
+    monitor = (LiveMonitor(job.name, job.run.iterations, pipeline.num_stages, pipeline.events,
+                           console) if use_live_monitor(live)
+               else PlainMonitor(job.run.iterations))
+    if point is not None:
+        monitor.progress(point.last_record)
+
+    def on_record(record: Record) -> None:
+        run_dir.write_record(record)
+        monitor.record(record)
+
+    def on_checkpoint(at: ResumePoint, states: list[dict]) -> None:
+        save_checkpoint(out, at, states, job.run.keep_last)
+
+    try:
+        with monitor:
+            records = train(job, pipeline, data, on_record, monitor.progress, on_checkpoint,
+                            point)
+        run_dir.save_model(pipeline.state_dicts())
+    finally:
+        run_dir.close()
+        if pipeline.events:
+            write_chrome_trace(out / "trace.json", pipeline.events, hosts)
+    finish(out, console)
+    return records
+
+
+def finish(out: Path, console: Console) -> None:
+    """summary.json, the plots, and the summary table with the run directory's path."""
+    from sm_dist.report import load_run, summary_table, summary_text, write_report
+
+    run = load_run(out)
+    write_report([run], out)
+    if console.is_terminal:
+        console.print(summary_table([run]))
+    else:
+        print(summary_text([run]))
+    console.print(f"results in {out}", highlight=False)

@@ -1,0 +1,267 @@
+"""Reports: plots and summaries of real run directories, the timeline chart, and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.image import imread
+from rich.console import Console
+
+from sm_dist.plots import (
+    BACKWARD_COLOUR,
+    FILL_COLOUR,
+    FORWARD_COLOUR,
+    IDLE_COLOUR,
+    UPDATE_COLOUR,
+    default_timeline_iteration,
+    events_from_trace,
+    plot_timeline,
+)
+from sm_dist.report import (
+    ReportError,
+    RunData,
+    load_run,
+    load_runs,
+    report_main,
+    summarize,
+    summary_table,
+    summary_text,
+    write_report,
+)
+from sm_dist.timeline import TimelineEvent, chrome_trace, iteration_utilisation
+from tests.conftest import run_cli, synthetic_job, write_job
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ITERATIONS = 4
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two finished runs of the same tiny job, trained for real: one process per stage (with a
+    trace) and --single-process (without). Made once: the first takes seconds."""
+    root = tmp_path_factory.mktemp("runs")
+    job = write_job(root / "job.yaml", synthetic_job(
+        optimizer={"name": "sm", "inner_steps": {"min": 2, "max": 20, "fill_bubbles": True}},
+        run={"iterations": ITERATIONS, "eval_every": 2, "threads": 1, "rpc_timeout": 60}))
+    dirs = {"pipeline": root / "pipeline", "single": root / "single"}
+    for kind, extra in (("pipeline", []), ("single", ["--single-process"])):
+        result = run_cli("train", str(job), "--no-live", *extra, "--out", str(dirs[kind]),
+                         cwd=root)
+        assert result.returncode == 0, result.stderr
+    return dirs
+
+
+def raw_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_png(path: Path, min_pixels: int = 200) -> np.ndarray:
+    """The image at `path`, checked to be a real PNG of a readable size."""
+    assert path.stat().st_size > 1000, path
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = imread(path)
+    assert image.shape[0] >= min_pixels and image.shape[1] >= min_pixels, (path, image.shape)
+    return image
+
+
+def colour_pixels(image: np.ndarray, colour: str, tolerance: float = 2 / 255) -> int:
+    """How many pixels of an RGB(A) image in [0, 1] have `colour`."""
+    return int(np.all(np.abs(image[..., :3] - np.array(to_rgb(colour))) <= tolerance,
+                      axis=-1).sum())
+
+
+# ------------------------------------------------------------------------------ real runs
+def test_one_run_report_writes_every_file(run_dirs: dict[str, Path], tmp_path: Path) -> None:
+    run = load_run(run_dirs["pipeline"])
+    assert run.trace is not None and len(run.records) == ITERATIONS
+    written = write_report([run], tmp_path / "report")
+    names = ["loss_vs_iteration.png", "loss_vs_time.png", "accuracy.png", "timeline.png",
+             "summary.json"]
+    assert [p.name for p in written] == names
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(names)
+    for path in written[:-1]:
+        assert_png(path)
+    assert json.loads(written[-1].read_text()) == summarize(run)
+
+
+def test_summary_equals_the_figures_of_metrics_jsonl(run_dirs: dict[str, Path]) -> None:
+    for kind in ("pipeline", "single"):
+        records = raw_records(run_dirs[kind])
+        summary = summarize(load_run(run_dirs[kind]))
+        json.dumps(summary, allow_nan=False)  # plain JSON, as summary.json
+        losses = [r["train_loss"] for r in records]
+        evaluated = [r for r in records if "test_acc" in r]
+        assert summary["name"] == kind and summary["job"] == "tiny"
+        assert summary["optimizer"] == "sm" and summary["stages"] == 3
+        assert summary["iterations"] == ITERATIONS
+        assert summary["final_train_loss"] == losses[-1]
+        assert summary["best_train_loss"] == min(losses)
+        assert summary["best_train_loss_iteration"] == records[losses.index(min(losses))][
+            "iteration"]
+        assert summary["final_train_acc"] == records[-1]["train_acc"]
+        assert summary["final_test_acc"] == evaluated[-1]["test_acc"]
+        assert summary["final_test_iteration"] == ITERATIONS
+        assert summary["best_test_acc"] == max(r["test_acc"] for r in evaluated)
+        assert summary["forward_passes"] == records[-1]["forward_passes"] == ITERATIONS
+        assert summary["backward_passes"] == records[-1]["backward_passes"] == ITERATIONS
+        assert summary["wall_time"] == records[-1]["wall_time"]
+        if kind == "pipeline":
+            bubbles = [r["bubble_fraction"] for r in records]
+            assert summary["mean_bubble_fraction"] == pytest.approx(sum(bubbles) / len(bubbles))
+        else:
+            assert summary["mean_bubble_fraction"] is None
+
+
+def test_two_run_report_draws_both(run_dirs: dict[str, Path], tmp_path: Path) -> None:
+    runs = load_runs([run_dirs["pipeline"], run_dirs["single"]])
+    written = write_report(runs, tmp_path)
+    # Only the multi-process run has a trace, so only it has a timeline.
+    assert sorted(p.name for p in written) == sorted(
+        ["loss_vs_iteration.png", "loss_vs_time.png", "accuracy.png", "timeline-pipeline.png",
+         "summary.json"])
+    summaries = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["name"] for s in summaries] == ["pipeline", "single"]
+    for name in ("loss_vs_iteration.png", "loss_vs_time.png", "accuracy.png"):
+        image = assert_png(tmp_path / name)
+        # One colour per run: matplotlib's first two cycle colours both drawn.
+        assert colour_pixels(image, "C0") > 20 and colour_pixels(image, "C1") > 20, name
+    text = summary_text(runs)
+    assert "pipeline" in text and "single" in text and len(text.splitlines()) == 4
+    assert summary_table(runs).row_count == 2
+
+
+def test_report_main_writes_into_the_run_directory(run_dirs: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    run_dir = shutil.copytree(run_dirs["pipeline"], tmp_path / "run")
+    printed = io.StringIO()
+    assert report_main([str(run_dir)], None, Console(file=printed, width=200)) == 0
+    assert (run_dir / "timeline.png").is_file() and (run_dir / "summary.json").is_file()
+    output = printed.getvalue()
+    assert "final loss" in output and "run" in output  # the plain table: not a terminal
+    assert str(run_dir / "timeline.png") in output
+
+
+def test_same_directory_names_are_told_apart(run_dirs: dict[str, Path], tmp_path: Path) -> None:
+    first = shutil.copytree(run_dirs["single"], tmp_path / "a" / "out")
+    second = shutil.copytree(run_dirs["single"], tmp_path / "b" / "out")
+    assert [run.name for run in load_runs([first, second])] == ["a/out", "b/out"]
+    written = write_report(load_runs([first, second]), tmp_path / "report")
+    assert len(written) == 4  # no traces: three plots and summary.json
+
+
+def test_events_from_trace_reads_back_a_real_trace(run_dirs: dict[str, Path]) -> None:
+    trace = json.loads((run_dirs["pipeline"] / "trace.json").read_text())
+    events = events_from_trace(trace)
+    assert {e.iteration for e in events} == set(range(1, ITERATIONS + 1))
+    assert {e.stage for e in events} == {0, 1, 2}
+    again = chrome_trace(events)
+    actions = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert [e["name"] for e in again["traceEvents"] if e["ph"] == "X"] == [
+        e["name"] for e in actions]
+    assert [e["ts"] for e in again["traceEvents"] if e["ph"] == "X"] == pytest.approx(
+        [e["ts"] for e in actions], abs=1e-3)
+    assert default_timeline_iteration(events) == ITERATIONS - 1
+
+
+# ------------------------------------------------------------------------------ unit checks
+def test_events_from_trace_inverts_chrome_trace() -> None:
+    origin = 1_700_000_000.25  # epoch seconds: the trace keeps times from its first action
+    events = [TimelineEvent(0, 1, "F", 0, origin, origin + 0.002),
+              TimelineEvent(1, 1, "B", 3, origin + 0.003, origin + 0.0045),
+              TimelineEvent(1, 1, "L", None, origin + 0.005, origin + 0.0051),
+              TimelineEvent(1, 1, "W", 9, origin + 0.0051, origin + 0.009, "4 steps"),
+              TimelineEvent(2, 2, "E", 0, origin + 0.01, origin + 0.011)]
+    back = events_from_trace(chrome_trace(events, {0: "node-a"}))
+    assert len(back) == len(events)
+    for got, want in zip(back, events):
+        assert (got.stage, got.iteration, got.kind, got.index, got.detail) == (
+            want.stage, want.iteration, want.kind, want.index, want.detail)
+        assert got.start == pytest.approx(want.start - origin, abs=1e-9)
+        assert got.end == pytest.approx(want.end - origin, abs=1e-9)
+    with pytest.raises(ValueError, match="Q7"):
+        events_from_trace({"traceEvents": [{"name": "Q7", "ph": "X", "tid": 0, "ts": 0,
+                                            "dur": 1, "args": {"iteration": 1}}]})
+
+
+def test_default_timeline_iteration() -> None:
+    def at(iteration: int) -> TimelineEvent:
+        return TimelineEvent(0, iteration, "F", 0, iteration, iteration + 0.5)
+
+    assert default_timeline_iteration([at(1), at(2), at(3), at(4)]) == 3
+    assert default_timeline_iteration([at(5)]) == 5
+    assert default_timeline_iteration([]) is None
+
+
+def test_a_directory_without_metrics_is_refused_by_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    with pytest.raises(ReportError, match="has no metrics.jsonl: is it a run directory") as err:
+        load_run(empty)
+    assert str(empty) in str(err.value)
+    with pytest.raises(ReportError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    assert report_main([str(empty)], None, Console(file=io.StringIO())) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert not any(empty.iterdir())  # nothing written
+
+
+def test_a_cut_short_metrics_line_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("name: cut\noptimizer: {name: adam}\n")
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1, "train_loss": 2.0}\n{"iterat')
+    run = load_run(tmp_path)
+    assert len(run.records) == 1 and summarize(run)["optimizer"] == "adam"
+    (tmp_path / "metrics.jsonl").write_text('{"iterat\n{"iteration": 1, "train_loss": 2.0}\n')
+    with pytest.raises(ReportError, match="line 1 is not JSON"):
+        load_run(tmp_path)
+
+
+def two_stage_events() -> list[TimelineEvent]:
+    """A hand-made GPipe iteration, in ms: stage 0 idles from 2 to 5 (turnaround), stage 1 from
+    0 to 1 (fill); stage 1 fills its update bubble with W until iteration 2 starts at 12."""
+    ms = 1e-3
+    layout = [(0, "F", 0, 0, 1), (0, "F", 1, 1, 2), (0, "B", 1, 5, 7), (0, "B", 0, 7, 9),
+              (0, "L", None, 9, 9.5), (0, "I", 5, 9.5, 11.5), (0, "A", None, 11.5, 12),
+              (1, "F", 0, 1, 2), (1, "F", 1, 2, 3), (1, "B", 1, 3, 5), (1, "B", 0, 5, 7),
+              (1, "L", None, 7, 7.5), (1, "I", 5, 7.5, 9), (1, "W", 20, 9, 13),
+              (1, "A", None, 13, 13.2)]
+    events = [TimelineEvent(s, 1, kind, j, a * ms, b * ms) for s, kind, j, a, b in layout]
+    return events + [TimelineEvent(0, 2, "F", 0, 12 * ms, 13 * ms)]
+
+
+def test_plot_timeline_draws_every_phase(tmp_path: Path) -> None:
+    events = two_stage_events()
+    path = tmp_path / "timeline.png"
+    plot_timeline(events, 1, 2, path, "hand-made")
+    image = assert_png(path)
+    for colour in (FORWARD_COLOUR, BACKWARD_COLOUR, UPDATE_COLOUR, FILL_COLOUR, IDLE_COLOUR):
+        assert colour_pixels(image, colour) > 100, colour
+    # Stage 1's forward row is one lane below stage 0's: the forward colour is in both halves.
+    forward = np.all(np.abs(image[..., :3] - np.array(to_rgb(FORWARD_COLOUR))) <= 2 / 255,
+                     axis=-1)
+    rows = np.nonzero(forward.any(axis=1))[0]
+    assert rows.max() - rows.min() > image.shape[0] / 5
+    utilisation = iteration_utilisation(events, 1, 2)
+    assert utilisation is not None and utilisation.bubble_fraction == pytest.approx(4 / 24)
+
+
+def test_plot_timeline_takes_a_trace_dict(tmp_path: Path) -> None:
+    path = tmp_path / "from-trace.png"
+    plot_timeline(chrome_trace(two_stage_events()), 1, 2, path, "from a trace")
+    assert_png(path)
+    with pytest.raises(ValueError, match="iteration 7"):
+        plot_timeline(two_stage_events(), 7, 2, tmp_path / "none.png", "none")
+
+
+def test_empty_run_data_plots_without_error(tmp_path: Path) -> None:
+    # A run whose losses were all non-finite (written as null) still gets its plots.
+    run = RunData(tmp_path, "diverged", {}, [{"iteration": 1, "train_loss": None,
+                                              "train_acc": None, "wall_time": 0.1}], None)
+    written = write_report([run], tmp_path / "out")
+    assert len(written) == 4 and summarize(run)["best_train_loss"] is None
