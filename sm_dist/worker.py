@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,13 @@ from sm_dist.updates import (
     SurrogateUpdate,
     TorchOptimizerUpdate,
 )
+
+
+def _lowest_priority() -> None:
+    try:  # Linux gives each thread its own nice value; 19 is the lowest priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass  # not available here: fill steps then run at normal priority
 
 
 class InputTimeout(RuntimeError):
@@ -108,6 +117,9 @@ class StageWorker:
         self._held: dict[int, Tensor] = {}  # curvature: batch — gradients held until the end
         self._sends: list[Future] = []
         self._started = 0.0  # when the current action had its input and began computing
+        # Fill steps run on a thread of the lowest CPU priority: where stage processes share
+        # cores (more stages than cores) they take only time no other stage wants.
+        self._filler = ThreadPoolExecutor(1, f"stage{self.rank}-fill", _lowest_priority)
         threading.Thread(target=self._run, name=f"stage{self.rank}-executor", daemon=True).start()
 
     # ------------------------------------------------------------------------ RPC surface
@@ -263,7 +275,7 @@ class StageWorker:
 
         taken = 0
         while taken < limit and not arrived():
-            if self.run_inner_steps(1) == 0:
+            if self._filler.submit(self.run_inner_steps, 1).result() == 0:
                 break  # the solver has converged or stopped
             taken += 1
         return taken
