@@ -88,11 +88,15 @@ class LiveMonitor:
 
     def __init__(self, name: str, iterations: int, num_stages: int,
                  events: list[TimelineEvent], console: Console | None = None,
-                 refresh_per_second: float = 4.0) -> None:
+                 refresh_per_second: float = 2.0) -> None:
         self.name = name
         self.iterations = iterations
         self.num_stages = num_stages
         self.events = events  # the pipeline's own list, appended to as results arrive
+        self._seen = 0  # events already sorted into `recent`
+        # Each stage's events of its last two reported iterations: all stage_phase needs,
+        # so a redraw costs the same in the thousandth iteration as in the first.
+        self.recent: dict[int, list[TimelineEvent]] = {s: [] for s in range(num_stages)}
         self.console = console or Console()
         self.latest: Record = {}
         self.finished: Record = {}  # the last record with utilisation (one iteration behind)
@@ -150,17 +154,26 @@ class LiveMonitor:
         table.add_row(*(row or ["waiting for the first iteration"]))
         return table
 
+    def _sort_new_events(self) -> None:
+        new, self._seen = self.events[self._seen:], len(self.events)
+        for event in new:
+            mine = self.recent[event.stage]
+            mine.append(event)
+            if mine[0].iteration < event.iteration - 1:
+                self.recent[event.stage] = [e for e in mine if e.iteration >= event.iteration - 1]
+
     def _stages(self, latest: Record, finished: Record) -> Table:
         table = Table(box=None, pad_edge=False, header_style="bold")
         for column in ("stage", "phase", "inner steps", "local loss", "curvature sent", "busy"):
             table.add_column(column, justify="left" if column == "phase" else "right")
         now = time.time()
+        self._sort_new_events()
         for s in range(self.num_stages):
             steps = latest.get("inner_steps", [None] * self.num_stages)[s]
             value = latest.get("local_loss", [None] * self.num_stages)[s]
             curvature = latest.get("curvature", [None] * self.num_stages)[s]
             busy = finished.get("busy_fraction", [None] * self.num_stages)[s]
-            phase = "done" if self.stopped else stage_phase(self.events, s, now)
+            phase = "done" if self.stopped else stage_phase(self.recent[s], s, now)
             table.add_row(str(s), phase if self.events else "-",
                           "-" if steps is None else str(steps),
                           "-" if value is None else f"{value:+.3e}",

@@ -33,8 +33,8 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
         pipeline.restore_checkpoint(states)
         header += f" (resumed after iteration {point.iteration} from {checkpoint})"
     run_dir = RunDirectory(out, job, resume_after=point.last_record if point else None)
-    console = Console()
-    console.print(header, highlight=False, markup=False)
+    console = Console(force_terminal=True) if live else Console()  # --live: even into a file
+    console.print(header, highlight=False, markup=False, soft_wrap=True)
     monitor = (LiveMonitor(job.name, job.run.iterations, pipeline.num_stages, pipeline.events,
                            console) if use_live_monitor(live)
                else PlainMonitor(job.run.iterations))
@@ -71,4 +71,4 @@ def finish(out: Path, console: Console) -> None:
         console.print(summary_table([run]))
     else:
         print(summary_text([run]))
-    console.print(f"results in {out}", highlight=False)
+    console.print(f"results in {out}", highlight=False, soft_wrap=True)

@@ -150,3 +150,50 @@ def test_fashion_mnist_first_loss_is_ln10(tmp_path: Path) -> None:
     assert abs(records[0]["train_loss"] - math.log(10)) < 0.05
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["test_acc"] > 0.3
+
+
+def test_five_mistakes_in_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The user's-view acceptance: a misspelt key, a string for a number, negative
+    microbatches, a balance that does not match the model and an unknown dataset, all reported
+    at once, exit code 2, no run directory."""
+    job = synthetic_job()
+    job["optimizer"] = {"name": "sm", "inner_stepz": 10}
+    job["run"]["iterations"] = "thirty"
+    job["data"]["microbatches"] = -4
+    job["model"]["balance"] = [1, 1]
+    job["data"]["dataset"] = "cifar100"
+    path = write_job(tmp_path / "job.yaml", job)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(path), "--no-live"]) == 2
+    err = capsys.readouterr().err
+    assert "has 5 errors" in err, err
+    for text in ("optimizer.inner_stepz", "did you mean 'optimizer.inner_steps'",
+                 "run.iterations", "data.microbatches", "model.balance", "data.dataset"):
+        assert text in err, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+def test_schedule_prints_the_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schedule", str(REPO / "configs" / "quickstart.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "4 stages, 4 microbatches, sm" in out
+    assert "stage 0: F0 F1 F2 F3 B3 B2 B1 B0 L I10 A" in out
+    assert "stage 3: F0 F1 F2 F3 B3 B2 B1 B0 L I10 W50 A" in out
+    grid = [line for line in out.splitlines() if line.startswith("    ")]
+    assert len(grid) == 4 and "W50" in grid[3] and "W50" not in grid[0]
+
+
+def test_report_command_on_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_job(tmp_path / "job.yaml", synthetic_job())
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "run"]) == 0
+    for name in ("summary.json", "loss_vs_iteration.png", "accuracy.png"):
+        (tmp_path / "run" / name).unlink()
+    capsys.readouterr()
+    assert main(["report", "run"]) == 0
+    assert (tmp_path / "run" / "loss_vs_iteration.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["iterations"] == 3
+    assert main(["report", "nowhere"]) == 2

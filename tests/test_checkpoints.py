@@ -1,0 +1,96 @@
+"""Checkpoints: written per stage with the coordinator's file last; resuming continues exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sm_dist.checkpoints import COORDINATOR_FILE, complete_checkpoints
+from sm_dist.cli import main
+from tests.conftest import run_cli, synthetic_job, write_job
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpointed_job(optimizer: dict[str, Any]) -> dict[str, Any]:
+    return synthetic_job(optimizer=optimizer,
+                         run={"iterations": 5, "checkpoint_every": 2, "keep_last": 2,
+                              "eval_every": 0, "rpc_timeout": 60})
+
+
+@pytest.mark.parametrize("optimizer", [
+    {"name": "sm", "inner_solver": "gd_armijo", "inner_steps": 3},  # carries its step size
+    {"name": "adam", "lr": 0.05},  # carries Adam's moments
+    {"name": "gd_armijo"},  # the coordinator carries the step
+])
+def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  optimizer: dict[str, Any]) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_job(tmp_path / "job.yaml", checkpointed_job(optimizer))
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "a",
+                 "--set", "run.iterations=8"]) == 0
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "b"]) == 0
+    assert [p.name for p in complete_checkpoints(tmp_path / "b")] == ["step-4", "step-5"]
+    assert main(["train", str(path), "--single-process", "--no-live", "--resume", "b",
+                 "--set", "run.iterations=8"]) == 0
+    straight, resumed = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["iteration"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(straight, resumed):
+        assert b["train_loss"] == a["train_loss"], a["iteration"]
+        assert b["forward_passes"] == a["forward_passes"]
+    final_a = torch.load(tmp_path / "a" / "model.pt")["stages"]
+    final_b = torch.load(tmp_path / "b" / "model.pt")["stages"]
+    for sa, sb in zip(final_a, final_b):
+        for name in sa:
+            assert torch.equal(sa[name], sb[name])
+    assert list((tmp_path / "b").glob("metrics.jsonl.before-resume-*"))
+
+
+def test_an_incomplete_checkpoint_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "sm", "inner_steps": 2}))
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "run"]) == 0
+    (tmp_path / "run" / "checkpoints" / "step-5" / COORDINATOR_FILE).unlink()  # a crash
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-4"]
+    capsys.readouterr()
+    assert main(["train", str(path), "--single-process", "--no-live", "--resume", "run"]) == 0
+    assert "resumed after iteration 4" in capsys.readouterr().out
+    assert [r["iteration"] for r in records(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_a_different_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "sm", "inner_steps": 2}))
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "run"]) == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert main(["train", str(path), "--single-process", "--no-live", "--resume", "run",
+                 "--set", "optimizer.delta_rel=0.5"]) == 2
+    assert "optimizer.delta_rel" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert main(["train", str(path), "--single-process", "--resume", "nowhere"]) == 2
+
+
+def test_engine_resumes_a_single_process_checkpoint_identically(tmp_path: Path) -> None:
+    """Checkpoints are the same files either way: the engine continues a run exactly."""
+    path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "sm", "inner_steps": 3}))
+    straight = run_cli("train", str(path), "--single-process", "--out", "a",
+                       "--set", "run.iterations=7", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    first = run_cli("train", str(path), "--single-process", "--out", "b", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resumed = run_cli("train", str(path), "--no-live", "--resume", "b",
+                      "--set", "run.iterations=7", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["iteration"] for r in b] == list(range(1, 8))
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9)
+    assert (tmp_path / "b" / "trace.json").exists()
