@@ -33,6 +33,19 @@ smd_want_help() {  # smd_want_help ARGS...: true when the first argument asks fo
   [[ ${1:-} == "-h" || ${1:-} == "--help" ]]
 }
 
+smd_handle_usage() {  # smd_handle_usage SCRIPT ARGS...: --help exits 0; no JOB.yaml exits 2
+  local script=$1
+  shift
+  if smd_want_help "$@"; then
+    smd_usage "$script"
+    exit 0
+  fi
+  if [[ $# -lt 1 ]]; then
+    smd_usage "$script" >&2
+    smd_die "missing JOB.yaml"
+  fi
+}
+
 smd_check_python() {
   if ! command -v "$PYTHON" >/dev/null 2>&1; then
     smd_die "no Python at '$PYTHON'; run ./launch/setup.sh, or set PYTHON to an interpreter with torch"

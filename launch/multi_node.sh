@@ -37,14 +37,7 @@ set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-if smd_want_help "$@"; then
-  smd_usage "${BASH_SOURCE[0]}"
-  exit 0
-fi
-if [[ $# -lt 1 ]]; then
-  smd_usage "${BASH_SOURCE[0]}" >&2
-  smd_die "missing JOB.yaml"
-fi
+smd_handle_usage "${BASH_SOURCE[0]}" "$@"
 job=$1
 shift
 

@@ -103,6 +103,14 @@ def _to_device(data: Dataset, device: torch.device) -> Dataset:
                    test_x=data.test_x.to(device), test_y=data.test_y.to(device))
 
 
+def _check_out(out: Path, job: JobConfig, resume: bool) -> None:
+    """A new run needs a fresh directory; a resumed one a checkpoint of the same job."""
+    if resume:
+        check_resumable(out, job)
+    else:
+        check_run_dir(out)
+
+
 def run_train(args: argparse.Namespace) -> int:
     from sm_dist.engine import launch_local, run_rank
     from sm_dist.local_pipeline import LocalPipeline
@@ -117,12 +125,12 @@ def run_train(args: argparse.Namespace) -> int:
     if under_launcher():  # a rank of a job started by torchrun or by launch_local below
         out = args.out if args.out is not None else default_run_dir(job)
         if int(os.environ["RANK"]) == 0:
-            check_resumable(out, job) if resume else check_run_dir(out)
+            _check_out(out, job, resume)
         return run_rank(job, out, args.live, resume)
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
     out = args.out if args.out is not None else default_run_dir(job)
-    check_resumable(out, job) if resume else check_run_dir(out)
+    _check_out(out, job, resume)
     device = resolve_device(job)
     # Check everything a rank would trip over before any process starts or anything is written.
     data = load_job_data(job)
