@@ -147,6 +147,11 @@ def summarize(run: RunData) -> dict[str, Any]:
     - `forward_passes`, `backward_passes`: pipeline passes over the batch in all
     - `mean_bubble_fraction`: the pipeline's idle share averaged over iterations (multi-process
       runs only; the first iteration's includes start-up)
+    - `mean_busy_fraction`, `mean_turnaround_idle`, `mean_update_idle`: per stage, averaged
+      over the steady iterations (without the first, which includes start-up, and the last,
+      which has no next input): the share of the iteration the stage computed, was idle
+      between its last forward and first backward, and between its last backward and its
+      next forward (multi-process runs only)
     """
     records, config = run.records, run.config
     balance = _section(config, "model").get("balance")
@@ -179,7 +184,39 @@ def summarize(run: RunData) -> dict[str, Any]:
         "forward_passes": last.get("forward_passes"),
         "backward_passes": last.get("backward_passes"),
         "mean_bubble_fraction": sum(bubbles) / len(bubbles) if bubbles else None,
+        **{f"mean_{key}": _stage_means(records, key)
+           for key in ("busy_fraction", "turnaround_idle", "update_idle")},
     }
+
+
+def _stage_means(records: Sequence[dict[str, Any]], key: str) -> list[float | None] | None:
+    """Per-stage mean of a per-stage list over the steady iterations, None where unmeasured."""
+    steady = records[1:-1] if len(records) > 2 else records
+    rows = [r[key] for r in steady if isinstance(r.get(key), list)]
+    if not rows:
+        return None
+    columns = [[v for v in column if v is not None] for column in zip(*rows)]
+    return [sum(c) / len(c) if c else None for c in columns]
+
+
+def utilisation_text(summary: dict[str, Any]) -> str | None:
+    """The pipeline's busy and idle shares per stage, as printed at the end of a run."""
+    busy = summary.get("mean_busy_fraction")
+    if not busy:
+        return None
+
+    def row(values: list[float | None]) -> str:
+        return " ".join("   -" if v is None else f"{v:4.0%}" for v in values)
+
+    lines = [f"pipeline (means over steady iterations; bubble "
+             f"{summary['mean_bubble_fraction']:.0%}):",
+             f"  stage               {' '.join(f'{s:>4}' for s in range(len(busy)))}",
+             f"  busy                {row(busy)}"]
+    if summary.get("mean_turnaround_idle"):
+        lines.append(f"  idle forward->back  {row(summary['mean_turnaround_idle'])}")
+    if summary.get("mean_update_idle"):
+        lines.append(f"  idle back->forward  {row(summary['mean_update_idle'])}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ tables

@@ -63,7 +63,14 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
 
 def finish(out: Path, console: Console) -> None:
     """summary.json, the plots, and the summary table with the run directory's path."""
-    from sm_dist.report import load_run, summary_table, summary_text, write_report
+    from sm_dist.report import (
+        load_run,
+        summarize,
+        summary_table,
+        summary_text,
+        utilisation_text,
+        write_report,
+    )
 
     run = load_run(out)
     write_report([run], out)
@@ -71,4 +78,7 @@ def finish(out: Path, console: Console) -> None:
         console.print(summary_table([run]))
     else:
         print(summary_text([run]))
+    utilisation = utilisation_text(summarize(run))
+    if utilisation:
+        print(utilisation)
     console.print(f"results in {out}", highlight=False, soft_wrap=True)
