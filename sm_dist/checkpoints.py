@@ -86,6 +86,11 @@ def check_resumable(run_dir: Path, job: JobConfig) -> Path:
     if differ:
         raise CheckpointError(f"the job differs from the one {run_dir} was started with in "
                               f"{', '.join(differ)}; only run.iterations may change on resume")
+    done = torch.load(found[-1] / COORDINATOR_FILE, weights_only=False)["point"].iteration
+    if done >= job.run.iterations:
+        raise CheckpointError(f"{run_dir} has already run {done} iterations (run.iterations is "
+                              f"{job.run.iterations}); to train on, raise it, e.g. "
+                              f"--set run.iterations={done + job.run.iterations}")
     return found[-1]
 
 

@@ -169,7 +169,9 @@ def run_schedule(args: argparse.Namespace) -> int:
     for s, actions in enumerate(schedule):
         print(f"stage {s}: " + " ".join(str(a) for a in actions))
     print()
-    print(render_grid(schedule, iterations=max(1, args.iterations)))
+    # GD+Armijo waits for each iteration's loss before the next: its iterations never overlap.
+    drawn = 1 if job.optimizer.name == "gd_armijo" else max(1, args.iterations)
+    print(render_grid(schedule, iterations=drawn))
     if job.optimizer.name == "gd_armijo":
         print("\nGD+Armijo then runs forward-only trial passes (T) until its line search "
               "accepts a step; they depend on the loss, so iterations do not overlap.")
@@ -186,6 +188,9 @@ def run_report(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # As under `python -m`: a model.factory module in the working directory can be imported.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     commands = {"train": run_train, "validate": run_validate, "schedule": run_schedule,
                 "report": run_report}
     try:

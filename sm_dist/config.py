@@ -50,7 +50,7 @@ class ModelConfig:
 class SyntheticConfig:
     """Shape and seed of the generated classification data used by `dataset: synthetic`."""
     features: int = field(default=20, metadata={"min": 1})
-    classes: int = field(default=10, metadata={"min": 1})
+    classes: int = field(default=10, metadata={"min": 2})
     train_size: int = field(default=512, metadata={"min": 1})
     test_size: int = field(default=256, metadata={"min": 1})
     seed: int = 0
@@ -123,7 +123,7 @@ class RunConfig:
     keep_last: int = field(default=2, metadata={"min": 0})  # 0 keeps every checkpoint
     threads: int = field(default=0, metadata={"min": 0})  # torch threads/process; 0 = default
     # Seconds an RPC, or a stage waiting for its input, may take before the job is failed.
-    rpc_timeout: float = field(default=120.0, metadata={"gt": 0})
+    rpc_timeout: float = field(default=300.0, metadata={"gt": 0})
     worker_threads: int = field(default=16, metadata={"min": 4})  # RPC threads per stage process
     # TensorPipe's transport between processes: uv (TCP), or shm on one machine, whose reactor
     # thread spins a CPU core per process (a loss when processes outnumber the cores).
@@ -483,7 +483,8 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
         if isinstance(steps, InnerStepsConfig) and steps.max < steps.min:
             errors.append(f"optimizer.inner_steps.max: max {steps.max} is below min {steps.min}; "
                           f"set max >= min")
-        if optimizer.rho > 0 and optimizer.inner_solver != "gd_armijo":
+        sm = optimizer.name == "sm"
+        if sm and optimizer.rho > 0 and optimizer.inner_solver != "gd_armijo":
             errors.append(f"optimizer.rho: rho = {optimizer.rho} needs inner_solver: gd_armijo "
                           "(CG minimises only a quadratic); set optimizer.inner_solver: "
                           "gd_armijo or optimizer.rho: 0")

@@ -34,6 +34,7 @@ def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
                  extra_args: Sequence[str] = ()) -> int:
     """Start one process per stage on this machine through torch's launcher API (the code path
     torchrun uses), each running `sm-dist train` as its rank; returns the job's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -48,6 +49,10 @@ def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
         args += ["--set", override]
     try:
         elastic_launch(config, sys.executable)(*args)
+    except SignalException as err:  # the launcher has stopped the stage processes
+        print(f"sm-dist: error: stopped by {err.sigval.name}; the run directory keeps every "
+              "finished iteration", file=sys.stderr)
+        return EXIT_RUNTIME
     except ChildFailedError as err:
         for rank, failure in sorted(err.failures.items()):
             how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0

@@ -30,8 +30,6 @@ def format_record(record: Record, iterations: int) -> str:
         parts.append(f"step {record['step_size']:.3g} ({record['line_search_trials']} trials)")
     if "test_acc" in record:
         parts.append(f"test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.3f}")
-    if "bubble_fraction" in record:
-        parts.append(f"bubble {record['bubble_fraction']:.0%}")
     parts.append(f"{record['wall_time']:.1f}s")
     return "  ".join(parts)
 

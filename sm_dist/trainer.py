@@ -78,7 +78,9 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
         last = iteration == run.iterations
         evaluate = last or bool(run.eval_every and iteration % run.eval_every == 0)
         return IterationRequest(
-            iteration, split_microbatches(x, y, job.data.microbatches), len(x), same_batch,
+            # An epoch's last minibatch may hold fewer samples than there are microbatches.
+            iteration, split_microbatches(x, y, min(job.data.microbatches, len(x))), len(x),
+            same_batch,
             update_phase(opt, last),
             (data.test_x, data.test_y) if evaluate and armijo is None else None, last)
 

@@ -94,3 +94,14 @@ def test_engine_resumes_a_single_process_checkpoint_identically(tmp_path: Path) 
     for ra, rb in zip(a, b):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9)
     assert (tmp_path / "b" / "trace.json").exists()
+
+
+def test_resume_needs_more_iterations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "sm", "inner_steps": 2}))
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "run"]) == 0
+    model = (tmp_path / "run" / "model.pt").read_bytes()
+    assert main(["train", str(path), "--single-process", "--resume", "run"]) == 2
+    assert "has already run 5 iterations" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model.pt").read_bytes() == model

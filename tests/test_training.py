@@ -101,3 +101,11 @@ def test_paper_job_single_process_acceptance(tmp_path: Path) -> None:
         finals[name] = records[-1]["train_loss"]
     assert finals["sm"] < 0.6
     assert finals["gd_armijo"] > finals["sm"]
+
+
+def test_a_short_last_minibatch_gets_fewer_microbatches() -> None:
+    """24 samples in batches of 7: each epoch ends with 3 samples, fewer than 4 microbatches."""
+    records = run_tiny(data={"batch": 7, "microbatches": 4},
+                       run={"iterations": 8, "eval_every": 0})
+    assert [r["iteration"] for r in records] == list(range(1, 9))
+    assert all(math.isfinite(r["train_loss"]) for r in records)
