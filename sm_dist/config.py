@@ -83,7 +83,8 @@ class InnerStepsConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     """The outer optimizer and, for Surrogate Minimization, its inner solver and trust region."""
-    name: str = field(default="sm", metadata={"choices": ("sm", "gd", "gd_armijo", "sgd", "adam")})
+    name: str = field(default="sm", metadata={
+        "choices": ("sm", "gd", "gd_armijo", "sgd", "adam", "ddg")})
     inner_solver: str = field(default="cg", metadata={"choices": ("cg", "gd_armijo")})
     # A fixed count (bit-reproducible), or {min, max, fill_bubbles} to fill the idle time.
     inner_steps: int | InnerStepsConfig = field(default=20, metadata={"min": 1})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,7 @@ class TorchOptimizerUpdate:
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
                 stage.params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
                 weight_decay=cfg.weight_decay)
-        elif cfg.name == "sgd":
+        elif cfg.name in ("sgd", "ddg"):
             self.optimizer = torch.optim.SGD(stage.params, lr=cfg.lr, momentum=cfg.momentum,
                                              weight_decay=cfg.weight_decay)
         else:  # gd: the paper's constant-step baseline
@@ -120,6 +121,34 @@ class TorchOptimizerUpdate:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
+
+
+class DelayedGradientUpdate(TorchOptimizerUpdate):
+    """DDG (Huo et al. 2018): stage s of p (counting from 1) steps with the gradient it computed
+    p − s iterations ago, as when each stage's error signal arrives that much later; a stage
+    takes no step until it has a gradient that old. SGD with lr, momentum, weight_decay."""
+
+    def __init__(self, cfg: OptimizerConfig, stage: PipelineStage) -> None:
+        super().__init__(cfg, stage)
+        self.params = stage.params
+        self.delay = stage.num_stages - 1 - stage.index
+        self.history: deque[list[Tensor]] = deque()
+
+    def step(self) -> None:
+        self.history.append([p.grad.detach().clone() for p in self.params])
+        if len(self.history) <= self.delay:
+            return
+        for p, delayed in zip(self.params, self.history.popleft()):
+            p.grad = delayed
+        self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        device = self.params[0].device
+        self.history = deque([g.to(device) for g in grads] for grads in state["history"])
 
 
 class ArmijoTrialUpdate:
@@ -161,6 +190,8 @@ UpdateRule = SurrogateUpdate | TorchOptimizerUpdate | ArmijoTrialUpdate
 def make_update_rule(cfg: OptimizerConfig, stage: PipelineStage) -> UpdateRule:
     if cfg.name == "sm":
         return SurrogateUpdate(cfg, stage)
+    if cfg.name == "ddg":
+        return DelayedGradientUpdate(cfg, stage)
     if cfg.name in ("gd", "sgd", "adam"):
         return TorchOptimizerUpdate(cfg, stage)
     if cfg.name == "gd_armijo":

@@ -28,6 +28,7 @@ def checkpointed_job(optimizer: dict[str, Any]) -> dict[str, Any]:
     {"name": "sm", "inner_solver": "gd_armijo", "inner_steps": 3},  # carries its step size
     {"name": "adam", "lr": 0.05},  # carries Adam's moments
     {"name": "gd_armijo"},  # the coordinator carries the step
+    {"name": "ddg", "lr": 0.3},  # carries each stage's delayed gradients
 ])
 def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   optimizer: dict[str, Any]) -> None:

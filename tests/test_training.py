@@ -33,6 +33,7 @@ def run_tiny(**sections) -> list[dict]:
     {"name": "gd", "lr": 0.5},
     {"name": "sgd", "lr": 0.2, "momentum": 0.9},
     {"name": "adam", "lr": 0.01},
+    {"name": "ddg", "lr": 0.3},
 ])
 def test_every_optimizer_lowers_the_loss(optimizer: dict) -> None:
     records = run_tiny(optimizer=optimizer, run={"iterations": 6, "eval_every": 0})
@@ -109,3 +110,44 @@ def test_a_short_last_minibatch_gets_fewer_microbatches() -> None:
                        run={"iterations": 8, "eval_every": 0})
     assert [r["iteration"] for r in records] == list(range(1, 9))
     assert all(math.isfinite(r["train_loss"]) for r in records)
+
+
+def test_ddg_steps_each_stage_with_its_delayed_gradient() -> None:
+    """DDG iterate for iterate against a direct computation: stage s of p (from 1) applies
+    the whole network's gradient from p − s iterations ago (none before it has one)."""
+    lr, iterations = 0.3, 6
+    job = job_from_dict(synthetic_job(optimizer={"name": "ddg", "lr": lr},
+                                      run={"iterations": iterations, "eval_every": 0}))
+    data = load_job_data(job)
+    pipeline = build_local_pipeline(job, torch.device("cpu"))
+    reference = [[p.detach().clone() for p in stage.params] for stage in pipeline.stages]
+    train(job, pipeline, data, lambda r: None)
+
+    from sm_dist.job import build_stage_modules
+    modules = build_stage_modules(job)  # the same initialisation, stepped by hand
+    params = [list(m.parameters()) for m in modules]
+    for stage_params, start in zip(params, reference):
+        for p, p0 in zip(stage_params, start):
+            assert torch.equal(p.detach(), p0)
+    p_count = len(modules)
+    history: list[list[list[Tensor]]] = []
+    for _ in range(iterations):
+        x = data.train_x
+        for module in modules:
+            x = module(x)
+        loss = torch.nn.functional.cross_entropy(x, data.train_y)
+        grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
+        offsets = [0]
+        for ps in params:
+            offsets.append(offsets[-1] + len(ps))
+        history.append([list(grads[offsets[s]:offsets[s + 1]]) for s in range(p_count)])
+        t = len(history) - 1
+        with torch.no_grad():
+            for s, ps in enumerate(params):
+                delay = p_count - 1 - s
+                if t - delay >= 0:
+                    for p, g in zip(ps, history[t - delay][s]):
+                        p -= lr * g
+    for stage, ps in zip(pipeline.stages, params):
+        for mine, theirs in zip(stage.params, ps):
+            torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-10, atol=1e-12)
