@@ -53,11 +53,19 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert list((tmp_path / "b").glob("metrics.jsonl.before-resume-*"))
 
 
-def test_an_incomplete_checkpoint_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A 5-iteration single-process run in tmp_path/run, checkpointed at 4 and 5; its job file
+    is tmp_path/job.yaml and the working directory tmp_path."""
     monkeypatch.chdir(tmp_path)
     path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "sm", "inner_steps": 2}))
     assert main(["train", str(path), "--single-process", "--no-live", "--out", "run"]) == 0
+    return path
+
+
+def test_an_incomplete_checkpoint_is_not_used(tmp_path: Path, finished_run: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = finished_run
     (tmp_path / "run" / "checkpoints" / "step-5" / COORDINATOR_FILE).unlink()  # a crash
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-4"]
     capsys.readouterr()
@@ -66,11 +74,9 @@ def test_an_incomplete_checkpoint_is_not_used(tmp_path: Path, monkeypatch: pytes
     assert [r["iteration"] for r in records(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
-def test_resume_refuses_a_different_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_resume_refuses_a_different_job(tmp_path: Path, finished_run: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.chdir(tmp_path)
-    path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "sm", "inner_steps": 2}))
-    assert main(["train", str(path), "--single-process", "--no-live", "--out", "run"]) == 0
+    path = finished_run
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert main(["train", str(path), "--single-process", "--no-live", "--resume", "run",
                  "--set", "optimizer.delta_rel=0.5"]) == 2
@@ -97,11 +103,9 @@ def test_engine_resumes_a_single_process_checkpoint_identically(tmp_path: Path) 
     assert (tmp_path / "b" / "trace.json").exists()
 
 
-def test_resume_needs_more_iterations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_resume_needs_more_iterations(tmp_path: Path, finished_run: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.chdir(tmp_path)
-    path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "sm", "inner_steps": 2}))
-    assert main(["train", str(path), "--single-process", "--no-live", "--out", "run"]) == 0
+    path = finished_run
     model = (tmp_path / "run" / "model.pt").read_bytes()
     assert main(["train", str(path), "--single-process", "--resume", "run"]) == 2
     assert "has already run 5 iterations" in capsys.readouterr().err
