@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import math
 import os
-import re
-import types
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field
-from functools import cache
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
+
+from sm_dist.schema import convert, describe_value, plural
 
 # A run name becomes a directory name, so no separators and not "." or "..".
 NAME_PATTERN = r"(?!\.+$)[A-Za-z0-9._-]+"
@@ -154,7 +151,7 @@ class ConfigError(Exception):
         self.source = source
 
     def __str__(self) -> str:
-        lines = [f"job {self.source} has {_plural(len(self.errors), 'error')}:"]
+        lines = [f"job {self.source} has {plural(len(self.errors), 'error')}:"]
         return "\n".join(lines + [f"  - {error}" for error in self.errors])
 
 
@@ -188,13 +185,13 @@ def job_from_dict(
     if raw is None:  # an empty YAML file; the missing-key errors below say what to add
         raw = {}
     if not isinstance(raw, Mapping):
-        error = (f"(top level): expected a mapping of sections, got {_describe_value(raw)}; "
+        error = (f"(top level): expected a mapping of sections, got {describe_value(raw)}; "
                  "start the file with keys such as name:, model:, data:")
         raise ConfigError([error], source)
     errors: list[str] = []
     raw = _apply_overrides(raw, overrides, errors)
     built: dict[str, Any] = {}  # dotted section path -> section built without field errors
-    job = _convert(JobConfig, raw, "", errors, built)
+    job = convert(JobConfig, raw, "", errors, built, JobConfig)
     _cross_checks(built, errors)
     if errors:
         raise ConfigError(errors, source)
@@ -244,207 +241,12 @@ def _apply_overrides(
             if not isinstance(node[part], dict):
                 section = ".".join(parts[: depth + 1])
                 errors.append(f"override {override!r}: {section} is "
-                              f"{_describe_value(node[part])}, not a section; set {section} itself")
+                              f"{describe_value(node[part])}, not a section; set {section} itself")
                 break
             node = node[part]
         else:
             node[parts[-1]] = value
     return result
-
-
-_INVALID = object()  # marks a value that failed conversion (its error is already recorded)
-_UNION_ORIGINS = (Union, types.UnionType)
-# Per scalar type: how to name it, its plural, and an example value for "how to fix" hints.
-_TYPE_WORDS = {bool: ("true or false", "booleans", "true"), int: ("an integer", "integers", "10"),
-               float: ("a number", "numbers", "0.1"), str: ("a string", "strings", "'text'")}
-# PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; accept that spelling for float fields.
-_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-_PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _convert(tp: Any, value: Any, key: str, errors: list[str], built: dict[str, Any]) -> Any:
-    """Convert one raw value to type `tp`, recording errors; returns _INVALID on failure."""
-    origin, args = get_origin(tp), get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if value is None:  # an empty YAML section (`optimizer:`) means "all defaults"
-            value = {}
-        if isinstance(value, Mapping):
-            return _convert_section(tp, value, key, errors, built)
-    elif origin in _UNION_ORIGINS:
-        members = [arg for arg in args if arg is not type(None)]
-        if value is None and len(members) < len(args):
-            return None
-        if len(members) == 1:
-            return _convert(members[0], value, key, errors, built)
-        sections = [m for m in members if dataclasses.is_dataclass(m)]
-        if sections and isinstance(value, Mapping):  # a mapping can only mean the section
-            return _convert(sections[0], value, key, errors, built)
-        for member in members:  # first member that accepts the value wins
-            converted = _convert(member, value, key, [], built)
-            if converted is not _INVALID:
-                return converted
-    elif origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            items = [_convert(args[0], item, f"{key}[{index}]", errors, built)
-                     for index, item in enumerate(value)]
-            return _INVALID if any(item is _INVALID for item in items) else items
-    elif tp is float:
-        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
-            value = float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isfinite(value):
-                return float(value)
-            errors.append(f"{key}: expected a finite number, got {value}; write e.g. 0.1")
-            return _INVALID
-    elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value  # bool is an int subclass in Python, but never a valid count
-    return _type_error(tp, value, key, errors)
-
-
-def _convert_section(
-    cls: type, raw: Mapping[Any, Any], prefix: str, errors: list[str], built: dict[str, Any]
-) -> Any:
-    specs, hints = {spec.name: spec for spec in dataclasses.fields(cls)}, get_type_hints(cls)
-    errors.extend(_unknown_key_error(cls, prefix, str(k)) for k in raw if str(k) not in specs)
-    values: dict[str, Any] = {}
-    complete = True
-    for name, spec in specs.items():
-        key = _join(prefix, name)
-        if name not in raw:
-            if spec.default is MISSING and spec.default_factory is MISSING:
-                errors.append(_missing_error(hints[name], spec.metadata, key))
-                complete = False
-            continue  # the dataclass default applies
-        value = _convert(hints[name], raw[name], key, errors, built)
-        if value is _INVALID or not _check_rules(value, spec.metadata, key, errors):
-            complete = False
-        else:
-            values[name] = value
-    if not complete:
-        return _INVALID
-    section = cls(**values)
-    built[prefix] = section
-    for name in specs:  # sections left at their defaults still take part in cross-field checks
-        if dataclasses.is_dataclass(nested := getattr(section, name)):
-            built.setdefault(_join(prefix, name), nested)
-    return section
-
-
-def _check_rules(value: Any, rules: Mapping[str, Any], key: str, errors: list[str]) -> bool:
-    """Check a converted value against its field's metadata rules; True when it passes."""
-    count_before = len(errors)
-    if isinstance(value, list):
-        if len(value) < rules.get("min_len", 0):
-            errors.append(f"{key}: needs at least {_plural(rules['min_len'], 'entry')}, "
-                          f"got {len(value)}; add entries")
-        if len(value) != rules.get("length", len(value)):
-            errors.append(f"{key}: needs exactly {_plural(rules['length'], 'entry')}, "
-                          f"got {len(value)}; give {rules['length']} values")
-        for index, item in enumerate(value):  # the other rules apply to every item
-            _check_rules(item, rules, f"{key}[{index}]", errors)
-    elif isinstance(value, str):
-        choices = rules.get("choices")
-        if choices is not None and value not in choices:
-            close = difflib.get_close_matches(value, choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            errors.append(f"{key}: unknown value {value!r}; "
-                          f"choose one of {', '.join(choices)}{hint}")
-        if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
-            errors.append(f"{key}: {value!r} {rules.get('pattern_hint', 'has the wrong form')}")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        for rule, symbol, holds in (("min", ">=", float.__ge__), ("gt", ">", float.__gt__),
-                                    ("max", "<=", float.__le__), ("lt", "<", float.__lt__)):
-            if rule in rules and not holds(float(value), float(rules[rule])):
-                errors.append(f"{key}: must be {symbol} {rules[rule]}, got {value}; "
-                              f"use a value {symbol} {rules[rule]}")
-    return len(errors) == count_before
-
-
-def _plural(count: int, word: str) -> str:
-    if count == 1:
-        return f"1 {word}"
-    return f"{count} {word[:-1]}ies" if word.endswith("y") else f"{count} {word}s"
-
-
-def _describe_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, (int, float)):
-        return f"the {'integer' if isinstance(value, int) else 'number'} {value}"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, (list, tuple)):
-        return f"a list of {_plural(len(value), 'entry')}"
-    return "a mapping" if isinstance(value, Mapping) else f"a {type(value).__name__}"
-
-
-def _describe_type(tp: Any) -> tuple[str, str]:
-    """How to name type `tp` in a message, and an example value of it."""
-    origin, args = get_origin(tp), [arg for arg in get_args(tp) if arg is not type(None)]
-    if origin in _UNION_ORIGINS:
-        described = [_describe_type(arg) for arg in args]
-        return " or ".join(words for words, _ in described), described[0][1]
-    if origin is Literal:
-        return " or ".join(map(repr, args)), repr(args[0])
-    if origin is list:
-        _, plural, example = _TYPE_WORDS[args[0]]
-        return f"a list of {plural}", f"[{example}, {example}]"
-    if dataclasses.is_dataclass(tp):
-        return "a section (a mapping of keys)", "{}"
-    return _TYPE_WORDS[tp][0], _TYPE_WORDS[tp][2]
-
-
-def _type_error(tp: Any, value: Any, key: str, errors: list[str]) -> object:
-    wanted, example = _describe_type(tp)
-    if isinstance(value, str) and _PLAIN_NUMBER.fullmatch(value.strip()) and tp is not str:
-        fix = "remove the quotes around the number"
-    elif dataclasses.is_dataclass(tp):
-        fix = "write it as indented `key: value` lines"
-    else:
-        fix = f"write {wanted}, e.g. {example}"
-    errors.append(f"{key}: expected {wanted}, got {_describe_value(value)}; {fix}")
-    return _INVALID
-
-
-def _missing_error(tp: Any, rules: Mapping[str, Any], key: str) -> str:
-    leaf = key.rsplit(".", 1)[-1]
-    if dataclasses.is_dataclass(tp):
-        return f"{key}: missing required section; add a `{leaf}:` block"
-    example = rules.get("example") or (rules["choices"][0] if "choices" in rules else "...")
-    return f"{key}: missing required key; add it, e.g. {leaf}: {example}"
-
-
-@cache
-def _schema_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
-    """Every dotted key of the schema below `cls`, sections included."""
-    keys: list[str] = []
-    for name, tp in get_type_hints(cls).items():
-        keys.append(key := _join(prefix, name))
-        section = next((arg for arg in (tp, *get_args(tp)) if dataclasses.is_dataclass(arg)), None)
-        keys.extend(_schema_keys(section, key) if section is not None else ())
-    return tuple(keys)
-
-
-def _unknown_key_error(cls: type, prefix: str, name: str) -> str:
-    key, valid = _join(prefix, name), [spec.name for spec in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(name, valid, n=1)
-    # A right key name in the wrong section (e.g. `lr` at the top level) is a likely slip too.
-    elsewhere = [other for other in _schema_keys(JobConfig) if other.rsplit(".", 1)[-1] == name]
-    if close or elsewhere:
-        suggestion = _join(prefix, close[0]) if close else elsewhere[0]
-        hint = f"did you mean {suggestion!r}?"
-    else:
-        hint = f"valid keys {f'in {prefix}' if prefix else 'at the top level'}: {', '.join(valid)}"
-    return f"{key}: unknown key {key!r}; {hint}"
 
 
 def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
@@ -458,11 +260,11 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
         layers, balance = num_layers(model), model.balance
         if layers is not None and sum(balance) != layers:
             errors.append(f"model.balance: balance {balance} covers "
-                          f"{_plural(sum(balance), 'layer')} but model.mlp.widths defines "
+                          f"{plural(sum(balance), 'layer')} but model.mlp.widths defines "
                           f"{layers}; make the entries sum to {layers}")
         if layers is not None and len(balance) > layers:
-            errors.append(f"model.balance: {_plural(len(balance), 'stage')} but the model has "
-                          f"only {_plural(layers, 'layer')}; use at most {layers} stages")
+            errors.append(f"model.balance: {plural(len(balance), 'stage')} but the model has "
+                          f"only {plural(layers, 'layer')}; use at most {layers} stages")
     if isinstance(data, DataConfig):
         if isinstance(data.batch, int):
             sizes = {"data.batch": data.batch}
