@@ -84,10 +84,18 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
             update_phase(opt, last),
             (data.test_x, data.test_y) if evaluate and armijo is None else None, last)
 
+    recent = 0  # index of the first event of iteration t − 1 or later in pipeline.events
+
     def flush(record: Record | None) -> None:
+        nonlocal recent
         if record is None:
             return
-        add_utilisation(record, pipeline.events, pipeline.num_stages)
+        # Only iterations t − 1 .. t + 1 can overlap iteration t's window; events arrive in
+        # iteration order, so skipping older ones keeps this cost flat over a long run.
+        events, t = pipeline.events, record["iteration"]
+        while recent < len(events) and events[recent].iteration < t - 1:
+            recent += 1
+        add_utilisation(record, events[recent:], pipeline.num_stages)
         records.append(record)
         on_record(record)
 
