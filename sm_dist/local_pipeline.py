@@ -100,9 +100,7 @@ class LocalPipeline:
 
     def end_trial(self, iteration: int, accept: bool) -> None:
         for stage in self.stages:
-            assert isinstance(stage.update, ArmijoTrialUpdate)
-            stage.update.end_trial(accept)
-        self.end_iteration()
+            stage.end_trial(accept)
 
     def end_iteration(self) -> None:
         for stage in self.stages:
@@ -127,16 +125,9 @@ class LocalPipeline:
     def state_dicts(self) -> list[dict[str, Tensor]]:
         return [stage.state_dict() for stage in self.stages]
 
-    def load_state_dicts(self, states: list[dict[str, Tensor]]) -> None:
-        for stage, state in zip(self.stages, states, strict=True):
-            stage.load_state_dict(state)
-
     def checkpoint(self) -> Done:
         return Done([stage.checkpoint_state() for stage in self.stages])
 
     def restore_checkpoint(self, states: list[dict[str, Any]]) -> None:
         for stage, state in zip(self.stages, states, strict=True):
             stage.restore_checkpoint(state)
-
-    def close(self) -> None:
-        pass

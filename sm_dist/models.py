@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -112,27 +112,3 @@ def init_model(
 def num_params(module: nn.Module) -> int:
     """Total number of scalar parameters."""
     return sum(p.numel() for p in module.parameters())
-
-
-def flat_params(module: nn.Module) -> Tensor:
-    """All parameters concatenated into one detached vector, in `parameters()` order."""
-    params = [p.detach().reshape(-1) for p in module.parameters()]
-    if not params:
-        return torch.empty(0)
-    return torch.cat(params)
-
-
-def set_flat_params(module: nn.Module, vec: Tensor) -> None:
-    """Copy a flat vector into the existing parameters in place (the inverse of flat_params)."""
-    total = num_params(module)
-    if vec.dim() != 1 or vec.numel() != total:
-        raise ValueError(
-            f"flat parameter vector has shape {tuple(vec.shape)} but the module has "
-            f"{total} parameters: pass a 1-D vector of length {total}"
-        )
-    offset = 0
-    with torch.no_grad():
-        for p in module.parameters():
-            n = p.numel()
-            p.copy_(vec[offset : offset + n].reshape(p.shape))
-            offset += n

@@ -45,7 +45,9 @@ class PendingRpcIteration:
 
 
 @dataclass
-class PendingStates:
+class PendingCommand:
+    """A command sent to every stage; `wait` gives its values in stage order."""
+
     pipeline: RpcPipeline
     futures: dict[int, Future]
 
@@ -103,16 +105,16 @@ class RpcPipeline:
                                    same_batch=request.same_batch)
         return PendingRpcIteration(self, futures, request.n)
 
-    def _everywhere(self, iteration: int, per_stage_args: list[tuple] | None = None,
-                    **options: Any) -> dict[int, PlanResult]:
-        """A plan without actions on every stage (a command, or a GD+Armijo trial's end)."""
+    def _command(self, command: str | None, per_stage_args: list[tuple] | None = None,
+                 **options: Any) -> PendingCommand:
+        """A plan without actions on every stage: a stage method to call (or a GD+Armijo
+        trial's end), run after everything sent before it; does not wait."""
         schedule: Schedule = [[] for _ in range(self.num_stages)]
-        return self.results(self._send_plans(iteration, schedule, {}, per_stage_args,
-                                             **options))
+        return PendingCommand(self, self._send_plans(-1, schedule, {}, per_stage_args,
+                                                    command=command, **options))
 
     def grad_sq_norm(self) -> float:
-        results = self._everywhere(-1, command="grad_sq_norm")
-        return sum(results[s].value for s in range(self.num_stages))
+        return sum(self._command("grad_sq_norm").wait())
 
     def _forward_only(self, iteration: int, kind: str, chunks: Microbatches,
                       **options: Any) -> tuple[float, int]:
@@ -129,27 +131,17 @@ class RpcPipeline:
         return BatchResult(loss_sum / n, correct, n)
 
     def end_trial(self, iteration: int, accept: bool) -> None:
-        self._everywhere(iteration, end_trial=accept)
+        self._command(None, end_trial=accept).wait()
 
     def evaluate(self, iteration: int, x: Tensor, y: Tensor) -> tuple[float, int]:
         return self._forward_only(iteration, "E", eval_chunks(x, y))
 
     def state_dicts(self) -> list[dict[str, Tensor]]:
-        results = self._everywhere(-1, command="state_dict")
-        return [results[s].value for s in range(self.num_stages)]
+        return self._command("state_dict").wait()
 
-    def load_state_dicts(self, states: list[dict[str, Tensor]]) -> None:
-        self._everywhere(-1, [(state,) for state in states], command="load_state_dict")
-
-    def checkpoint(self) -> PendingStates:
+    def checkpoint(self) -> PendingCommand:
         """Every stage's checkpoint state after the plans sent so far (does not wait)."""
-        schedule: Schedule = [[] for _ in range(self.num_stages)]
-        return PendingStates(self, self._send_plans(-1, schedule, {},
-                                                    command="checkpoint_state"))
+        return self._command("checkpoint_state")
 
     def restore_checkpoint(self, states: list[dict[str, Any]]) -> None:
-        self._everywhere(-1, [(state,) for state in states], command="restore_checkpoint")
-
-    def close(self) -> None:
-        pass
-
+        self._command("restore_checkpoint", [(state,) for state in states]).wait()

@@ -17,7 +17,7 @@ from sm_dist.math.curvature import (
 )
 from sm_dist.math.losses import LossSpec, top_of_pipeline
 from sm_dist.math.stage_function import StageFunction, trainable_parameters
-from sm_dist.updates import StageUpdateReport, make_update_rule
+from sm_dist.updates import ArmijoTrialUpdate, StageUpdateReport, make_update_rule
 
 # Optimizers whose backward carries curvature down (spec §2) and builds Ψ for the update phase.
 CURVATURE_OPTIMIZERS = frozenset({"sm"})
@@ -185,9 +185,15 @@ class PipelineStage:
         for p in self.params:
             p.grad = None
 
+    def end_trial(self, accept: bool) -> None:
+        """GD+Armijo: keep the last trial step or go back to θ_t; then the iteration is over."""
+        assert isinstance(self.update, ArmijoTrialUpdate)
+        self.update.end_trial(accept)
+        self.end_iteration()
+
     def state_dict(self) -> dict[str, Tensor]:
         """This stage's parameters and buffers, on the CPU."""
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        return to_cpu(self.module.state_dict())
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.module.load_state_dict(state)
@@ -195,7 +201,7 @@ class PipelineStage:
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to continue exactly: parameters, optimizer state, warm starts."""
         return {"module": self.state_dict(), "update": to_cpu(self.update.state_dict()),
-                "power_vectors": {j: v.cpu() for j, v in self.power_vectors.items()},
+                "power_vectors": to_cpu(self.power_vectors),
                 "generator": self.generator.get_state()}
 
     def restore_checkpoint(self, state: dict[str, Any]) -> None:

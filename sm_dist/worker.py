@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.futures import Future
 
 from sm_dist.math.losses import evaluate_loss
+from sm_dist.models import num_params
 from sm_dist.schedule import FORWARD_KINDS, Action
 from sm_dist.stage import PipelineStage
 from sm_dist.timeline import TimelineEvent
@@ -124,9 +125,9 @@ class StageWorker:
 
     # ------------------------------------------------------------------------ RPC surface
     def describe(self) -> dict[str, Any]:
-        params = sum(p.numel() for p in self.stage.params)
         return {"stage": self.stage.index, "host": socket.gethostname(),
-                "device": str(self.transport.device), "parameters": params}
+                "device": str(self.transport.device),
+                "parameters": num_params(self.stage.module)}
 
     def deliver(self, key: Hashable, payload: Any) -> None:
         self.mailbox.put(key, payload)
@@ -144,10 +145,7 @@ class StageWorker:
             with self._queued:
                 self._queued.wait_for(lambda: self._next_plan in self._queue)
                 plan, done = self._queue.pop(self._next_plan)
-            try:
-                done.set_result(self._execute(plan))
-            except Exception as err:
-                done.set_exception(err)
+            done.set_result(self._execute(plan))
             self._next_plan += 1
 
     def _execute(self, plan: Plan) -> PlanResult | RemoteFailure:
@@ -163,9 +161,7 @@ class StageWorker:
             assert isinstance(stage.update, ArmijoTrialUpdate)
             stage.update.set_step(plan.trial_step)
         if plan.end_trial is not None:
-            assert isinstance(stage.update, ArmijoTrialUpdate)
-            stage.update.end_trial(plan.end_trial)
-            stage.end_iteration()
+            stage.end_trial(plan.end_trial)
         for position, action in enumerate(plan.actions):
             self._started = time.time()  # moved on by _input: waiting for a tensor is idle
             detail = self._perform(plan, position, action, result)

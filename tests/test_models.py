@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from sm_dist.math.local_loss import flatten
 from sm_dist.models import (
     build_mlp,
     build_model_from_factory,
     check_samplewise,
-    flat_params,
     init_model,
     num_params,
-    set_flat_params,
     split_stages,
 )
 
@@ -118,26 +117,7 @@ def test_init_model_deterministic() -> None:
     b = init_model(builder, seed=11, dtype=torch.float64)
     c = init_model(builder, seed=12, dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in a.parameters())
-    assert torch.equal(flat_params(a), flat_params(b))
-    assert not torch.equal(flat_params(a), flat_params(c))
+    assert torch.equal(flatten(list(a.parameters())), flatten(list(b.parameters())))
+    assert not torch.equal(flatten(list(a.parameters())), flatten(list(c.parameters())))
     half = init_model(builder, seed=11, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
-
-
-def test_flat_params_round_trip() -> None:
-    model = build_mlp([4, 3, 2])
-    params_before = list(model.parameters())
-    vec = flat_params(model)
-    assert vec.shape == (num_params(model),) and not vec.requires_grad
-    new = torch.arange(vec.numel(), dtype=vec.dtype)
-    set_flat_params(model, new)
-    # Same Parameter objects, new values, in parameters() order.
-    assert all(p is q for p, q in zip(model.parameters(), params_before))
-    assert torch.equal(flat_params(model), new)
-    assert torch.equal(model[0][0].weight.reshape(-1), new[:12])
-    # flat_params is a copy: changing the model afterwards does not change it.
-    set_flat_params(model, vec)
-    assert torch.equal(flat_params(model), vec) and not torch.equal(vec, new)
-    with pytest.raises(ValueError, match=str(num_params(model))):
-        set_flat_params(model, torch.zeros(3))
-    assert flat_params(nn.Sequential(nn.ReLU())).numel() == 0
