@@ -26,7 +26,7 @@ class ResumePoint:
     iteration: int
     stream: dict[str, Any]  # the batch stream after that iteration's batch
     armijo_step: float | None  # GD+Armijo's next first trial step
-    passes: dict[str, int]
+    passes: dict[str, Any]  # cumulative costs (see trainer.add_costs)
     wall_time: float
     last_record: dict[str, Any]  # that iteration's record (for the actual decrease after it)
 

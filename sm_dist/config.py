@@ -79,14 +79,16 @@ class InnerStepsConfig:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    """The outer optimizer and, for Surrogate Minimization, its inner solver and trust region."""
+    """The optimizer: SM with its inner solver and trust region, or a baseline (spec §6)."""
     name: str = field(default="sm", metadata={
-        "choices": ("sm", "gd", "gd_armijo", "sgd", "adam", "ddg")})
+        "choices": ("sm", "gd", "gd_armijo", "sgd", "adam", "ddg", "sso", "cgblock")})
     inner_solver: str = field(default="cg", metadata={"choices": ("cg", "gd_armijo")})
     # A fixed count (bit-reproducible), or {min, max, fill_bubbles} to fill the idle time.
     inner_steps: int | InnerStepsConfig = field(default=20, metadata={"min": 1})
-    # A fixed step for the gd_armijo inner solver; None = Armijo line search.
+    # A fixed step for the gd_armijo inner solver and SSO's inner steps; None = Armijo search.
     inner_lr: float | None = field(default=None, metadata={"gt": 0})
+    # SSO: the surrogate's curvature 1/η = sso_scale · L_loss / n (>= 1 keeps it an upper bound).
+    sso_scale: float = field(default=1.0, metadata={"gt": 0})
     curvature: str = field(
         default="sample", metadata={"choices": ("sample", "microbatch", "batch")})
     delta_rel: float = field(default=0.3, metadata={"min": 0})
@@ -96,6 +98,8 @@ class OptimizerConfig:
     power_iterations: int = field(default=10, metadata={"min": 1})
     power_warm_start: bool = True
     cg_tol: float = field(default=1e-10, metadata={"min": 0})
+    # CGBlock: CG on (H_ss + cgblock_damping·I) d = −g_θ; 0 is the paper's plain block Newton.
+    cgblock_damping: float = field(default=0.0, metadata={"min": 0})
     armijo_c: float = field(default=0.1, metadata={"gt": 0, "lt": 1})
     armijo_beta: float = field(default=0.9, metadata={"gt": 0, "lt": 1})
     armijo_init: float = field(default=1.0, metadata={"gt": 0})
@@ -287,6 +291,10 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
             errors.append(f"optimizer.inner_steps.max: max {steps.max} is below min {steps.min}; "
                           f"set max >= min")
         sm = optimizer.name == "sm"
+        if optimizer.name in ("sso", "cgblock") and isinstance(steps, InnerStepsConfig):
+            errors.append(f"optimizer.inner_steps: {optimizer.name} needs a fixed number of inner "
+                          "steps (its steps are pipeline passes, so there are no bubbles to "
+                          "fill); set e.g. optimizer.inner_steps: 10")
         if sm and optimizer.rho > 0 and optimizer.inner_solver != "gd_armijo":
             errors.append(f"optimizer.rho: rho = {optimizer.rho} needs inner_solver: gd_armijo "
                           "(CG minimises only a quadratic); set optimizer.inner_solver: "

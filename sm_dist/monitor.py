@@ -16,7 +16,8 @@ from sm_dist.timeline import TimelineEvent
 
 Record = dict[str, Any]
 PHASES = {"F": "forward", "E": "evaluate", "T": "trial", "B": "backward", "L": "update",
-          "I": "update", "W": "update (fill)", "A": "update"}
+          "I": "update", "W": "update (fill)", "A": "update", "J": "tangent pass",
+          "H": "tangent pass", "C": "update"}
 
 
 def format_record(record: Record, iterations: int) -> str:

@@ -26,10 +26,11 @@ FORWARD_COLOUR = "#4c72b0"  # F, E, T: inputs travelling up
 BACKWARD_COLOUR = "#dd8452"  # B: gradients travelling down
 UPDATE_COLOUR = "#3a923a"  # L, I, A: the update phase
 FILL_COLOUR = "#a6d9a6"  # W: inner steps that fill a bubble, a lighter shade of the update
+TANGENT_COLOUR = "#8172b3"  # J, H: CGBlock's tangent passes (second-order, both directions)
 IDLE_COLOUR = "#e3e3e3"  # the lane behind the bars: what stays visible is idle time
 KIND_COLOURS = {"F": FORWARD_COLOUR, "E": FORWARD_COLOUR, "T": FORWARD_COLOUR,
                 "B": BACKWARD_COLOUR, "L": UPDATE_COLOUR, "I": UPDATE_COLOUR, "A": UPDATE_COLOUR,
-                "W": FILL_COLOUR}
+                "W": FILL_COLOUR, "J": TANGENT_COLOUR, "H": TANGENT_COLOUR, "C": UPDATE_COLOUR}
 LANE_HEIGHT = 0.8
 
 
@@ -252,9 +253,11 @@ def plot_timeline(events: Sequence[TimelineEvent] | dict[str, Any], iteration: i
 
     legend = [Patch(facecolor=FORWARD_COLOUR, label="forward (F, E, T)"),
               Patch(facecolor=BACKWARD_COLOUR, label="backward (B)"),
-              Patch(facecolor=UPDATE_COLOUR, label="update (L, I, A)"),
+              Patch(facecolor=UPDATE_COLOUR, label="update (L, I, A, C)"),
               Patch(facecolor=FILL_COLOUR, label="fill inner steps (W)"),
               Patch(facecolor=IDLE_COLOUR, label="idle")]
+    if any(event.kind in ("J", "H") for event in events):
+        legend.insert(3, Patch(facecolor=TANGENT_COLOUR, label="tangent pass (J, H)"))
     if other_iterations:
         legend.append(Patch(facecolor="#999999", edgecolor="white", hatch="///",
                             label="another iteration"))

@@ -15,7 +15,7 @@ from sm_dist.pipeline import (
     Microbatches,
     eval_chunks,
 )
-from sm_dist.schedule import Schedule, forward_only_schedule, gpipe_schedule
+from sm_dist.schedule import Schedule, UpdatePhase, forward_only_schedule, gpipe_schedule
 from sm_dist.timeline import TimelineEvent
 from sm_dist.transport import Transport
 from sm_dist.updates import StageUpdateReport
@@ -126,12 +126,24 @@ class RpcPipeline:
         return sum(s[0] for s in ordered), sum(s[1] for s in ordered)
 
     def trial_loss(self, iteration: int, alpha: float, microbatches: Microbatches,
-                   n: int) -> BatchResult:
-        loss_sum, correct = self._forward_only(iteration, "T", microbatches, trial_step=alpha)
-        return BatchResult(loss_sum / n, correct, n)
+                   n: int, surrogate: bool = False) -> BatchResult:
+        loss_sum, correct = self._forward_only(iteration, "T", microbatches, trial_step=alpha,
+                                               surrogate=surrogate)
+        return BatchResult(loss_sum if surrogate else loss_sum / n, correct, n)
 
     def end_trial(self, iteration: int, accept: bool) -> None:
         self._command(None, end_trial=accept).wait()
+
+    def take_step(self, iteration: int, alpha: float) -> None:
+        self._command(None, trial_step=alpha, end_trial=True).wait()
+
+    def surrogate_pass(self, iteration: int, microbatches: Microbatches, n: int) -> BatchResult:
+        schedule = gpipe_schedule(self.num_stages, len(microbatches), UpdatePhase("none"))
+        data = {("F", j): mb for j, mb in enumerate(microbatches)}
+        results = self.results(self._send_plans(iteration, schedule, data, n=n,
+                                                surrogate=True))
+        last = results[self.num_stages - 1]
+        return BatchResult(sum(last.losses[j] for j in sorted(last.losses)), 0, n)
 
     def evaluate(self, iteration: int, x: Tensor, y: Tensor) -> tuple[float, int]:
         return self._forward_only(iteration, "E", eval_chunks(x, y))

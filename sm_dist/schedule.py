@@ -9,8 +9,11 @@ from dataclasses import dataclass
 #   T j  trial forward (GD+Armijo, forward-only on the batch)
 #   L    build_local_loss        I n  run_inner_steps(n)      W n  fill_inner_steps(up to n more)
 #   A    apply_update (SM: θ ← θ + d; gd/sgd/adam: the optimizer's step)
-FORWARD_KINDS = ("F", "E", "T")  # receive from the stage below, send to the stage above
-KINDS = ("F", "B", "E", "T", "L", "I", "W", "A")
+#   CGBlock, one tangent pass per CG step (`step` numbers them):
+#   J j  tangent_forward         H j  tangent_backward        C    cg_step
+FORWARD_KINDS = ("F", "E", "T", "J")  # receive from the stage below, send to the stage above
+BACKWARD_KINDS = ("B", "H")  # receive from the stage above, send to the stage below
+KINDS = ("F", "B", "E", "T", "L", "I", "W", "A", "J", "H", "C")
 
 
 class ScheduleError(ValueError):
@@ -20,8 +23,9 @@ class ScheduleError(ValueError):
 @dataclass(frozen=True)
 class Action:
     kind: str
-    index: int | None = None  # microbatch / chunk for F, B, E, T; step count for I and W
+    index: int | None = None  # microbatch / chunk for F, B, E, T, J, H; step count for I, W
     iteration: int = 0  # distinguishes repeated plans when several are drawn in one grid
+    step: int = 0  # CGBlock: which CG step's tangent pass a J, H or C belongs to
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -38,16 +42,22 @@ Schedule = list[list[Action]]  # one ordered list per stage
 class UpdatePhase:
     """What a stage does after its last backward: nothing, an optimizer step, or SM's loop."""
 
-    kind: str = "none"  # none | step | sm
-    steps: int = 0  # SM: inner steps every stage takes
+    kind: str = "none"  # none | step | sm | cgblock
+    steps: int = 0  # SM: inner steps every stage takes; CGBlock: CG steps (tangent passes)
     fill_up_to: int = 0  # SM with fill_bubbles: at most this many more, while no input waits
 
 
-def update_actions(update: UpdatePhase, stage: int) -> list[Action]:
+def update_actions(update: UpdatePhase, stage: int, num_microbatches: int) -> list[Action]:
     if update.kind == "none":
         return []
     if update.kind == "step":
         return [Action("A")]
+    if update.kind == "cgblock":  # each CG step is a GPipe-shaped pass of tangents
+        passes = [action for k in range(update.steps) for action in (
+            [Action("J", j, step=k) for j in range(num_microbatches)]
+            + [Action("H", j, step=k) for j in reversed(range(num_microbatches))]
+            + [Action("C", step=k)])]
+        return [Action("L"), *passes, Action("A")]
     actions = [Action("L"), Action("I", update.steps)]
     # Stage 0 gets its next input from the coordinator at once: it has no bubble to fill.
     if update.fill_up_to and stage > 0:
@@ -62,7 +72,8 @@ def gpipe_schedule(num_stages: int, num_microbatches: int, update: UpdatePhase =
     forwards = [Action("F", j) for j in range(num_microbatches)]
     backwards = [Action("B", j) for j in reversed(range(num_microbatches))]
     evals = [Action("E", k) for k in range(eval_chunks)]
-    return [forwards + backwards + update_actions(update, s) + evals for s in range(num_stages)]
+    return [forwards + backwards + update_actions(update, s, num_microbatches) + evals
+            for s in range(num_stages)]
 
 
 def forward_only_schedule(num_stages: int, chunks: int, kind: str = "T") -> Schedule:
@@ -72,7 +83,7 @@ def forward_only_schedule(num_stages: int, chunks: int, kind: str = "T") -> Sche
 
 def repeat_schedule(schedule: Schedule, iterations: int) -> Schedule:
     """The same plan run `iterations` times back to back, as the engine pipelines them."""
-    return [[Action(a.kind, a.index, t) for t in range(iterations) for a in actions]
+    return [[Action(a.kind, a.index, t, a.step) for t in range(iterations) for a in actions]
             for actions in schedule]
 
 
@@ -81,7 +92,7 @@ def _dependencies(stage: int, action: Action, num_stages: int) -> list[tuple[int
     above. Everything else is ordered by the stage's own list."""
     if action.kind in FORWARD_KINDS and stage > 0:
         return [(stage - 1, action)]
-    if action.kind == "B" and stage < num_stages - 1:
+    if action.kind in BACKWARD_KINDS and stage < num_stages - 1:
         return [(stage + 1, action)]
     return []
 
@@ -135,11 +146,14 @@ def validate_schedule(schedule: Schedule, num_microbatches: int) -> None:
     for s, actions in enumerate(schedule):
         seen: set[Action] = set()
         for position, action in enumerate(actions):
-            if action.kind in ("F", "B", "E", "T") and action in seen:
+            if action.kind in ("F", "B", "E", "T", "J", "H") and action in seen:
                 raise ScheduleError(f"stage {s}: {action} appears twice")
             seen.add(action)
             if action.kind == "B" and Action("F", action.index) not in seen:
                 raise ScheduleError(f"stage {s}: {action} comes before F{action.index}")
+            if action.kind in ("J", "H") and not any(a.kind == "L" for a in seen):
+                raise ScheduleError(f"stage {s}: tangent pass {action} before the local model "
+                                    "is built (L)")
             if action.kind in ("L", "A") and any(a.kind == "B" for a in actions[position + 1:]):
                 raise ScheduleError(f"stage {s}: {action} comes before its last backward")
         forwards = {a.index for a in actions if a.kind == "F"}

@@ -15,12 +15,20 @@ from sm_dist.math.curvature import (
     power_iteration,
     reduce_eigenvalues,
 )
-from sm_dist.math.losses import LossSpec, top_of_pipeline
-from sm_dist.math.stage_function import StageFunction, trainable_parameters
-from sm_dist.updates import ArmijoTrialUpdate, StageUpdateReport, make_update_rule
+from sm_dist.math.local_loss import flatten
+from sm_dist.math.losses import LossCurvature, LossSpec, top_of_pipeline
+from sm_dist.math.stage_function import StageFunction, per_sample, trainable_parameters
+from sm_dist.updates import (
+    ArmijoTrialUpdate,
+    BlockCGUpdate,
+    StageUpdateReport,
+    make_update_rule,
+)
 
 # Optimizers whose backward carries curvature down (spec §2) and builds Ψ for the update phase.
 CURVATURE_OPTIMIZERS = frozenset({"sm"})
+# Optimizers whose backward keeps each microbatch's graph for second-order products.
+GRAPH_OPTIMIZERS = frozenset({"sm", "cgblock"})
 
 
 def to_cpu(value: Any) -> Any:
@@ -48,6 +56,7 @@ class StageCounters:
     forward_microbatches: int = 0
     backward_microbatches: int = 0
     psi_products: int = 0  # Hessian-vector products of Ψ (power iteration and 𝓗 products)
+    tangent_products: int = 0  # CGBlock: tangents carried through this stage, per microbatch
 
 
 @dataclass
@@ -58,6 +67,9 @@ class BackwardState:
     eigenvalues: dict[int, Tensor] = field(default_factory=dict)
     deltas: dict[int, Tensor] = field(default_factory=dict)
     max_curvature_sent: float | None = None
+    loss_curvature: dict[int, LossCurvature] = field(default_factory=dict)  # CGBlock, last stage
+    tangent_inputs: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (source, j)
+    block_product: Tensor | None = None  # CGBlock: Σ_j of this pass's H_ss v_s, flat
 
 
 class PipelineStage:
@@ -79,6 +91,10 @@ class PipelineStage:
         if self.is_last and loss is None:
             raise ValueError("the last stage needs the loss")
         self.needs_curvature = optimizer.name in CURVATURE_OPTIMIZERS
+        self.keeps_graph = optimizer.name in GRAPH_OPTIMIZERS
+        # SSO, last stage: (z_p^t, ∇ℓ(z_p^t), 1/η per sample) of each microbatch, kept for the
+        # surrogate passes of the iteration (not cleared between them).
+        self.anchor: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.params = trainable_parameters(module)
         self.device = next(module.parameters()).device
         self.stash: dict[int, MicrobatchStash] = {}
@@ -111,8 +127,33 @@ class PipelineStage:
         Returns (g, c, loss contribution Σ ℓ/n, correct predictions).
         """
         assert self.loss is not None and self.stash[j].y is not None
-        top = top_of_pipeline(self.loss, self.stash[j].out.detach(), self.stash[j].y, n)
+        out, y = self.stash[j].out.detach(), self.stash[j].y
+        top = top_of_pipeline(self.loss, out, y, n)
+        if self.config.name == "sso":
+            if j == 0:
+                self.anchor.clear()
+            self.anchor[j] = (out, top.grad, top.curvature * self.config.sso_scale)
+        if self.config.name == "cgblock":
+            self.backward_state.loss_curvature[j] = LossCurvature(self.loss, out, y, n)
         return top.grad, top.curvature, float(top.loss), top.correct
+
+    def surrogate_top(self, j: int) -> tuple[Tensor, float]:
+        """SSO, last stage: q_j at this microbatch's new output and its output gradient
+        ∇ℓ(z_p^t) + (f(θ) − z_p^t)/η (no new loss evaluation)."""
+        residual, g, c = self._residual(j, self.stash[j].out.detach())
+        return g + c * residual, self._surrogate(residual, g, c)
+
+    def surrogate_value(self, j: int, out: Tensor) -> float:
+        """SSO, last stage: q_j = ⟨∇ℓ(z_p^t), f(θ) − z_p^t⟩ + (1/2η)‖f(θ) − z_p^t‖² at `out`."""
+        return self._surrogate(*self._residual(j, out))
+
+    def _residual(self, j: int, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z, g, c = self.anchor[j]
+        return out.to(z.device) - z, g, per_sample(c, z)
+
+    @staticmethod
+    def _surrogate(residual: Tensor, g: Tensor, c: Tensor) -> float:
+        return float((g * residual).sum() + 0.5 * (c * residual * residual).sum())
 
     def backward_microbatch(self, j: int, g_out: Tensor, c_out: Tensor | None,
                             same_batch: bool = False) -> tuple[Tensor | None, Tensor | None]:
@@ -123,10 +164,12 @@ class PipelineStage:
         """
         entry = self.stash[j]
         self.counters.backward_microbatches += 1
-        if not self.needs_curvature:
+        if not self.keeps_graph:
             torch.autograd.backward(entry.out, g_out)
             del self.stash[j]  # frees the graph; the gradient is in p.grad
             return (None if self.is_first else entry.z_in.grad.detach()), None
+        if not self.needs_curvature:  # CGBlock: Ψ with c = 0 holds exactly the ⟨g, f⟩ terms
+            c_out = torch.zeros(g_out.shape[0], dtype=g_out.dtype, device=g_out.device)
         assert c_out is not None, "SM needs the curvature from the stage above"
         fn = StageFunction(entry.z_in, entry.out, self.params, g_out, c_out)
         g_in, g_theta = fn.gradients()
@@ -137,6 +180,8 @@ class PipelineStage:
         del self.stash[j]
         if self.is_first:
             return None, None
+        if not self.needs_curvature:
+            return g_in, None
         lam = self._eigenvalues(j, fn, same_batch)
         if self.config.curvature == "batch":
             state.eigenvalues[j] = lam
@@ -173,6 +218,54 @@ class PipelineStage:
         top = float(c.max()) if c.numel() else 0.0
         state.max_curvature_sent = max(top, state.max_curvature_sent or 0.0)
         return c
+
+    # ----------------------------------------------------------- tangent passes (CGBlock)
+    # One pass gives every stage s its block product H_ss v_s (v_s: its CG direction): stage s
+    # starts a tangent J_θ v_s, stages above carry it forward (J_z u), the top applies ∂²h/∂z²,
+    # and the backward carries it down (J_zᵀ r + H_zz u) to stage s, which ends it with
+    # J_θᵀ r + H_θθ v_s. Tangents are keyed by the stage that started them.
+    def _own_direction(self) -> list[Tensor] | None:
+        assert isinstance(self.update, BlockCGUpdate)
+        return self.update.direction()
+
+    def tangent_forward(self, j: int, incoming: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Carry the tangents from below through microbatch j and start this stage's own."""
+        fn = self.backward_state.functions[j]
+        out: dict[int, Tensor] = {}
+        for source, u in incoming.items():
+            u = u.to(self.device)
+            self.backward_state.tangent_inputs[(source, j)] = u
+            out[source] = fn.tangent(u, None)
+        own = self._own_direction()
+        if own is not None:
+            out[self.index] = fn.tangent(None, own)
+        if self.is_last:  # turn each tangent of z_p into the change of ∂h/∂z_p
+            curvature = self.backward_state.loss_curvature[j]
+            out = {source: curvature.product(t) for source, t in out.items()}
+        return out
+
+    def tangent_backward(self, j: int, incoming: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Carry each tangent's gradient change down through microbatch j; this stage's own
+        ends here and adds its H_ss v_s share to the pass's block product."""
+        fn = self.backward_state.functions[j]
+        state = self.backward_state
+        down: dict[int, Tensor] = {}
+        for source, rg in incoming.items():
+            rg = rg.to(self.device)
+            self.counters.tangent_products += 1
+            if source == self.index:
+                own = self._own_direction()
+                assert own is not None
+                product = flatten(fn.tangent_params(rg, own))
+                state.block_product = (product if state.block_product is None
+                                       else state.block_product.add_(product))
+            else:
+                down[source] = fn.tangent_input(rg, state.tangent_inputs.pop((source, j)))
+        return down
+
+    def take_block_product(self) -> Tensor | None:
+        product, self.backward_state.block_product = self.backward_state.block_product, None
+        return product
 
     # ------------------------------------------------------------------------------ update
     def update_report(self) -> StageUpdateReport:

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 NAMES = {"F": "forward", "B": "backward", "E": "evaluate", "T": "trial forward",
-         "L": "build local loss", "I": "inner steps", "W": "fill inner steps", "A": "apply update"}
-UPDATE_KINDS = ("L", "I", "W", "A")
+         "L": "build local loss", "I": "inner steps", "W": "fill inner steps", "A": "apply update",
+         "J": "tangent forward", "H": "tangent backward", "C": "CG step"}
+UPDATE_KINDS = ("L", "I", "W", "A", "J", "H", "C")
 
 
 @dataclass(frozen=True)

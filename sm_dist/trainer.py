@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,34 +9,12 @@ from typing import Any
 from sm_dist.checkpoints import ResumePoint
 from sm_dist.config import JobConfig
 from sm_dist.data import BatchStream, Dataset, split_microbatches
-from sm_dist.math.line_search import ArmijoRule, armijo_backtrack
-from sm_dist.pipeline import IterationRequest, IterationResult, Microbatches, Pipeline, update_phase
+from sm_dist.pipeline import IterationRequest, IterationResult, Pipeline, update_phase
+from sm_dist.steered import make_steered
 from sm_dist.timeline import TimelineEvent, iteration_utilisation
 from sm_dist.updates import StageUpdateReport
 
 Record = dict[str, Any]
-
-
-class GlobalArmijo:
-    """GD+Armijo: θ ← θ − α∇h; each trial α is a forward-only pass; α doubles per iteration."""
-
-    def __init__(self, job: JobConfig) -> None:
-        cfg = job.optimizer
-        self.rule = ArmijoRule(c=cfg.armijo_c, beta=cfg.armijo_beta)
-        self.next_step = cfg.armijo_init
-
-    def step(self, pipeline: Pipeline, iteration: int, microbatches: Microbatches, n: int,
-             loss: float) -> Record:
-        grad_sq = pipeline.grad_sq_norm()
-        result = armijo_backtrack(
-            lambda a: pipeline.trial_loss(iteration, a, microbatches, n).loss,
-            loss, grad_sq, self.next_step, self.rule)
-        # The last trial evaluated is the accepted one, so its parameters are already in place.
-        pipeline.end_trial(iteration, result.accepted)
-        if result.accepted:
-            self.next_step = 2.0 * result.step
-        return {"step_size": result.step if result.accepted else 0.0,
-                "line_search_trials": result.trials, "grad_norm": math.sqrt(grad_sq)}
 
 
 def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
@@ -51,21 +28,25 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
     and `on_checkpoint` the states every run.checkpoint_every iterations and at the end.
 
     Iteration t+1 is submitted before t's result is read, so a distributed pipeline can start
-    it as soon as stage 0 is free (GD+Armijo cannot: its step depends on t's loss). A record is
+    it as soon as stage 0 is free (GD+Armijo and SSO cannot: the coordinator steers their
+    steps after t's backward, see sm_dist/steered.py). A record is
     written once the next iteration's result is in, because the idle time a stage has after
     its update ends only when the next iteration's input reaches it.
     """
     opt, run = job.optimizer, job.run
     stream = BatchStream(data.train_x, data.train_y, job.data.batch, shuffle=job.data.shuffle,
                          seed=run.seed)
-    armijo = GlobalArmijo(job) if opt.name == "gd_armijo" else None
-    passes = {"forward": 0, "backward": 0}
+    steered = make_steered(job, pipeline.num_stages)
+    # Cumulative costs: pipeline passes of the batch (forward, backward, CGBlock's tangent
+    # passes) and each stage's second-order products.
+    passes: dict[str, Any] = {"forward": 0, "backward": 0, "tangent": 0,
+                              "hvp": [0] * pipeline.num_stages}
     first, previous, offset = 1, None, 0.0
     if resume is not None:
         stream.load_state_dict(resume.stream)
-        if armijo is not None and resume.armijo_step is not None:
-            armijo.next_step = resume.armijo_step
-        passes = dict(resume.passes)
+        if steered is not None and resume.armijo_step is not None:
+            steered.next_step = resume.armijo_step
+        passes.update(resume.passes)
         first, previous, offset = resume.iteration + 1, resume.last_record, resume.wall_time
     records: list[Record] = []
     stream_after: dict[int, dict[str, Any]] = {}
@@ -82,7 +63,7 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
             iteration, split_microbatches(x, y, min(job.data.microbatches, len(x))), len(x),
             same_batch,
             update_phase(opt, last),
-            (data.test_x, data.test_y) if evaluate and armijo is None else None, last)
+            (data.test_x, data.test_y) if evaluate and steered is None else None, last)
 
     recent = 0  # index of the first event of iteration t − 1 or later in pipeline.events
 
@@ -110,18 +91,18 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
         for iteration in range(first, run.iterations + 1):
             following = request(iteration + 1) if iteration < run.iterations else None
             states = None
-            if armijo is None:  # the states after this iteration, before the next one starts
+            if steered is None:  # the states after this iteration, before the next one starts
                 states = pipeline.checkpoint() if checkpoint_due(iteration) else None
                 ahead = pipeline.submit(following) if following else None
             result = pending.wait()
-            passes["forward"] += 1
-            passes["backward"] += 1
+            add_costs(passes, result)
             record = base_record(iteration, result)
-            if armijo is not None:
-                extra = armijo.step(pipeline, iteration, current.microbatches, current.n,
+            if steered is not None:
+                done = steered.step(pipeline, iteration, current.microbatches, current.n,
                                     result.batch.loss)
-                passes["forward"] += extra["line_search_trials"]
-                record.update(extra)
+                passes["forward"] += done.forward_passes
+                passes["backward"] += done.backward_passes
+                record.update(done.record)
                 if current.last or (run.eval_every and iteration % run.eval_every == 0):
                     loss_sum, correct = pipeline.evaluate(iteration, data.test_x, data.test_y)
                     record.update(test_loss=loss_sum / len(data.test_x),
@@ -134,13 +115,15 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
                 record["decrease_ratio_prev"] = actual / previous["predicted_decrease"]
             now = time.perf_counter()
             record.update(wall_time=offset + now - start, iteration_time=now - last_time,
-                          forward_passes=passes["forward"], backward_passes=passes["backward"])
+                          forward_passes=passes["forward"], backward_passes=passes["backward"],
+                          tangent_passes=passes["tangent"], hvp_products=list(passes["hvp"]))
             last_time = now
             if on_progress is not None:
                 on_progress(record)
             if states is not None and on_checkpoint is not None:
                 point = ResumePoint(iteration, stream_after[iteration],
-                                    armijo.next_step if armijo else None, dict(passes),
+                                    steered.next_step if steered else None,
+                                    {**passes, "hvp": list(passes["hvp"])},
                                     record["wall_time"], dict(record))
                 on_checkpoint(point, states.wait())
             flush(pending_record)
@@ -149,6 +132,15 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
     finally:
         flush(pending_record)  # also on failure: every finished iteration is kept
     return records
+
+
+def add_costs(passes: dict[str, Any], result: IterationResult) -> None:
+    """Add an iteration's forward and backward pass, its tangent passes and its products."""
+    passes["forward"] += 1
+    passes["backward"] += 1
+    passes["tangent"] += max(r.tangents_started for r in result.reports)
+    passes["hvp"] = [total + r.hvp_products for total, r in zip(passes["hvp"], result.reports,
+                                                                 strict=True)]
 
 
 def base_record(iteration: int, result: IterationResult) -> Record:

@@ -1,4 +1,4 @@
-"""Per-stage update rules: SM's local-loss minimisation, torch optimizers, and GD+Armijo trials."""
+"""Per-stage update rules: SM's local losses, CGBlock's CG, torch optimizers, trial steps."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from sm_dist.config import OptimizerConfig
 from sm_dist.math.line_search import ArmijoRule
-from sm_dist.math.local_loss import LocalLoss, flatten, unflatten
+from sm_dist.math.local_loss import BlockModel, LocalLoss, flatten, unflatten
 from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
 
 if TYPE_CHECKING:
@@ -27,6 +27,10 @@ class StageUpdateReport:
     curvature_sent: float | None = None  # the largest c this stage sent down
     psi_products: int = 0  # Ψ Hessian-vector products this iteration, backward included
     stopped: str | None = None  # why the inner solver stopped early, if it did
+    # Second-order products this stage computed this iteration: SM's Ψ products, or CGBlock's
+    # tangents carried forward and back through this stage (one per tangent and microbatch).
+    hvp_products: int = 0
+    tangents_started: int = 0  # CGBlock: tangent passes that carried this stage's own tangent
 
 
 def armijo_rule(cfg: OptimizerConfig) -> ArmijoRule:
@@ -79,10 +83,11 @@ class SurrogateUpdate:
         inner_products = sum(fn.products for fn in functions) - self._products_before
         stage.counters.psi_products += inner_products
         report = solver.report()
+        products = sum(fn.products for fn in functions)
         self._report = StageUpdateReport(
             inner_steps=report.steps, local_loss=report.value,
             curvature_sent=stage.backward_state.max_curvature_sent,
-            psi_products=sum(fn.products for fn in functions), stopped=report.stopped)
+            psi_products=products, stopped=report.stopped, hvp_products=products)
         self.solver = None
         return self._report
 
@@ -94,6 +99,68 @@ class SurrogateUpdate:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_step = state["next_step"]
+
+
+class BlockCGUpdate:
+    """CGBlock on one stage: truncated CG on H_ss d = −g_θ, H_ss the stage's diagonal block of
+    the network's Hessian; each product comes from a tangent pass of the whole pipeline, so the
+    stage offers its direction (`direction`) and takes the product after the pass (`advance`).
+    Same CG rules as SM's inner solver (tolerance, negative curvature, Armijo fallback)."""
+
+    def __init__(self, cfg: OptimizerConfig, stage: PipelineStage) -> None:
+        self.cfg = cfg
+        self.stage = stage
+        self.solver: TruncatedCG | None = None
+        self._tangents_before = 0
+        self._started = 0
+        self._report = StageUpdateReport()
+
+    def begin(self) -> None:
+        grad = flatten([p.grad for p in self.stage.params])
+        self.solver = TruncatedCG(BlockModel(grad), tol=self.cfg.cg_tol,
+                                  armijo=armijo_rule(self.cfg),
+                                  fallback_step=self.cfg.armijo_init)
+        self._tangents_before = self.stage.counters.tangent_products
+        self._started = 0
+
+    def direction(self) -> list[Tensor] | None:
+        """The CG direction this stage's tangent starts from; None once CG has stopped."""
+        if self.solver is None or self.solver.stopped is not None:
+            return None
+        return unflatten(self.solver.p, self.stage.params)
+
+    def advance(self) -> None:
+        """One CG step with the block product the last tangent pass left on the stage."""
+        product = self.stage.take_block_product()
+        if product is None:  # stopped before this pass: it started no tangent
+            return
+        assert self.solver is not None, "begin() first"
+        self._started += 1
+        if self.cfg.cgblock_damping:
+            product = product.add(self.solver.p, alpha=self.cfg.cgblock_damping)
+        self.solver.advance(product)
+
+    def finish(self) -> StageUpdateReport:
+        assert self.solver is not None, "begin() first"
+        with torch.no_grad():
+            for p, dp in zip(self.stage.params, unflatten(self.solver.d, self.stage.params)):
+                p.add_(dp)
+        report = self.solver.report()
+        self._report = StageUpdateReport(
+            inner_steps=report.steps, local_loss=report.value, stopped=report.stopped,
+            hvp_products=self.stage.counters.tangent_products - self._tangents_before,
+            tangents_started=self._started)
+        self.solver = None
+        return self._report
+
+    def report(self) -> StageUpdateReport:
+        return self._report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # CG starts afresh every iteration
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 class TorchOptimizerUpdate:
@@ -184,7 +251,7 @@ class ArmijoTrialUpdate:
         pass
 
 
-UpdateRule = SurrogateUpdate | TorchOptimizerUpdate | ArmijoTrialUpdate
+UpdateRule = SurrogateUpdate | BlockCGUpdate | TorchOptimizerUpdate | ArmijoTrialUpdate
 
 
 def make_update_rule(cfg: OptimizerConfig, stage: PipelineStage) -> UpdateRule:
@@ -194,6 +261,8 @@ def make_update_rule(cfg: OptimizerConfig, stage: PipelineStage) -> UpdateRule:
         return DelayedGradientUpdate(cfg, stage)
     if cfg.name in ("gd", "sgd", "adam"):
         return TorchOptimizerUpdate(cfg, stage)
-    if cfg.name == "gd_armijo":
+    if cfg.name in ("gd_armijo", "sso"):  # SSO's inner steps are trial steps on q
         return ArmijoTrialUpdate(cfg, stage)
+    if cfg.name == "cgblock":
+        return BlockCGUpdate(cfg, stage)
     raise ValueError(f"unknown optimizer {cfg.name!r}")

@@ -22,6 +22,7 @@ from sm_dist.timeline import TimelineEvent
 from sm_dist.transport import RemoteFailure, Transport, current_failure
 from sm_dist.updates import (
     ArmijoTrialUpdate,
+    BlockCGUpdate,
     StageUpdateReport,
     SurrogateUpdate,
     TorchOptimizerUpdate,
@@ -83,6 +84,7 @@ class Plan:
     same_batch: bool = False
     trial_step: float | None = None  # GD+Armijo: set θ = θ_t − α∇h before the actions
     end_trial: bool | None = None  # GD+Armijo: keep (True) or undo (False) the last trial
+    surrogate: bool = False  # SSO: the last stage evaluates q instead of the loss
     command: str | None = None  # a stage method to call after the actions (grad_sq_norm, ...)
     command_args: tuple = ()
 
@@ -114,7 +116,7 @@ class StageWorker:
         self._queue: dict[int, tuple[Plan, Future]] = {}
         self._queued = threading.Condition()
         self._next_plan = 0
-        self._tops: dict[int, tuple[Tensor, Tensor]] = {}  # last stage: (g, c) per microbatch
+        self._tops: dict[int, Any] = {}  # last stage: (g, c), or CGBlock's tangents, per microbatch
         self._held: dict[int, Tensor] = {}  # curvature: batch — gradients held until the end
         self._sends: list[Future] = []
         self._started = 0.0  # when the current action had its input and began computing
@@ -184,6 +186,12 @@ class StageWorker:
             self.backward_microbatch(plan, j, last_backward)
         elif kind in ("E", "T"):
             self.forward_only(plan, action, result)
+        elif kind == "J":
+            self.tangent_forward(plan, action)
+        elif kind == "H":
+            self.tangent_backward(plan, action)
+        elif kind == "C":
+            self.cg_step()
         elif kind == "L":
             self.build_local_loss()
         elif kind == "I":
@@ -211,7 +219,11 @@ class StageWorker:
         stage = self.stage
         x = self._input(plan, "F", j)
         z = stage.forward_microbatch(j, x, plan.labels.get(("F", j)))
-        if stage.is_last:
+        if stage.is_last and plan.surrogate:
+            g, value = stage.surrogate_top(j)
+            self._tops[j] = (g, None)
+            result.losses[j], result.correct[j] = value, 0
+        elif stage.is_last:
             g, c, loss, correct = stage.top_of_pipeline(j, plan.n)
             self._tops[j] = (g, c)
             result.losses[j], result.correct[j] = loss, correct
@@ -244,15 +256,50 @@ class StageWorker:
         stage = self.stage
         key = (action.kind, action.index)
         z = stage.forward_only(self._input(plan, action.kind, action.index))
-        if stage.is_last:
+        if stage.is_last and plan.surrogate:
+            result.sums[key] = (stage.surrogate_value(action.index, z), 0, len(z))
+        elif stage.is_last:
             assert stage.loss is not None
             loss_sum, correct = evaluate_loss(stage.loss, z, plan.labels[key].to(z.device))
             result.sums[key] = (loss_sum, correct, len(z))
         else:
             self._send(self.rank + 1, (plan.plan_id, *key), z)
 
+    def tangent_forward(self, plan: Plan, action: Action) -> None:
+        stage, key = self.stage, (plan.plan_id, "J", action.index, action.step)
+        incoming: dict[int, Tensor] = {}
+        if not stage.is_first:
+            below = self.rank - 1
+            incoming = self.mailbox.take(key, self.transport.timeout,
+                                         f"the tangents of J{action.index} from stage {below} "
+                                         f"(rank {below})")
+            self._started = time.time()
+        tangents = stage.tangent_forward(action.index, incoming)
+        if stage.is_last:
+            self._tops[action.index] = tangents  # the H pass starts from these
+        else:
+            self._send(self.rank + 1, key, tangents)
+
+    def tangent_backward(self, plan: Plan, action: Action) -> None:
+        stage, key = self.stage, (plan.plan_id, "H", action.index, action.step)
+        if stage.is_last:
+            incoming = self._tops.pop(action.index)
+        else:
+            above = self.rank + 1
+            incoming = self.mailbox.take(key, self.transport.timeout,
+                                         f"the tangents of H{action.index} from stage {above} "
+                                         f"(rank {above})")
+            self._started = time.time()
+        down = stage.tangent_backward(action.index, incoming)
+        if not stage.is_first:
+            self._send(self.rank - 1, key, down)
+
+    def cg_step(self) -> None:
+        assert isinstance(self.stage.update, BlockCGUpdate)
+        self.stage.update.advance()
+
     def build_local_loss(self) -> None:
-        assert isinstance(self.stage.update, SurrogateUpdate)
+        assert isinstance(self.stage.update, (SurrogateUpdate, BlockCGUpdate))
         self.stage.update.begin()
 
     def run_inner_steps(self, n: int) -> int:
@@ -278,7 +325,7 @@ class StageWorker:
 
     def apply_update(self) -> StageUpdateReport:
         rule = self.stage.update
-        if isinstance(rule, SurrogateUpdate):
+        if isinstance(rule, (SurrogateUpdate, BlockCGUpdate)):
             report = rule.finish()
         else:
             assert isinstance(rule, TorchOptimizerUpdate)

@@ -29,6 +29,8 @@ def checkpointed_job(optimizer: dict[str, Any]) -> dict[str, Any]:
     {"name": "adam", "lr": 0.05},  # carries Adam's moments
     {"name": "gd_armijo"},  # the coordinator carries the step
     {"name": "ddg", "lr": 0.3},  # carries each stage's delayed gradients
+    {"name": "sso", "inner_steps": 3},  # the coordinator carries the inner step size
+    {"name": "cgblock", "inner_steps": 2},  # stateless between iterations; costs carried
 ])
 def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   optimizer: dict[str, Any]) -> None:
@@ -44,7 +46,8 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [r["iteration"] for r in resumed] == list(range(1, 9))
     for a, b in zip(straight, resumed):
         assert b["train_loss"] == a["train_loss"], a["iteration"]
-        assert b["forward_passes"] == a["forward_passes"]
+        for cost in ("forward_passes", "backward_passes", "tangent_passes", "hvp_products"):
+            assert b[cost] == a[cost], cost
     final_a = torch.load(tmp_path / "a" / "model.pt")["stages"]
     final_b = torch.load(tmp_path / "b" / "model.pt")["stages"]
     for sa, sb in zip(final_a, final_b):

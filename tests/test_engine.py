@@ -23,6 +23,8 @@ OPTIMIZERS = {
     "sm-gd_armijo": {"name": "sm", "inner_solver": "gd_armijo", "inner_steps": 3},
     "gd_armijo": {"name": "gd_armijo"},
     "ddg": {"name": "ddg", "lr": 0.3},
+    "sso": {"name": "sso", "inner_steps": 3},
+    "cgblock": {"name": "cgblock", "inner_steps": 3},
 }
 
 
@@ -61,6 +63,9 @@ def assert_same_training(single: Path, multi: Path) -> None:
         for key in ("test_loss", "predicted_decrease", "step_size"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-15), key
+        for key in ("forward_passes", "backward_passes", "tangent_passes", "hvp_products",
+                    "inner_steps", "line_search_trials"):
+            assert rb.get(key) == ra.get(key), key
     for sa, sb in zip(model_params(single), model_params(multi), strict=True):
         assert sa.keys() == sb.keys()
         for name in sa:
@@ -68,7 +73,7 @@ def assert_same_training(single: Path, multi: Path) -> None:
 
 
 FAST_GRID = [(4, 3, "sm-cg"), (2, 8, "sm-gd_armijo"), (4, 1, "gd_armijo"), (1, 3, "sm-cg"),
-             (4, 3, "ddg")]
+             (4, 3, "ddg"), (4, 3, "sso"), (4, 3, "cgblock")]
 FULL_GRID = [(p, m, o) for p in (1, 2, 4) for m in (1, 3, 8) for o in OPTIMIZERS]
 
 

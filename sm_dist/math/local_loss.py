@@ -84,3 +84,16 @@ class LocalLoss:
             return quadratic + (2.0 * rho / 3.0) * math.sqrt(norm_sq) ** 3
 
         return phi
+
+
+class BlockModel(LocalLoss):
+    """CGBlock's model m_s(d) = ⟨g_θ, d⟩ + ½ dᵀH_ss d on the diagonal block H_ss = ∂²h/∂θ_s² of
+    the network's Hessian; its products need the rest of the network, so the pipeline's
+    tangent passes supply them (TruncatedCG.advance) and this object never computes one."""
+
+    def __init__(self, grad: Tensor) -> None:
+        super().__init__([], grad, 0.0)
+
+    def hvp(self, v: Tensor) -> Tensor:
+        raise RuntimeError("H_ss v needs a tangent pass through the pipeline; "
+                           "feed it to TruncatedCG.advance")

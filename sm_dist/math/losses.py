@@ -67,6 +67,20 @@ def top_of_pipeline(spec: LossSpec, z: Tensor, y: Tensor, n: int) -> TopOfPipeli
     return TopOfPipeline(loss.detach(), correct, grad, curvature)
 
 
+class LossCurvature:
+    """∂²h/∂z² of one microbatch's share of h = Σ ℓ / n, applied to vectors (CGBlock's top)."""
+
+    def __init__(self, spec: LossSpec, z: Tensor, y: Tensor, n: int) -> None:
+        self.z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = spec.per_sample(self.z, y).sum() / n
+            (self.grad,) = torch.autograd.grad(loss, self.z, create_graph=True)
+
+    def product(self, v: Tensor) -> Tensor:
+        return torch.autograd.grad(self.grad, self.z, grad_outputs=v, retain_graph=True,
+                                   materialize_grads=True)[0]
+
+
 def evaluate_loss(spec: LossSpec, z: Tensor, y: Tensor) -> tuple[float, int]:
     """Summed per-sample loss and number of correct predictions (no gradients)."""
     with torch.no_grad():

@@ -47,27 +47,33 @@ class TruncatedCG:
         """Take up to n more CG steps; returns how many were taken."""
         taken = 0
         while taken < n and self.stopped is None:
-            hp = self.loss.hvp(self.p)
-            curvature = float(self.p @ hp)
-            if curvature <= 0.0:
-                if self.steps == 0:
-                    self._gradient_fallback(hp)
-                    taken += 1
-                self.stopped = "negative curvature"
-                break
-            alpha = self.rr / curvature
-            self.d += alpha * self.p
-            self.hd += alpha * hp
-            self.r -= alpha * hp
-            rr_next = float(self.r @ self.r)
-            self.steps += 1
-            taken += 1
-            if math.sqrt(rr_next) <= self.tol * self.grad_norm:
-                self.stopped = "converged"
-                break
-            self.p = self.r + (rr_next / self.rr) * self.p
-            self.rr = rr_next
+            taken += self.advance(self.loss.hvp(self.p))
         return taken
+
+    def advance(self, hp: torch.Tensor) -> int:
+        """One CG step, given hp = 𝓗p for the current direction `p` (which the caller may have
+        computed elsewhere: CGBlock's products come from pipeline passes); returns 0 or 1."""
+        assert self.stopped is None, "the solver has stopped"
+        curvature = float(self.p @ hp)
+        if curvature <= 0.0:
+            taken = 0
+            if self.steps == 0:
+                self._gradient_fallback(hp)
+                taken = 1
+            self.stopped = "negative curvature"
+            return taken
+        alpha = self.rr / curvature
+        self.d += alpha * self.p
+        self.hd += alpha * hp
+        self.r -= alpha * hp
+        rr_next = float(self.r @ self.r)
+        self.steps += 1
+        if math.sqrt(rr_next) <= self.tol * self.grad_norm:
+            self.stopped = "converged"
+            return 1
+        self.p = self.r + (rr_next / self.rr) * self.p
+        self.rr = rr_next
+        return 1
 
     def _gradient_fallback(self, hp: torch.Tensor) -> None:
         # p = −g here, so hp = 𝓗(−g): one Armijo step along −g on L_s costs no further product.

@@ -32,6 +32,8 @@ class StageFunction:
         self.params = params
         self.with_input = z.requires_grad
         self.z = z
+        self.out = out
+        self._vjp: tuple[Tensor, tuple[Tensor, ...]] | None = None  # for tangents (CGBlock)
         with torch.enable_grad():
             residual = out - out.detach()
             psi = (g * residual).sum() + 0.5 * (per_sample(c, out) * residual * residual).sum()
@@ -79,6 +81,45 @@ class StageFunction:
         """The θ part of H(u, 0): H_θz u."""
         assert self.grad_z is not None, "built without input derivatives"
         return list(self._diff([self.grad_z], [u], self.params))
+
+    # Tangent passes (CGBlock, spec §6): with c = 0, Ψ's second derivatives are exactly the
+    # terms ⟨g, f⟩ adds to the network's Hessian, so a Hessian-vector product of the whole
+    # network is a forward of tangents (Jacobian products) and a backward that adds these terms.
+    def tangent(self, u: Tensor | None, w: list[Tensor] | None) -> Tensor:
+        """J_z u + J_θ w, the change of f along (u, w) (a Jacobian-vector product).
+
+        By double backward: the vector-Jacobian product a ↦ Jᵀa is linear in a, so J·(u, w) is
+        its gradient with respect to a; that graph is built once per stage function.
+        """
+        wrt = ([self.z] if self.with_input else []) + self.params
+        if self._vjp is None:
+            a = torch.zeros_like(self.out, requires_grad=True)
+            with torch.enable_grad():
+                vjp = torch.autograd.grad(self.out, wrt, grad_outputs=a, create_graph=True,
+                                          materialize_grads=True)
+            self._vjp = (a, vjp)
+        a, vjp = self._vjp
+        outputs, directions = [], []
+        if u is not None:
+            assert self.with_input, "built without input derivatives"
+            outputs.append(vjp[0])
+            directions.append(u)
+        if w is not None:
+            outputs.extend(vjp[1:] if self.with_input else vjp)
+            directions.extend(w)
+        self.products += 1
+        return torch.autograd.grad(outputs, a, grad_outputs=directions, retain_graph=True,
+                                   materialize_grads=True)[0]
+
+    def tangent_input(self, rg: Tensor, u: Tensor) -> Tensor:
+        """J_zᵀ r + H_zz u: the change of ∂h/∂z_in along a tangent that entered below this
+        stage (r is the change of the gradient received from above, u the input's tangent)."""
+        assert self.grad_z is not None, "built without input derivatives"
+        return self._diff([self.out, self.grad_z], [rg, u], [self.z])[0]
+
+    def tangent_params(self, rg: Tensor, w: list[Tensor]) -> list[Tensor]:
+        """J_θᵀ r + H_θθ w: the change of ∂h/∂θ along this stage's own direction w."""
+        return list(self._diff([self.out, *self.grad_theta], [rg, *w], self.params))
 
     def hvp_zz(self, u: Tensor) -> Tensor:
         """H_zz u, the z block alone (what the power iteration needs)."""
