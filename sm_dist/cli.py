@@ -1,13 +1,14 @@
-"""The sm-dist command line: train, validate, schedule and report."""
+"""The sm-dist command line: train, validate, schedule, report and compare."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,7 +91,58 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("--out", default=None,
                             help="where to write (default: the run directory for one run, "
                                  "a new report-<timestamp>/ beside the runs for several)")
+    _compare_args(commands)
     return parser
+
+
+def _comma_list(convert: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    """An argparse type: a comma-separated list of `what`, e.g. 1,10,20."""
+    def parse(text: str) -> list[Any]:
+        try:
+            return [convert(item.strip()) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {what}") from None
+    return parse
+
+
+def _compare_args(commands: Any) -> None:
+    compare_cmd = commands.add_parser(
+        "compare", help="run a grid of optimizers, inner steps, depths and learning rates, "
+                        "and compare them", epilog=EPILOG,
+        description="Train one run per grid point with `sm-dist train`, one after another "
+                    "(or collect finished runs from an earlier compare with the same --out), "
+                    "then write compare.md (tables like the SM paper's Tables 1-4, cost, "
+                    "learning-rate sweeps) and compare.png (loss against iteration and wall "
+                    "time). See docs/comparing.md.")
+    _job_args(compare_cmd)
+    compare_cmd.add_argument("--optimizers", required=True, metavar="NAME,...",
+                             type=_comma_list(str, "optimizer names"),
+                             help="optimizers to compare, e.g. sm,gd_armijo,sso,cgblock,ddg,adam")
+    compare_cmd.add_argument("--inner-steps", type=_comma_list(int, "integers"), metavar="N,...",
+                             help="N for sm, sso and cgblock, e.g. 1,10,20 (default: the "
+                                  "job's optimizer.inner_steps)")
+    compare_cmd.add_argument("--depths", type=_comma_list(int, "integers"), metavar="D,...",
+                             help="MLP depths in Linear layers, e.g. 2,4,8, on min(D, the job's "
+                                  "stages) stages (default: the job's own model)")
+    compare_cmd.add_argument("--lrs", type=_comma_list(float, "numbers"), metavar="LR,...",
+                             help="learning rates for gd, sgd, adam and ddg, each reported at its "
+                                  "best (default: the job's optimizer.lr)")
+    compare_cmd.add_argument("--at", type=_comma_list(int, "integers"), metavar="K,...",
+                             help="iterations of the Table-1 columns (default: about 5 evenly "
+                                  "spaced up to run.iterations)")
+    compare_cmd.add_argument("--out", type=Path, default=None, metavar="DIR",
+                             help="where the runs and compare.md go (default: "
+                                  "<run.runs_dir>/compare-<name>-<timestamp>/); the same --out "
+                                  "again collects the finished runs")
+    compare_cmd.add_argument("--single-process", action="store_true",
+                             help="train every run with --single-process")
+    compare_cmd.add_argument("--rerun", action="store_true",
+                             help="train again even where a finished run of the same job exists "
+                                  "(replacing it)")
+    compare_cmd.add_argument("--collect-only", "--no-run", dest="collect_only",
+                             action="store_true",
+                             help="train nothing: only collect the finished runs in --out")
 
 
 def _fail(message: str, code: int) -> int:
@@ -186,13 +238,28 @@ def run_report(args: argparse.Namespace) -> int:
     return report_main(args.runs, args.out, Console())
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from sm_dist.compare import CompareError, compare_main
+
+    try:
+        return compare_main(args.job, args.overrides, args.optimizers,
+                            inner_steps=args.inner_steps,
+                            depths=args.depths, lrs=args.lrs, at=args.at, out=args.out,
+                            single_process=args.single_process, rerun=args.rerun,
+                            collect_only=args.collect_only, command_line=args.argv)
+    except CompareError as err:
+        return _fail(str(err), EXIT_BAD_INPUT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, for the files that record it
     # As under `python -m`: a model.factory module in the working directory can be imported.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     commands = {"train": run_train, "validate": run_validate, "schedule": run_schedule,
-                "report": run_report}
+                "report": run_report, "compare": run_compare}
     try:
         return commands[args.command](args)
     except ConfigError as err:

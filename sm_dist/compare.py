@@ -1,0 +1,380 @@
+"""`sm-dist compare`: a grid of optimizers, inner steps, depths and learning rates, one run each."""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sm_dist.config import (
+    ConfigError,
+    InnerStepsConfig,
+    JobConfig,
+    dump_job,
+    job_from_dict,
+    job_to_dict,
+    load_job,
+)
+from sm_dist.report import ReportError, RunData, load_run, summarize
+from sm_dist.schema import plural
+
+# Optimizers that take optimizer.inner_steps: one run per N of --inner-steps.
+INNER_STEP_OPTIMIZERS = ("sm", "sso", "cgblock")
+# Optimizers whose learning rate is swept: one run per --lrs value, the best one reported
+# (the spec gives none of them a step size, so each gets its best from the stated sweep).
+LR_SWEEP_OPTIMIZERS = ("gd", "sgd", "adam", "ddg")
+# Optimizers that step with optimizer.lr (the tables show it beside their name).
+LR_OPTIMIZERS = ("gd", "sgd", "adam", "ddg")
+
+
+class CompareError(Exception):
+    """A grid, job or output directory `sm-dist compare` cannot use; nothing was trained."""
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One run of the grid: its label (job name and run directory name) and its complete job."""
+
+    label: str
+    optimizer: str
+    depth: int | None  # Linear layers of model.mlp; None: the job's own model
+    inner_steps: int | InnerStepsConfig | None  # N, for the inner-step optimizers only
+    lr: float | None  # the learning rate, for the swept optimizers only
+    job: JobConfig
+
+
+@dataclass
+class RunResult:
+    """What became of one grid point: trained now, collected from an earlier run, or failed."""
+
+    point: GridPoint
+    path: Path  # the run directory
+    status: str  # "trained", "collected" or "failed"
+    run: RunData | None = None  # the finished run (None when it failed)
+    returncode: int | None = None  # of `sm-dist train`, when it ran
+    log: Path | None = None  # its output, when it ran
+    reason: str | None = None  # why a run counts as failed
+
+
+# ------------------------------------------------------------------------------ the grid
+def split_layers(layers: int, stages: int) -> list[int]:
+    """`layers` over `stages` as evenly as possible, the extra layers on the first stages:
+    8 over 4 is [2, 2, 2, 2], 6 over 4 is [2, 2, 1, 1]."""
+    base, extra = divmod(layers, stages)
+    return [base + 1] * extra + [base] * (stages - extra)
+
+
+def depth_model(widths: Sequence[int], stages: int, depth: int) -> tuple[list[int], list[int]]:
+    """Widths and balance of the `depth`-layer version of the MLP with `widths` split into
+    `stages` stages: the same input, output and first hidden width, on min(depth, stages)
+    stages."""
+    if len(widths) < 3:
+        raise CompareError(f"--depths needs a hidden width to repeat, but the job's "
+                           f"model.mlp.widths {list(widths)} has no hidden layer; give the job "
+                           f"one, e.g. [{widths[0]}, 128, {widths[-1]}]")
+    new_widths = [widths[0], *[widths[1]] * (depth - 1), widths[-1]]
+    return new_widths, split_layers(depth, min(depth, stages))
+
+
+def default_at(iterations: int, count: int = 5) -> list[int]:
+    """About `count` evenly spaced iterations up to the last: 300 gives 60, 120, ..., 300."""
+    return sorted({max(1, math.ceil(iterations * k / count)) for k in range(1, count + 1)})
+
+
+def steps_text(steps: int | InnerStepsConfig) -> str:
+    """N as labels and tables write it: 10, or 10-200 for {min: 10, max: 200}."""
+    return str(steps) if isinstance(steps, int) else f"{steps.min}-{steps.max}"
+
+
+def lr_text(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def point_label(optimizer: str, depth: int | None, steps: int | InnerStepsConfig | None,
+                lr: float | None) -> str:
+    """mlp4-sm-n10, mlp4-adam-lr0.001, mlp4-gd_armijo; without the mlp part when depth is None."""
+    parts = [] if depth is None else [f"mlp{depth}"]
+    parts.append(optimizer)
+    if steps is not None:
+        parts.append(f"n{steps_text(steps)}")
+    if lr is not None:
+        parts.append(f"lr{lr_text(lr)}")
+    return "-".join(parts)
+
+
+def _check_list(option: str, values: Sequence[Any] | None) -> None:
+    if values is None:
+        return
+    if not values:
+        raise CompareError(f"{option} is empty; give at least one value")
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            raise CompareError(f"{option} lists {value} twice")
+        seen.add(value)
+
+
+def expand_grid(base: JobConfig, optimizers: Sequence[str],
+                inner_steps: Sequence[int] | None = None, depths: Sequence[int] | None = None,
+                lrs: Sequence[float] | None = None) -> list[GridPoint]:
+    """Every run of the grid, depth by depth, in the order of `optimizers`: an inner-step
+    optimizer once per N (default: the job's optimizer.inner_steps), gd/sgd/adam/ddg once per
+    learning rate (default: the job's optimizer.lr), the others once. Each job is `base`
+    with its name, optimizer.name, inner_steps or lr and (for a depth) model changed, and is
+    validated: an optimizer the schema does not know is a ConfigError naming it."""
+    for option, values in (("--optimizers", optimizers), ("--inner-steps", inner_steps),
+                           ("--depths", depths), ("--lrs", lrs)):
+        _check_list(option, values)
+    if inner_steps is not None and not set(optimizers) & set(INNER_STEP_OPTIMIZERS):
+        raise CompareError(f"--inner-steps applies to {', '.join(INNER_STEP_OPTIMIZERS)}, "
+                           "and none of them is in --optimizers; leave it out")
+    if lrs is not None and not set(optimizers) & set(LR_SWEEP_OPTIMIZERS):
+        raise CompareError(f"--lrs applies to {', '.join(LR_SWEEP_OPTIMIZERS)}, and neither "
+                           "is in --optimizers; leave it out (other optimizers use "
+                           "optimizer.lr: --set optimizer.lr=...)")
+    if depths is not None:
+        if base.model.mlp is None:
+            raise CompareError(f"--depths builds MLPs of each depth from model.mlp, but the job "
+                               f"uses model.factory ({base.model.factory}); leave out --depths "
+                               "or write the job with model.mlp")
+        bad = [d for d in depths if d < 1]
+        if bad:
+            raise CompareError(f"--depths {bad[0]}: a depth is a number of layers, at least 1")
+    steps_list: list[int | InnerStepsConfig] = (
+        list(inner_steps) if inner_steps is not None else [base.optimizer.inner_steps])
+    lr_list = list(lrs) if lrs is not None else [base.optimizer.lr]
+    points = []
+    for depth in depths if depths is not None else [None]:
+        for name in optimizers:
+            variants: list[tuple[int | InnerStepsConfig | None, float | None]] = [(None, None)]
+            if name in INNER_STEP_OPTIMIZERS:
+                variants = [(steps, None) for steps in steps_list]
+            elif name in LR_SWEEP_OPTIMIZERS:
+                variants = [(None, lr) for lr in lr_list]
+            for steps, lr in variants:
+                label = point_label(name, depth, steps, lr)
+                job = _point_job(base, label, name, depth, steps, lr)
+                points.append(GridPoint(label, name, depth, steps, lr, job))
+    return points
+
+
+def _point_job(base: JobConfig, label: str, optimizer: str, depth: int | None,
+               steps: int | InnerStepsConfig | None, lr: float | None) -> JobConfig:
+    raw = job_to_dict(base)
+    raw["name"] = label
+    raw["optimizer"]["name"] = optimizer
+    if steps is not None:
+        raw["optimizer"]["inner_steps"] = steps if isinstance(steps, int) else asdict(steps)
+    if lr is not None:
+        raw["optimizer"]["lr"] = lr
+    if depth is not None:
+        assert base.model.mlp is not None  # expand_grid checked it
+        widths, balance = depth_model(base.model.mlp.widths, len(base.model.balance), depth)
+        raw["model"]["mlp"]["widths"], raw["model"]["balance"] = widths, balance
+    return job_from_dict(raw, source=f"for grid point {label}")
+
+
+# ------------------------------------------------------------------------------ run directories
+def default_compare_dir(job: JobConfig) -> Path:
+    """<run.runs_dir>/compare-<name>-<timestamp>, made unique within the second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, copy = Path(job.run.runs_dir) / f"compare-{job.name}-{stamp}", 1
+    while path.exists():
+        copy += 1
+        path = Path(job.run.runs_dir) / f"compare-{job.name}-{stamp}-{copy}"
+    return path
+
+
+def run_path(out: Path, point: GridPoint) -> Path:
+    return out / "runs" / point.label
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def existing_run(path: Path, job: JobConfig) -> tuple[str, str]:
+    """What `path` holds, with a reason: "none" (no run), "finished" (summary.json) or
+    "unfinished" run of `job`, or "different" (another job, or a config.yaml that is none)."""
+    if not (path / "config.yaml").exists() and not (path / "metrics.jsonl").exists():
+        return "none", "no run"
+    try:
+        old = load_job(path / "config.yaml")
+    except ConfigError as err:
+        return "different", f"its config.yaml is not a usable job ({err.errors[0]})"
+    theirs, ours = _flatten(job_to_dict(old)), _flatten(job_to_dict(job))
+    keys = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    if keys:
+        shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in keys[:3])
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        return "different", f"another job ({shown}{more})"
+    if (path / "summary.json").is_file():
+        return "finished", "finished"
+    return "unfinished", "unfinished (no summary.json)"
+
+
+def plan_runs(points: Sequence[GridPoint], out: Path, rerun: bool, collect_only: bool
+              ) -> list[str]:
+    """Per point: "collect" (a finished run of its job is there), "run", or "replace" (remove
+    an unfinished run, or any run with --rerun, then run). Every problem at once is a
+    CompareError: with --collect-only a run that is not there finished, otherwise a run
+    directory holding another job (unless --rerun)."""
+    actions, problems = [], []
+    for point in points:
+        path = run_path(out, point)
+        state, reason = existing_run(path, point.job)
+        if collect_only:
+            actions.append("collect")
+            if state != "finished":
+                problems.append(f"{point.label}: {reason} in {path}")
+        elif state == "different" and not rerun:
+            problems.append(f"{path} holds {reason}")
+        elif state == "finished" and not rerun:
+            actions.append("collect")
+        else:
+            actions.append("run" if state == "none" else "replace")
+    if problems:
+        if collect_only:
+            raise CompareError(f"--collect-only: {len(problems)} of {len(points)} runs are not "
+                               f"there finished:\n  " + "\n  ".join(problems)
+                               + "\nrun the same command without --collect-only to train them")
+        raise CompareError("\n  ".join([
+            f"{plural(len(problems), 'run directory')} of this grid hold other jobs (pass "
+            "--rerun to replace them, or choose another --out):", *problems]))
+    return actions
+
+
+# ------------------------------------------------------------------------------ running
+def train_command(job_file: Path, path: Path, single_process: bool) -> list[str]:
+    """`sm-dist train` as a user would type it, with this interpreter."""
+    command = [sys.executable, "-m", "sm_dist", "train", str(job_file), "--out", str(path),
+               "--no-live"]
+    return command + (["--single-process"] if single_process else [])
+
+
+def _child_env() -> dict[str, str]:
+    """This environment, with this sm_dist first on the path (the child runs the same code)."""
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def train_point(point: GridPoint, out: Path, single_process: bool) -> RunResult:
+    """Write the point's job to <out>/jobs/<label>.yaml, train it with `sm-dist train` into
+    <out>/runs/<label>/ with its output in <out>/logs/<label>.log, and read the run back."""
+    path = run_path(out, point)
+    job_file, log = out / "jobs" / f"{point.label}.yaml", out / "logs" / f"{point.label}.log"
+    dump_job(point.job, job_file)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = train_command(job_file, path, single_process)
+    with open(log, "w", encoding="utf-8") as handle:
+        handle.write(f"$ {shlex.join(command)}\n")
+        handle.flush()
+        returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
+                                    env=_child_env(), check=False).returncode
+    result = RunResult(point, path, "failed", returncode=returncode, log=log)
+    if returncode != 0:
+        result.reason = f"sm-dist train exited with {returncode}"
+        return result
+    try:
+        result.run, result.status = load_run(path), "trained"
+    except ReportError as err:
+        result.reason = f"it exited with 0 but its run cannot be read: {err}"
+    return result
+
+
+def _outcome_text(result: RunResult) -> str:
+    if result.run is None:
+        return f"FAILED: {result.reason}" + (f"; see {result.log}" if result.log else "")
+    summary = summarize(result.run)
+    loss, acc, wall = (summary["final_train_loss"], summary["final_test_acc"],
+                       summary["wall_time"])
+    text = f"{result.status}: final loss {'non-finite' if loss is None else format(loss, '#.4g')}"
+    if acc is not None:
+        text += f", test acc {100 * acc:.1f}%"
+    return text + ("" if wall is None else f", {wall:.1f} s")
+
+
+def run_grid(points: Sequence[GridPoint], actions: Sequence[str], out: Path,
+             single_process: bool, echo: Callable[..., Any] = print) -> list[RunResult]:
+    """Train or collect every point, one after another, echoing one line per run; a run that
+    fails is reported and the others go on."""
+    results = []
+    width = max(len(p.label) for p in points)
+    for number, (point, action) in enumerate(zip(points, actions), start=1):
+        path = run_path(out, point)
+        echo(f"[{number:>{len(str(len(points)))}}/{len(points)}] {point.label:<{width}}  ",
+             end="", flush=True)
+        if action == "collect":
+            try:
+                result = RunResult(point, path, "collected", run=load_run(path))
+            except ReportError as err:
+                result = RunResult(point, path, "failed", reason=f"cannot be read: {err}")
+        else:
+            if action == "replace":
+                shutil.rmtree(path)
+            result = train_point(point, out, single_process)
+        echo(_outcome_text(result), flush=True)
+        results.append(result)
+    return results
+
+
+# ------------------------------------------------------------------------------ the command
+def compare_main(job_path: str, overrides: Sequence[str], optimizers: Sequence[str], *,
+                 inner_steps: Sequence[int] | None = None, depths: Sequence[int] | None = None,
+                 lrs: Sequence[float] | None = None, at: Sequence[int] | None = None,
+                 out: Path | None = None, single_process: bool = False, rerun: bool = False,
+                 collect_only: bool = False, command_line: Sequence[str] = ()) -> int:
+    """`sm-dist compare`: check everything, run or collect the grid, write compare.md and
+    compare.png. 0 when every run finished, 1 when some failed (the files cover the others);
+    bad input raises ConfigError or CompareError before anything is trained."""
+    from sm_dist.compare_report import grid_lines, write_compare
+
+    base = load_job(job_path, overrides)
+    points = expand_grid(base, optimizers, inner_steps, depths, lrs)
+    iterations = base.run.iterations
+    _check_list("--at", at)
+    if at is not None and not all(1 <= k <= iterations for k in at):
+        bad = next(k for k in at if not 1 <= k <= iterations)
+        raise CompareError(f"--at {bad}: the runs have iterations 1 to {iterations} "
+                           "(run.iterations)")
+    at = sorted(at) if at is not None else default_at(iterations)
+    if collect_only and out is None:
+        raise CompareError("--collect-only needs --out DIR, the directory of an earlier compare")
+    out = out if out is not None else default_compare_dir(base)
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"{out} exists and is not a directory; choose another --out")
+    actions = plan_runs(points, out, rerun, collect_only)
+    counts = {a: actions.count(a) for a in ("run", "replace", "collect")}
+    print(f"sm-dist compare: {len(points)} runs of {job_path} ({counts['run'] + counts['replace']}"
+          f" to train, {counts['collect']} to collect) -> {out}", flush=True)
+    results = run_grid(points, actions, out, single_process)
+    written = write_compare(
+        results, out, at=at, job_path=job_path, overrides=overrides,
+        grid=grid_lines(base, optimizers, inner_steps, depths, lrs),
+        command_line=shlex.join(["sm-dist", *command_line]))
+    print(f"sm-dist: comparison in {out}:")
+    for path in written:
+        print(f"  {path}")
+    failed = [r for r in results if r.run is None]
+    if failed:
+        print(f"sm-dist: error: {len(failed)} of {len(results)} runs failed (the files cover "
+              "the others):", file=sys.stderr)
+        for result in failed:
+            where = f"; log {result.log}" if result.log is not None else ""
+            print(f"  {result.point.label}: {result.reason}{where}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,74 @@
+"""compare.png: training loss against iteration and wall time, one row per depth and N."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
+
+from sm_dist import plots  # its private helpers too, so that both modules draw alike
+from sm_dist.compare import steps_text
+from sm_dist.plots import FONT_SIZE
+
+if TYPE_CHECKING:  # compare_report imports this module
+    from sm_dist.compare_report import DepthGroup, Row
+
+PANEL_WIDTH, ROW_HEIGHT = 5.5, 3.4  # inches
+
+
+def figure_rows(groups: Sequence[DepthGroup]) -> list[tuple[str, list[Row]]]:
+    """(title, rows drawn) per figure row: one per depth and N; the optimizers without N are
+    in every row of their depth."""
+    drawn = []
+    for group in groups:
+        for steps in group.steps or [None]:
+            title = group.heading if steps is None else f"{group.heading}, N={steps_text(steps)}"
+            drawn.append((title, [r for r in group.rows if r.steps is None or r.steps == steps]))
+    return drawn
+
+
+def _panel(axes: Axes, rows: Sequence[Row], x_key: str, colours: dict[str, str]) -> None:
+    for row in rows:
+        xs, ys = plots._series(row.run.records, x_key, "train_loss")
+        if xs:
+            few = len(xs) <= 30  # short runs: mark the iterations, or a line hides them
+            axes.plot(xs, ys, color=colours[row.optimizer], linewidth=1.6, label=row.name,
+                      marker="o" if few else None, markersize=3)
+    if not axes.lines:
+        axes.text(0.5, 0.5, "no finite values recorded", transform=axes.transAxes,
+                  ha="center", va="center", fontsize=FONT_SIZE, color="0.4")
+        return
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(plots._PlainLogFormatter())
+    axes.yaxis.set_minor_formatter(plots._PlainLogFormatter(labelOnlyBase=False,
+                                                     minor_thresholds=(2, 0.5)))
+    axes.grid(True, which="major", alpha=0.3)
+    axes.grid(True, which="minor", alpha=0.1)
+
+
+def plot_compare(groups: Sequence[DepthGroup], optimizers: Sequence[str], path: str | Path
+                 ) -> None:
+    """Two panels per figure row, the training loss (log scale) against the iteration and
+    against wall time, one line per optimizer in the colour of its place in `optimizers`
+    (gd, sgd, adam and ddg at their best learning rate); the legend right of each row."""
+    drawn = figure_rows(groups)
+    colours = {name: f"C{i % 10}" for i, name in enumerate(optimizers)}
+    figure = plots._new_figure(2 * PANEL_WIDTH + 2.5, ROW_HEIGHT * len(drawn) + 0.4)
+    grid = figure.add_gridspec(len(drawn), 2, hspace=0.55, wspace=0.22)
+    for index, (title, rows) in enumerate(drawn):
+        by_iteration = figure.add_subplot(grid[index, 0])
+        by_time = figure.add_subplot(grid[index, 1], sharey=by_iteration)
+        _panel(by_iteration, rows, "iteration", colours)
+        _panel(by_time, rows, "wall_time", colours)
+        by_iteration.xaxis.set_major_locator(MaxNLocator(integer=True))
+        by_iteration.set_xlabel("iteration", fontsize=FONT_SIZE)
+        by_time.set_xlabel("wall time (s)", fontsize=FONT_SIZE)
+        by_iteration.set_ylabel("training loss (log scale)", fontsize=FONT_SIZE)
+        by_iteration.set_title(title, fontsize=FONT_SIZE + 1, loc="left")
+        if by_time.lines:
+            by_time.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=FONT_SIZE - 1,
+                           frameon=False)
+    plots._save(figure, path)
