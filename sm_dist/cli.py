@@ -221,12 +221,18 @@ def run_schedule(args: argparse.Namespace) -> int:
     for s, actions in enumerate(schedule):
         print(f"stage {s}: " + " ".join(str(a) for a in actions))
     print()
-    # GD+Armijo waits for each iteration's loss before the next: its iterations never overlap.
-    drawn = 1 if job.optimizer.name == "gd_armijo" else max(1, args.iterations)
+    # GD+Armijo and SSO wait for each iteration's loss before the next: no overlap.
+    steered = job.optimizer.name in ("gd_armijo", "sso")
+    drawn = 1 if steered else max(1, args.iterations)
     print(render_grid(schedule, iterations=drawn))
     if job.optimizer.name == "gd_armijo":
         print("\nGD+Armijo then runs forward-only trial passes (T) until its line search "
               "accepts a step; they depend on the loss, so iterations do not overlap.")
+    if job.optimizer.name == "sso":
+        print(f"\nSSO then takes {job.optimizer.inner_steps} steps on its surrogate: each "
+              "after the first is another forward and backward pass like this one (F, B), and "
+              "each Armijo trial a forward-only pass (T); the coordinator steers them, so "
+              "iterations do not overlap.")
     return EXIT_OK
 
 

@@ -94,3 +94,23 @@ def test_deadlock_is_detected_by_the_clock() -> None:
 def test_unknown_action_kind() -> None:
     with pytest.raises(ScheduleError, match="unknown action kind"):
         Action("X")
+
+
+def test_cgblock_update_is_one_tangent_pass_per_cg_step() -> None:
+    """CGBlock: after the local model (L), each CG step is a GPipe-shaped pass of tangents
+    (J up, H down) and a CG step (C) on every stage; the update (A) comes after the last."""
+    schedule = gpipe_schedule(2, 2, UpdatePhase("cgblock", steps=2))
+    assert names(schedule) == [["F0", "F1", "B1", "B0", "L", "J0", "J1", "H1", "H0", "C",
+                                "J0", "J1", "H1", "H0", "C", "A"]] * 2
+    assert [a.step for a in schedule[0] if a.kind in "JHC"] == [0] * 5 + [1] * 5
+    validate_schedule(schedule, 2)
+    times = clock_cycles(gpipe_schedule(2, 2, UpdatePhase("cgblock", steps=1)))
+    # Stage 1 waits for stage 0's J0 (tangents go up); stage 0 for stage 1's H1 (they come down).
+    assert [start for start, _ in times[0]] == [0, 1, 4, 5, 6, 7, 8, 11, 12, 13, 14]
+    assert [start for start, _ in times[1]] == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]
+
+
+def test_a_tangent_pass_before_the_local_model_is_refused() -> None:
+    bad = [[Action("F", 0), Action("B", 0), Action("J", 0), Action("L")]]
+    with pytest.raises(ScheduleError, match="before the local model"):
+        validate_schedule(bad, 1)
