@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,9 @@ if TYPE_CHECKING:  # compare_report imports this module
     from sm_dist.compare_report import DepthGroup, Row
 
 PANEL_WIDTH, ROW_HEIGHT = 5.5, 3.4  # inches
+# A diverging run would stretch the log axis over dozens of decades and flatten every other
+# curve; the axis stops this many times above the highest starting loss and the run leaves it.
+HEADROOM = 3.0
 
 
 def figure_rows(groups: Sequence[DepthGroup]) -> list[tuple[str, list[Row]]]:
@@ -30,13 +34,36 @@ def figure_rows(groups: Sequence[DepthGroup]) -> list[tuple[str, list[Row]]]:
     return drawn
 
 
+def _finite_losses(row: Row) -> list[float]:
+    values = [r.get("train_loss") for r in row.run.records]
+    return [y for y in values if isinstance(y, (int, float)) and math.isfinite(y) and y > 0]
+
+
+def y_limits(rows: Sequence[Row]) -> tuple[float, float] | None:
+    """From a little below the lowest finite loss to HEADROOM times the highest first loss."""
+    finite = [_finite_losses(row) for row in rows]
+    starts = [ys[0] for ys in finite if ys]
+    if not starts:
+        return None
+    top = HEADROOM * max(starts)
+    bottom = min(min(ys) for ys in finite if ys)
+    return 0.8 * min(bottom, top), top
+
+
 def _panel(axes: Axes, rows: Sequence[Row], x_key: str, colours: dict[str, str]) -> None:
+    limits = y_limits(rows)
     for row in rows:
         xs, ys = plots._series(row.run.records, x_key, "train_loss")
         if xs:
             few = len(xs) <= 30  # short runs: mark the iterations, or a line hides them
-            axes.plot(xs, ys, color=colours[row.optimizer], linewidth=1.6, label=row.name,
+            finite = _finite_losses(row)
+            left = limits is not None and (len(finite) < len(row.run.records)
+                                           or max(finite, default=0.0) > limits[1])
+            axes.plot(xs, ys, color=colours[row.optimizer], linewidth=1.6,
+                      label=row.name + (" (leaves the plot)" if left else ""),
                       marker="o" if few else None, markersize=3)
+    if limits is not None:
+        axes.set_ylim(*limits)
     if not axes.lines:
         axes.text(0.5, 0.5, "no finite values recorded", transform=axes.transAxes,
                   ha="center", va="center", fontsize=FONT_SIZE, color="0.4")

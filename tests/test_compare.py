@@ -179,6 +179,22 @@ def test_tables_pick_the_best_finite_lr_note_divergence_and_sum_hvps() -> None:
     assert steady_iteration_time(results[0].run) == pytest.approx(0.5)
 
 
+def test_a_diverging_run_does_not_stretch_the_figure() -> None:
+    """The loss axis ends HEADROOM times above the highest starting loss, so that a run that
+    blows up leaves the plot instead of flattening the others; its legend entry says so."""
+    from sm_dist.compare_plot import HEADROOM, y_limits
+    from sm_dist.compare_report import Row
+
+    base = job_from_dict(synthetic_job())
+    sm, adam = expand_grid(base, ["sm", "adam"])
+    steady = fake_result(sm, [2.0, 1.0, 0.5]).run
+    blowing = fake_result(adam, [2.5, 1e30, None]).run
+    assert steady is not None and blowing is not None
+    rows = [Row("sm", "sm", 3, steady), Row("adam", "adam", None, blowing)]
+    assert y_limits(rows) == pytest.approx((0.8 * 0.5, HEADROOM * 2.5))
+    assert y_limits(rows[:1]) == pytest.approx((0.4, HEADROOM * 2.0))
+
+
 # ------------------------------------------------------------------------------ a real grid
 def md_tables(text: str) -> dict[str, list[dict[str, str]]]:
     """Every markdown table of compare.md under its headings ('## section / ### sub'), as
