@@ -134,6 +134,17 @@ def test_cg_negative_curvature_at_first_step_takes_one_armijo_gradient_step() ->
     assert cg.run(4) == 0
 
 
+def test_cg_stops_on_a_non_finite_curvature_and_keeps_its_iterate() -> None:
+    """A NaN pᵀ𝓗p (the network overflowed) is not 'positive': CG stops instead of stepping
+    with NaN, and CGBlock's products, which come from outside, stop counting."""
+    matrix = torch.eye(2, dtype=DTYPE)
+    cg = TruncatedCG(DenseLocalLoss(matrix, torch.tensor([1.0, 2.0], dtype=DTYPE)), tol=0.0,
+                     armijo=ArmijoRule(), fallback_step=1.0)
+    assert cg.advance(torch.full((2,), float("nan"), dtype=DTYPE)) == 0
+    assert cg.stopped == "non-finite curvature" and cg.steps == 0
+    assert torch.equal(cg.d, torch.zeros(2, dtype=DTYPE))
+
+
 def test_cg_zero_curvature_counts_as_non_positive() -> None:
     matrix = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=DTYPE)
     g = torch.tensor([1.0, 0.0], dtype=DTYPE)

@@ -25,6 +25,7 @@ class TruncatedCG:
 
     Stops when ‖r‖ ≤ tol·‖g‖, or on non-positive curvature pᵀ𝓗p ≤ 0: at the first step it then
     takes one gradient step with an Armijo search on L_s instead; later it keeps the iterate.
+    A NaN or infinite pᵀ𝓗p (the network has overflowed) stops it where it is.
     The state (d, r, p, rᵀr) and 𝓗d live here between calls.
     """
 
@@ -55,6 +56,9 @@ class TruncatedCG:
         computed elsewhere: CGBlock's products come from pipeline passes); returns 0 or 1."""
         assert self.stopped is None, "the solver has stopped"
         curvature = float(self.p @ hp)
+        if not math.isfinite(curvature):  # the iterate has overflowed: no step can help
+            self.stopped = "non-finite curvature"
+            return 0
         if curvature <= 0.0:
             taken = 0
             if self.steps == 0:
