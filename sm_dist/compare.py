@@ -228,10 +228,10 @@ def existing_run(path: Path, job: JobConfig) -> tuple[str, str]:
 
 def plan_runs(points: Sequence[GridPoint], out: Path, rerun: bool, collect_only: bool
               ) -> list[str]:
-    """Per point: "collect" (a finished run of its job is there), "run", or "replace" (remove
-    an unfinished run, or any run with --rerun, then run). Every problem at once is a
-    CompareError: with --collect-only a run that is not there finished, otherwise a run
-    directory holding another job (unless --rerun)."""
+    """Per point: "collect" (a finished run of its job is there), "run", or "replace" (move
+    an unfinished run, or any run with --rerun, to <out>/replaced/, then run). Every problem
+    at once is a CompareError: with --collect-only a run that is not there finished,
+    otherwise a run directory holding another job (unless --rerun)."""
     actions, problems = [], []
     for point in points:
         path = run_path(out, point)
@@ -258,6 +258,19 @@ def plan_runs(points: Sequence[GridPoint], out: Path, rerun: bool, collect_only:
 
 
 # ------------------------------------------------------------------------------ running
+def set_aside(path: Path, out: Path) -> Path:
+    """Move a run directory that is to be trained again to <out>/replaced/<label>-<k>/, so
+    that nothing already written is lost; returns where it went."""
+    target = out / "replaced" / path.name
+    k = 1
+    while target.exists():
+        k += 1
+        target = out / "replaced" / f"{path.name}-{k}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(path), str(target))
+    return target
+
+
 def train_command(job_file: Path, path: Path, single_process: bool) -> list[str]:
     """`sm-dist train` as a user would type it, with this interpreter."""
     command = [sys.executable, "-m", "sm_dist", "train", str(job_file), "--out", str(path),
@@ -325,7 +338,7 @@ def run_grid(points: Sequence[GridPoint], actions: Sequence[str], out: Path,
                 result = RunResult(point, path, "failed", reason=f"cannot be read: {err}")
         else:
             if action == "replace":
-                shutil.rmtree(path)
+                echo(f"(earlier run kept in {set_aside(path, out)}) ", end="", flush=True)
             result = train_point(point, out, single_process)
         echo(_outcome_text(result), flush=True)
         results.append(result)

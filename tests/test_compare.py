@@ -358,3 +358,31 @@ def test_a_failed_run_is_reported_and_the_others_are_written(
     assert "## Failed runs" in text and "- mlp3-adam-lr0.5: sm-dist train exited with 3" in text
     assert "adam (lr=" in text and "best of 2)" in text  # the finished lrs still compared
     assert (out / "compare.png").is_file()
+
+
+def test_engine_runs_and_an_unfinished_run_is_set_aside_not_lost(tmp_path: Path) -> None:
+    """Without --single-process every run starts one process per stage (the engine writes a
+    trace and per-stage utilisation); an unfinished run of the same job in the way is moved to
+    OUT/replaced/ and trained again, its files kept."""
+    job = synthetic_job(model={"mlp": {"widths": [6, 5, 3], "activation": "tanh"},
+                               "balance": [1, 1]},
+                        run={"iterations": 2, "eval_every": 0, "threads": 1, "rpc_timeout": 60})
+    write_job(tmp_path / "job.yaml", job)
+    point, = expand_grid(job_from_dict(job), ["sm"], inner_steps=[1])
+    unfinished = tmp_path / "out" / "runs" / point.label
+    unfinished.mkdir(parents=True)
+    dump_job(point.job, unfinished / "config.yaml")
+    (unfinished / "metrics.jsonl").write_text('{"iteration": 1, "note": "interrupted"}\n')
+    result = run_cli("compare", "job.yaml", "--optimizers", "sm", "--inner-steps", "1",
+                     "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kept = tmp_path / "out" / "replaced" / point.label
+    assert "interrupted" in (kept / "metrics.jsonl").read_text()
+    assert f"earlier run kept in {Path('out') / 'replaced' / point.label}" in result.stdout
+    run = tmp_path / "out" / "runs" / point.label
+    assert (run / "trace.json").is_file() and (run / "summary.json").is_file()
+    records = records_of(run)
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(len(r["busy_fraction"]) == 2 for r in records)
+    assert (tmp_path / "out" / "compare.md").is_file()
+    assert "--single-process" not in (tmp_path / "out" / "logs" / f"{point.label}.log").read_text()
