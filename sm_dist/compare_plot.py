@@ -1,4 +1,4 @@
-"""compare.png: training loss against iteration and wall time, one row per depth and N."""
+"""compare.png: training loss against iteration, pipeline passes and wall time, per depth and N."""
 
 from __future__ import annotations
 
@@ -50,10 +50,22 @@ def y_limits(rows: Sequence[Row]) -> tuple[float, float] | None:
     return 0.8 * min(bottom, top), top
 
 
+def pipeline_passes(record: dict) -> float | None:
+    """Passes of the batch through the whole pipeline so far: forward plus backward, a tangent
+    pass (CGBlock) counting as both, since it goes up and comes back down."""
+    forward, backward = record.get("forward_passes"), record.get("backward_passes")
+    if forward is None or backward is None:
+        return None
+    return forward + backward + 2 * record.get("tangent_passes", 0)
+
+
 def _panel(axes: Axes, rows: Sequence[Row], x_key: str, colours: dict[str, str]) -> None:
     limits = y_limits(rows)
     for row in rows:
-        xs, ys = plots._series(row.run.records, x_key, "train_loss")
+        records = row.run.records
+        if x_key == "pipeline_passes":
+            records = [{**r, "pipeline_passes": pipeline_passes(r)} for r in records]
+        xs, ys = plots._series(records, x_key, "train_loss")
         if xs:
             few = len(xs) <= 30  # short runs: mark the iterations, or a line hides them
             finite = _finite_losses(row)
@@ -78,20 +90,25 @@ def _panel(axes: Axes, rows: Sequence[Row], x_key: str, colours: dict[str, str])
 
 def plot_compare(groups: Sequence[DepthGroup], optimizers: Sequence[str], path: str | Path
                  ) -> None:
-    """Two panels per figure row, the training loss (log scale) against the iteration and
-    against wall time, one line per optimizer in the colour of its place in `optimizers`
+    """Three panels per figure row, the training loss (log scale) against the iteration, the
+    pipeline passes and wall time, one line per optimizer in the colour of its place in `optimizers`
     (gd, sgd, adam and ddg at their best learning rate); the legend right of each row."""
     drawn = figure_rows(groups)
     colours = {name: f"C{i % 10}" for i, name in enumerate(optimizers)}
-    figure = plots._new_figure(2 * PANEL_WIDTH + 2.5, ROW_HEIGHT * len(drawn) + 0.4)
-    grid = figure.add_gridspec(len(drawn), 2, hspace=0.55, wspace=0.22)
+    figure = plots._new_figure(3 * PANEL_WIDTH + 2.5, ROW_HEIGHT * len(drawn) + 0.4)
+    grid = figure.add_gridspec(len(drawn), 3, hspace=0.55, wspace=0.22)
     for index, (title, rows) in enumerate(drawn):
         by_iteration = figure.add_subplot(grid[index, 0])
-        by_time = figure.add_subplot(grid[index, 1], sharey=by_iteration)
+        by_passes = figure.add_subplot(grid[index, 1], sharey=by_iteration)
+        by_time = figure.add_subplot(grid[index, 2], sharey=by_iteration)
         _panel(by_iteration, rows, "iteration", colours)
+        _panel(by_passes, rows, "pipeline_passes", colours)
         _panel(by_time, rows, "wall_time", colours)
         by_iteration.xaxis.set_major_locator(MaxNLocator(integer=True))
         by_iteration.set_xlabel("iteration", fontsize=FONT_SIZE)
+        if by_passes.lines:  # SSO makes ~100x the passes of SM: only a log scale shows both
+            by_passes.set_xscale("log")
+        by_passes.set_xlabel("pipeline passes (forward + backward), log scale", fontsize=FONT_SIZE)
         by_time.set_xlabel("wall time (s)", fontsize=FONT_SIZE)
         by_iteration.set_ylabel("training loss (log scale)", fontsize=FONT_SIZE)
         by_iteration.set_title(title, fontsize=FONT_SIZE + 1, loc="left")

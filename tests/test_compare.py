@@ -195,6 +195,14 @@ def test_a_diverging_run_does_not_stretch_the_figure() -> None:
     assert y_limits(rows[:1]) == pytest.approx((0.4, HEADROOM * 2.0))
 
 
+def test_pipeline_passes_count_a_tangent_pass_as_forward_and_backward() -> None:
+    from sm_dist.compare_plot import pipeline_passes
+
+    assert pipeline_passes({"forward_passes": 9, "backward_passes": 2}) == 11
+    assert pipeline_passes({"forward_passes": 3, "backward_passes": 3, "tangent_passes": 5}) == 16
+    assert pipeline_passes({"iteration": 1}) is None
+
+
 # ------------------------------------------------------------------------------ a real grid
 def md_tables(text: str) -> dict[str, list[dict[str, str]]]:
     """Every markdown table of compare.md under its headings ('## section / ### sub'), as
