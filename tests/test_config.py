@@ -348,6 +348,11 @@ def test_optimizer_cross_checks() -> None:
     assert error.startswith("optimizer.rho: rho = 0.1 needs inner_solver: gd_armijo")
     job = job_from_dict(example_raw(), ["optimizer.rho=0.1", "optimizer.inner_solver=gd_armijo"])
     assert job.optimizer.rho == 0.1
+    for name in ("sso", "cgblock"):  # their inner steps are pipeline passes: nothing to fill
+        (error,) = errors_of(example_raw(), (f"optimizer.name={name}",
+                                             "optimizer.inner_steps={min: 2, max: 9}"))
+        assert error.startswith(f"optimizer.inner_steps: {name} needs a fixed number")
+        job_from_dict(example_raw(), [f"optimizer.name={name}", "optimizer.inner_steps=4"])
 
 
 def test_mlp_must_fit_the_data() -> None:
