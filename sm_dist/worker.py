@@ -82,8 +82,8 @@ class Plan:
     labels: dict[tuple[str, int], Tensor] = field(default_factory=dict)  # last stage's y
     n: int = 0  # samples in the batch, the loss's 1/n
     same_batch: bool = False
-    trial_step: float | None = None  # GD+Armijo: set θ = θ_t − α∇h before the actions
-    end_trial: bool | None = None  # GD+Armijo: keep (True) or undo (False) the last trial
+    trial_step: float | None = None  # GD+Armijo, SSO: set θ = θ − α·p.grad before the actions
+    end_trial: bool | None = None  # GD+Armijo, SSO: keep (True) or undo (False) the last trial
     surrogate: bool = False  # SSO: the last stage evaluates q instead of the loss
     command: str | None = None  # a stage method to call after the actions (grad_sq_norm, ...)
     command_args: tuple = ()
