@@ -113,8 +113,8 @@ def _compare_args(commands: Any) -> None:
         description="Train one run per grid point with `sm-dist train`, one after another "
                     "(or collect finished runs from an earlier compare with the same --out), "
                     "then write compare.md (tables like the SM paper's Tables 1-4, cost, "
-                    "learning-rate sweeps) and compare.png (loss against iteration and wall "
-                    "time). See docs/comparing.md.")
+                    "learning-rate sweeps) and compare.png (loss against iteration, pipeline "
+                    "passes and wall time). See docs/comparing.md.")
     _job_args(compare_cmd)
     compare_cmd.add_argument("--optimizers", required=True, metavar="NAME,...",
                              type=_comma_list(str, "optimizer names"),
@@ -139,7 +139,7 @@ def _compare_args(commands: Any) -> None:
                              help="train every run with --single-process")
     compare_cmd.add_argument("--rerun", action="store_true",
                              help="train again even where a finished run of the same job exists "
-                                  "(replacing it)")
+                                  "(the earlier run is moved to OUT/replaced/)")
     compare_cmd.add_argument("--collect-only", "--no-run", dest="collect_only",
                              action="store_true",
                              help="train nothing: only collect the finished runs in --out")
