@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sm_dist.config import JobConfig, job_to_dict, load_job
+from sm_dist.config import JobConfig, job_differences, load_job
 
 COORDINATOR_FILE = "coordinator.pt"  # its presence marks a checkpoint as complete
 
@@ -78,11 +78,8 @@ def check_resumable(run_dir: Path, job: JobConfig) -> Path:
     if not found:
         raise CheckpointError(f"{run_dir} has no complete checkpoint; set run.checkpoint_every "
                               "to write them, or start a new run")
-    saved = job_to_dict(load_job(run_dir / "config.yaml"))
-    wanted = job_to_dict(job)
-    saved["run"].pop("iterations")
-    wanted["run"].pop("iterations")
-    differ = sorted(_differences(saved, wanted))
+    differ = [key for key in job_differences(load_job(run_dir / "config.yaml"), job)
+              if key != "run.iterations"]
     if differ:
         raise CheckpointError(f"the job differs from the one {run_dir} was started with in "
                               f"{', '.join(differ)}; only run.iterations may change on resume")
@@ -92,12 +89,3 @@ def check_resumable(run_dir: Path, job: JobConfig) -> Path:
                               f"{job.run.iterations}); to train on, raise it, e.g. "
                               f"--set run.iterations={done + job.run.iterations}")
     return found[-1]
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b)):
-            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if a == b else [prefix]

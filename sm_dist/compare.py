@@ -19,6 +19,7 @@ from sm_dist.config import (
     InnerStepsConfig,
     JobConfig,
     dump_job,
+    job_differences,
     job_from_dict,
     job_to_dict,
     load_job,
@@ -197,15 +198,6 @@ def run_path(out: Path, point: GridPoint) -> Path:
     return out / "runs" / point.label
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: value}
-
-
 def existing_run(path: Path, job: JobConfig) -> tuple[str, str]:
     """What `path` holds, with a reason: "none" (no run), "finished" (summary.json) or
     "unfinished" run of `job`, or "different" (another job, or a config.yaml that is none)."""
@@ -215,11 +207,11 @@ def existing_run(path: Path, job: JobConfig) -> tuple[str, str]:
         old = load_job(path / "config.yaml")
     except ConfigError as err:
         return "different", f"its config.yaml is not a usable job ({err.errors[0]})"
-    theirs, ours = _flatten(job_to_dict(old)), _flatten(job_to_dict(job))
-    keys = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
-    if keys:
-        shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in keys[:3])
-        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    differ = job_differences(old, job)
+    if differ:
+        shown = ", ".join(f"{key}: {there!r} there, {here!r} here"
+                          for key, (there, here) in list(differ.items())[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         return "different", f"another job ({shown}{more})"
     if (path / "summary.json").is_file():
         return "finished", "finished"

@@ -217,6 +217,21 @@ def job_to_dict(job: JobConfig) -> dict[str, Any]:
     return dataclasses.asdict(job)
 
 
+def job_differences(a: JobConfig, b: JobConfig) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two jobs, sorted, each with (a's, b's)."""
+    found: dict[str, tuple[Any, Any]] = {}
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                walk(x.get(key), y.get(key), f"{prefix}.{key}" if prefix else key)
+        elif x != y:
+            found[prefix] = (x, y)
+
+    walk(job_to_dict(a), job_to_dict(b), "")
+    return found
+
+
 def dump_job(job: JobConfig, path: str | os.PathLike[str]) -> None:
     """Write the job as YAML (fields in schema order) so that `load_job` reads it back."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
