@@ -29,11 +29,9 @@ from sm_dist.schema import plural
 
 # Optimizers that take optimizer.inner_steps: one run per N of --inner-steps.
 INNER_STEP_OPTIMIZERS = ("sm", "sso", "cgblock")
-# Optimizers whose learning rate is swept: one run per --lrs value, the best one reported
-# (the spec gives none of them a step size, so each gets its best from the stated sweep).
+# Optimizers that step with optimizer.lr, which is swept: one run per --lrs value, the best
+# one reported (the spec gives none of them a step size, so each gets its best from a sweep).
 LR_SWEEP_OPTIMIZERS = ("gd", "sgd", "adam", "ddg")
-# Optimizers that step with optimizer.lr (the tables show it beside their name).
-LR_OPTIMIZERS = ("gd", "sgd", "adam", "ddg")
 
 
 class CompareError(Exception):

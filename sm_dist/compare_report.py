@@ -11,7 +11,6 @@ from typing import Any
 
 from sm_dist.compare import (
     INNER_STEP_OPTIMIZERS,
-    LR_OPTIMIZERS,
     LR_SWEEP_OPTIMIZERS,
     RunResult,
     lr_text,
@@ -178,9 +177,6 @@ def group_results(results: Sequence[RunResult]) -> list[DepthGroup]:
             elif point.inner_steps is not None:
                 group.rows.append(Row(f"{name} (N={steps_text(point.inner_steps)})", name,
                                       point.inner_steps, result.run))
-            elif name in LR_OPTIMIZERS:
-                group.rows.append(Row(f"{name} (lr={lr_text(point.job.optimizer.lr)})", name,
-                                      None, result.run))
             else:
                 group.rows.append(Row(name, name, None, result.run))
     return list(groups.values())
