@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sm_dist.checkpoints import CheckpointError, check_resumable
-from sm_dist.config import ConfigError, JobConfig, load_job
+from sm_dist.config import STEERED_OPTIMIZERS, ConfigError, JobConfig, load_job
 from sm_dist.data import DataError, Dataset
 from sm_dist.job import (
     JobSetupError,
@@ -222,7 +222,7 @@ def run_schedule(args: argparse.Namespace) -> int:
         print(f"stage {s}: " + " ".join(str(a) for a in actions))
     print()
     # GD+Armijo and SSO wait for each iteration's loss before the next: no overlap.
-    steered = job.optimizer.name in ("gd_armijo", "sso")
+    steered = job.optimizer.name in STEERED_OPTIMIZERS
     drawn = 1 if steered else max(1, args.iterations)
     print(render_grid(schedule, iterations=drawn))
     if job.optimizer.name == "gd_armijo":

@@ -77,6 +77,11 @@ class InnerStepsConfig:
     fill_bubbles: bool = True
 
 
+# Optimizers whose steps the coordinator steers pass by pass after each backward (trial steps
+# chosen by a line search on the loss or on SSO's surrogate; sm_dist/steered.py).
+STEERED_OPTIMIZERS = frozenset({"gd_armijo", "sso"})
+
+
 @dataclass(kw_only=True)
 class OptimizerConfig:
     """The optimizer: SM with its inner solver and trust region, or a baseline (spec §6)."""

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from sm_dist.config import InnerStepsConfig, OptimizerConfig
+from sm_dist.config import STEERED_OPTIMIZERS, InnerStepsConfig, OptimizerConfig
 from sm_dist.schedule import UpdatePhase
 from sm_dist.timeline import TimelineEvent
 from sm_dist.updates import StageUpdateReport
@@ -86,7 +86,7 @@ class Done:
 def update_phase(cfg: OptimizerConfig, last: bool = False) -> UpdatePhase:
     """The update phase an optimizer runs after each backward (GD+Armijo and SSO: none, the
     coordinator steers their steps pass by pass)."""
-    if cfg.name in ("gd_armijo", "sso"):
+    if cfg.name in STEERED_OPTIMIZERS:
         return UpdatePhase("none")
     if cfg.name == "cgblock":
         assert isinstance(cfg.inner_steps, int)

@@ -146,7 +146,7 @@ def validate_schedule(schedule: Schedule, num_microbatches: int) -> None:
     for s, actions in enumerate(schedule):
         seen: set[Action] = set()
         for position, action in enumerate(actions):
-            if action.kind in ("F", "B", "E", "T", "J", "H") and action in seen:
+            if action.kind in FORWARD_KINDS + BACKWARD_KINDS and action in seen:
                 raise ScheduleError(f"stage {s}: {action} appears twice")
             seen.add(action)
             if action.kind == "B" and Action("F", action.index) not in seen:

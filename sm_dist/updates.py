@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sm_dist.config import OptimizerConfig
+from sm_dist.config import STEERED_OPTIMIZERS, OptimizerConfig
 from sm_dist.math.line_search import ArmijoRule
 from sm_dist.math.local_loss import BlockModel, LocalLoss, flatten, unflatten
 from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
@@ -79,11 +79,9 @@ class SurrogateUpdate:
                 p.add_(dp)
         if isinstance(solver, GradientDescentArmijo) and solver.fixed_step is None:
             self.next_step = 2.0 * solver.last_step
-        functions = stage.backward_state.functions.values()
-        inner_products = sum(fn.products for fn in functions) - self._products_before
-        stage.counters.psi_products += inner_products
+        products = sum(fn.products for fn in stage.backward_state.functions.values())
+        stage.counters.psi_products += products - self._products_before  # the inner loop's
         report = solver.report()
-        products = sum(fn.products for fn in functions)
         self._report = StageUpdateReport(
             inner_steps=report.steps, local_loss=report.value,
             curvature_sent=stage.backward_state.max_curvature_sent,
@@ -261,7 +259,7 @@ def make_update_rule(cfg: OptimizerConfig, stage: PipelineStage) -> UpdateRule:
         return DelayedGradientUpdate(cfg, stage)
     if cfg.name in ("gd", "sgd", "adam"):
         return TorchOptimizerUpdate(cfg, stage)
-    if cfg.name in ("gd_armijo", "sso"):  # SSO's inner steps are trial steps on q
+    if cfg.name in STEERED_OPTIMIZERS:  # SSO's inner steps are trial steps on q
         return ArmijoTrialUpdate(cfg, stage)
     if cfg.name == "cgblock":
         return BlockCGUpdate(cfg, stage)
