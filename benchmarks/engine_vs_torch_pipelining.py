@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from sm_dist.config import job_from_dict
-from sm_dist.job import build_stage_modules, load_job_data
+from sm_dist.config.build import build_stage_modules, load_job_data
+from sm_dist.config.job import job_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -96,7 +96,7 @@ smd_num_stages() {  # smd_num_stages JOB [TRAIN_ARGS...]: check the job, print l
   "$PYTHON" - "$job" "${overrides[@]}" <<'PY'
 import sys
 
-from sm_dist.config import load_job
+from sm_dist.config.job import load_job
 
 job = load_job(sys.argv[1], sys.argv[2:])
 print(len(job.model.balance))

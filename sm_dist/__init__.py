@@ -1,3 +1,3 @@
 """sm-dist: pipeline-parallel training with the Surrogate Minimization optimizer."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -12,20 +12,22 @@ from typing import Any
 
 import torch
 
-from sm_dist.checkpoints import CheckpointError, check_resumable
-from sm_dist.config import STEERED_OPTIMIZERS, ConfigError, JobConfig, load_job
-from sm_dist.data import DataError, Dataset
-from sm_dist.job import (
+from sm_dist.config.build import (
     JobSetupError,
+    build_optimizer,
     build_stage,
     build_stage_modules,
     load_job_data,
     resolve_device,
 )
-from sm_dist.run_dir import RunDirError, check_run_dir, default_run_dir
-from sm_dist.transport import TransportError, under_launcher
+from sm_dist.config.job import ConfigError, JobConfig, load_job
+from sm_dist.data.datasets import DataError, Dataset
+from sm_dist.engine.transport import TransportError, under_launcher
+from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
+from sm_dist.optim import registry
+from sm_dist.run.checkpoints import CheckpointError, check_resumable
+from sm_dist.run.run_dir import RunDirError, check_run_dir, default_run_dir
 
-EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT = 0, 1, 2
 EPILOG = "Exit codes: 0 success, 2 bad input (job file, data, directories), 1 runtime failure."
 
 
@@ -118,16 +120,16 @@ def _compare_args(commands: Any) -> None:
     _job_args(compare_cmd)
     compare_cmd.add_argument("--optimizers", required=True, metavar="NAME,...",
                              type=_comma_list(str, "optimizer names"),
-                             help="optimizers to compare, e.g. sm,gd_armijo,sso,cgblock,ddg,adam")
+                             help=f"optimizers to compare, from {', '.join(registry.NAMES)}")
     compare_cmd.add_argument("--inner-steps", type=_comma_list(int, "integers"), metavar="N,...",
-                             help="N for sm, sso and cgblock, e.g. 1,10,20 (default: the "
-                                  "job's optimizer.inner_steps)")
+                             help=f"N for {', '.join(registry.names_sweeping('inner_steps'))}, "
+                                  "e.g. 1,10,20 (default: the job's optimizer.inner_steps)")
     compare_cmd.add_argument("--depths", type=_comma_list(int, "integers"), metavar="D,...",
                              help="MLP depths in Linear layers, e.g. 2,4,8, on min(D, the job's "
                                   "stages) stages (default: the job's own model)")
     compare_cmd.add_argument("--lrs", type=_comma_list(float, "numbers"), metavar="LR,...",
-                             help="learning rates for gd, sgd, adam and ddg, each reported at its "
-                                  "best (default: the job's optimizer.lr)")
+                             help=f"learning rates for {', '.join(registry.names_sweeping('lr'))}"
+                                  ", each reported at its best (default: the job's optimizer.lr)")
     compare_cmd.add_argument("--at", type=_comma_list(int, "integers"), metavar="K,...",
                              help="iterations of the Table-1 columns (default: about 5 evenly "
                                   "spaced up to run.iterations)")
@@ -164,9 +166,10 @@ def _check_out(out: Path, job: JobConfig, resume: bool) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from sm_dist.engine import launch_local, run_rank
-    from sm_dist.local_pipeline import LocalPipeline
-    from sm_dist.session import run_training
+    from sm_dist.engine.launch import launch_local, run_rank
+    from sm_dist.pipeline.local import LocalPipeline
+    from sm_dist.report.summary import finish_run
+    from sm_dist.run.session import make_console, run_training
 
     job = load_job(args.job, args.overrides)
     resume = args.resume is not None
@@ -195,8 +198,10 @@ def run_train(args: argparse.Namespace) -> int:
     pipeline = LocalPipeline([build_stage(job, s, m, device) for s, m in enumerate(modules)])
     header = (f"sm-dist: {job.name}: {len(job.model.balance)} stages in one process, "
               f"{job.optimizer.name}, {len(data.train_x)} training samples -> {out}")
+    console = make_console(args.live)
     run_training(job, pipeline, _to_device(data, device), out, header=header, live=args.live,
-                 resume=resume)
+                 console=console, resume=resume)
+    finish_run(out, console)
     return EXIT_OK
 
 
@@ -208,44 +213,39 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_schedule(args: argparse.Namespace) -> int:
-    from sm_dist.pipeline import update_phase
-    from sm_dist.schedule import gpipe_schedule, render_grid, validate_schedule
+    from sm_dist.pipeline.schedule import gpipe_schedule, render_grid, validate_schedule
 
     job = load_job(args.job, args.overrides)
     stages, microbatches = len(job.model.balance), job.data.microbatches
-    update = update_phase(job.optimizer)
-    schedule = gpipe_schedule(stages, microbatches, update)
+    optimizer = build_optimizer(job)
+    schedule = gpipe_schedule(stages, microbatches,
+                              optimizer.update_actions(microbatches, last=False))
     validate_schedule(schedule, microbatches)
     print(f"{job.name}: {stages} stages, {microbatches} microbatches, {job.optimizer.name}; "
           f"one column per slot of unit cost, {args.iterations} iterations back to back")
     for s, actions in enumerate(schedule):
         print(f"stage {s}: " + " ".join(str(a) for a in actions))
     print()
-    # GD+Armijo and SSO wait for each iteration's loss before the next: no overlap.
-    steered = job.optimizer.name in STEERED_OPTIMIZERS
-    drawn = 1 if steered else max(1, args.iterations)
+    # An optimizer the coordinator steers waits for each iteration's loss: no overlap.
+    drawn = 1 if optimizer.steered else max(1, args.iterations)
     print(render_grid(schedule, iterations=drawn))
-    if job.optimizer.name == "gd_armijo":
-        print("\nGD+Armijo then runs forward-only trial passes (T) until its line search "
-              "accepts a step; they depend on the loss, so iterations do not overlap.")
-    if job.optimizer.name == "sso":
-        print(f"\nSSO then takes {job.optimizer.inner_steps} steps on its surrogate: each "
-              "after the first is another forward and backward pass like this one (F, B), and "
-              "each Armijo trial a forward-only pass (T); the coordinator steers them, so "
-              "iterations do not overlap.")
+    note = optimizer.schedule_note()
+    if note:
+        print(f"\n{note}")
     return EXIT_OK
 
 
 def run_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from sm_dist.report import report_main
+    from sm_dist.report.summary import report_main
 
     return report_main(args.runs, args.out, Console())
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from sm_dist.compare import CompareError, compare_main
+    from sm_dist.report.compare import compare_main
+    from sm_dist.report.grid import CompareError
 
     try:
         return compare_main(args.job, args.overrides, args.optimizers,

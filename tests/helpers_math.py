@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from sm_dist.config import JobConfig, job_from_dict
-from sm_dist.models import build_mlp
+from sm_dist.config.job import JobConfig, job_from_dict
+from sm_dist.models.build import build_mlp
 
 DTYPE = torch.float64
 ACTIVATIONS = ("relu", "tanh", "gelu")

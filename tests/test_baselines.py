@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from sm_dist.config import job_from_dict
-from sm_dist.data import split_microbatches
-from sm_dist.job import build_local_pipeline, load_job_data
-from sm_dist.trainer import train
+from sm_dist.config.build import build_local_pipeline, load_job_data
+from sm_dist.config.job import job_from_dict
+from sm_dist.data.batches import split_microbatches
+from sm_dist.optim.cgblock import tangent_pass
+from sm_dist.optim.sso import SURROGATE
+from sm_dist.run.metrics import IterationRecord
+from sm_dist.run.trainer import train
 from tests.conftest import synthetic_job
 
 CPU = torch.device("cpu")
@@ -153,7 +156,7 @@ def close(actual: Tensor, expected: Tensor, rtol: float) -> None:
     ("tanh-1layer", 2), ("relu-1layer", 3), ("tanh-2layer", 3), ("relu-2layer", 2)])
 def test_cgblock_tangent_pass_gives_each_stages_diagonal_hessian_block(
         model: str, microbatches: int) -> None:
-    """Each stage's take_block_product() after one tangent pass against H_ss v_s, H_ss the
+    """Each stage's rule.take_block_product() after one tangent pass against H_ss v_s, H_ss the
     diagonal block of the dense Hessian of the whole network's mean loss (and not (H v)_s)."""
     _, pipeline, data = make(model, {"name": "cgblock", "inner_steps": 3}, microbatches)
     x, y, n = data.train_x, data.train_y, len(data.train_x)
@@ -166,12 +169,12 @@ def test_cgblock_tangent_pass_gives_each_stages_diagonal_hessian_block(
     gen = torch.Generator().manual_seed(7)
     directions = [torch.randn(k, generator=gen, dtype=torch.float64) for k in net.sizes]
     for stage, v in zip(pipeline.stages, directions):
-        stage.update.begin()
-        stage.update.solver.p = v.clone()
-    pipeline.tangent_pass(microbatches)
+        stage.rule.begin()
+        stage.rule.solver.p = v.clone()
+    pipeline.perform([tangent_pass(microbatches)] * len(pipeline.stages))
     full = hess @ torch.cat(directions)
     for s, (stage, v) in enumerate(zip(pipeline.stages, directions)):
-        product = stage.take_block_product()
+        product = stage.rule.take_block_product()
         block = hess[net.block(s), net.block(s)]
         close(product, block @ v, 1e-9)
         # The off-diagonal blocks H_{s,s'} v_{s'} are not in it: it is not (H v)_s.
@@ -208,12 +211,12 @@ def test_cgblock_iteration_is_plain_cg_on_each_dense_block(
     theta1 = pipeline_theta(pipeline)
     for s in range(len(net.sizes)):
         close(theta1[net.block(s)], expected[net.block(s)], 1e-8)
-    assert records[0]["inner_steps"] == [ref["steps"] for ref in refs]
-    assert records[0]["inner_stopped"] == [ref["stopped"] for ref in refs]
+    assert records[0].inner_steps == [ref["steps"] for ref in refs]
+    assert records[0].inner_stopped == [ref["stopped"] for ref in refs]
     for s, ref in enumerate(refs):  # local_loss: the block model m_s(d_s) = g_sᵀd + ½dᵀH_ss d
         g_s, h_ss, d = grad[net.block(s)], hess[net.block(s), net.block(s)], ref["d"]
         model_value = float(g_s @ d + 0.5 * d @ (h_ss @ d))
-        assert records[0]["local_loss"][s] == pytest.approx(model_value, rel=1e-8, abs=1e-14)
+        assert records[0].local_loss[s] == pytest.approx(model_value, rel=1e-8, abs=1e-14)
 
 
 def test_cgblock_first_step_negative_curvature_takes_one_armijo_gradient_step() -> None:
@@ -240,8 +243,8 @@ def test_cgblock_first_step_negative_curvature_takes_one_armijo_gradient_step() 
     assert fallbacks == [False, False, False, True, False, False]
     records = train(job, pipeline, data, lambda r: None)
     close(pipeline_theta(pipeline), theta, 1e-8)
-    assert records[1]["inner_steps"][0] == 1
-    assert records[1]["inner_stopped"][0] == "negative curvature"
+    assert records[1].inner_steps[0] == 1
+    assert records[1].inner_stopped[0] == "negative curvature"
 
 
 # ------------------------------------------------------------------- 3. SSO surrogate pass
@@ -249,7 +252,7 @@ def test_cgblock_first_step_negative_curvature_takes_one_armijo_gradient_step() 
 @pytest.mark.parametrize(("model", "microbatches"), [("tanh-1layer", 3), ("relu-2layer", 2)])
 def test_sso_surrogate_pass_value_and_gradient_match_direct_q(
         model: str, microbatches: int, scale: float) -> None:
-    """surrogate_pass(...).loss and every p.grad at a perturbed θ against q(θ) and ∇q(θ)
+    """The surrogate pass's loss and every p.grad at a perturbed θ against q(θ) and ∇q(θ)
     written from the spec (anchor z_p^t, ∇ℓ(z_p^t) from θ_t, 1/η = sso_scale·L/n)."""
     _, pipeline, data = make(model, {"name": "sso", "inner_steps": 1, "sso_scale": scale},
                              microbatches)
@@ -264,7 +267,7 @@ def test_sso_surrogate_pass_value_and_gradient_match_direct_q(
     theta = theta_t + 0.3 * torch.randn(theta_t.shape, generator=gen, dtype=torch.float64)
     set_pipeline_theta(pipeline, theta)
     q = surrogate_direct(net, theta_t, x, y, scale)
-    result = pipeline.surrogate_pass(1, mbs, n)
+    result = pipeline.forward_backward(mbs, n, top=SURROGATE, iteration=1)
     expected = float(q(theta))
     assert abs(expected) > 1e-3  # a real test: θ is far enough from θ_t
     assert result.loss == pytest.approx(expected, rel=1e-11, abs=1e-14)
@@ -273,7 +276,7 @@ def test_sso_surrogate_pass_value_and_gradient_match_direct_q(
 
 @pytest.mark.parametrize("model", ["tanh-1layer", "relu-2layer"])
 def test_sso_surrogate_at_anchor_is_zero_with_the_loss_gradient(model: str) -> None:
-    """surrogate_pass at θ_t against q(θ_t) = 0 and ∇q(θ_t) = ∇h(θ_t) (dense, and the
+    """The surrogate pass at θ_t against q(θ_t) = 0 and ∇q(θ_t) = ∇h(θ_t) (dense, and the
     iteration's own backward)."""
     _, pipeline, data = make(model, {"name": "sso", "inner_steps": 1, "sso_scale": 3.0}, 3)
     x, y, n = data.train_x, data.train_y, len(data.train_x)
@@ -283,7 +286,7 @@ def test_sso_surrogate_at_anchor_is_zero_with_the_loss_gradient(model: str) -> N
     pipeline.forward_backward(mbs, n, same_batch=False)
     backward_grad = pipeline_grad(pipeline)
     pipeline.end_iteration()
-    result = pipeline.surrogate_pass(1, mbs, n)
+    result = pipeline.forward_backward(mbs, n, top=SURROGATE, iteration=1)
     assert abs(result.loss) <= 1e-15
     dense_grad = torch.func.grad(net.h(x, y))(theta_t)
     close(pipeline_grad(pipeline), dense_grad, 1e-12)
@@ -331,21 +334,21 @@ def test_sso_armijo_predicted_decrease_is_q_and_bounds_the_actual_decrease(model
     for t, record in enumerate(records):
         q = surrogate_direct(net, thetas[t], x, y)
         predicted = float(q(thetas[t + 1]))
-        assert record["predicted_decrease"] == pytest.approx(predicted, rel=1e-10, abs=1e-14)
-        assert record["predicted_decrease"] < 0.0
+        assert record.predicted_decrease == pytest.approx(predicted, rel=1e-10, abs=1e-14)
+        assert record.predicted_decrease < 0.0
         actual = float(h(thetas[t + 1]) - h(thetas[t]))
         assert actual <= predicted + 1e-12, (actual, predicted)
-        assert record["train_loss"] == pytest.approx(float(h(thetas[t])), rel=1e-12)
+        assert record.train_loss == pytest.approx(float(h(thetas[t])), rel=1e-12)
         if t + 1 < len(records):
-            assert records[t + 1]["actual_decrease_prev"] == pytest.approx(actual, abs=1e-12)
+            assert records[t + 1].actual_decrease_prev == pytest.approx(actual, abs=1e-12)
 
 
 # ------------------------------------------------------------------------ 6. cost accounting
-def deltas(records: list[dict[str, Any]], key: str) -> list[Any]:
+def deltas(records: list[IterationRecord], key: str) -> list[Any]:
     """Per-iteration increase of a cumulative record field (a number or a per-stage list)."""
     out, previous = [], None
     for r in records:
-        value = r[key]
+        value = getattr(r, key)
         if isinstance(value, list):
             base = previous if previous is not None else [0] * len(value)
             out.append([a - b for a, b in zip(value, base)])
@@ -363,11 +366,11 @@ def test_sso_armijo_pass_counts(inner: int) -> None:
     records = train(job, pipeline, data, lambda r: None)
     for r, backward, forward in zip(records, deltas(records, "backward_passes"),
                                     deltas(records, "forward_passes")):
-        assert r["inner_stopped"] == [None] * 3 and r["inner_steps"] == [inner] * 3
+        assert r.inner_stopped == [None] * 3 and r.inner_steps == [inner] * 3
         assert backward == inner
-        assert forward == backward + r["line_search_trials"]
-        assert r["line_search_trials"] >= inner
-        assert r["tangent_passes"] == 0 and r["hvp_products"] == [0, 0, 0]
+        assert forward == backward + r.line_search_trials
+        assert r.line_search_trials >= inner
+        assert r.tangent_passes == 0 and r.hvp_products == [0, 0, 0]
 
 
 def test_sso_fixed_step_pass_counts() -> None:
@@ -377,7 +380,7 @@ def test_sso_fixed_step_pass_counts() -> None:
     records = train(job, pipeline, data, lambda r: None)
     assert deltas(records, "backward_passes") == [3, 3]
     assert deltas(records, "forward_passes") == [3, 3]
-    assert all(r["line_search_trials"] == 0 for r in records)
+    assert all(r.line_search_trials == 0 for r in records)
 
 
 @pytest.mark.parametrize(("model", "steps", "tol", "microbatches"), [
@@ -420,9 +423,9 @@ def test_sm_hvp_products_are_the_cumulative_psi_products() -> None:
     records = train(job, pipeline, data, lambda r: None)
     total = [0, 0, 0]
     for r in records:
-        total = [a + b for a, b in zip(total, r["psi_products"])]
-        assert r["hvp_products"] == total
-        assert r["tangent_passes"] == 0
+        total = [a + b for a, b in zip(total, r.psi_products)]
+        assert r.hvp_products == total
+        assert r.tangent_passes == 0
     assert all(v > 0 for v in total)
 
 
@@ -434,6 +437,6 @@ def test_first_order_baselines_count_no_second_order_products(optimizer: dict) -
     records = train(job, pipeline, data, lambda r: None)
     assert len(records) == 3
     for r in records:
-        assert r["hvp_products"] == [0, 0, 0]
-        assert r["tangent_passes"] == 0
+        assert r.hvp_products == [0, 0, 0]
+        assert r.tangent_passes == 0
     assert deltas(records, "backward_passes") == [1, 1, 1]

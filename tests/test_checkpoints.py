@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from sm_dist.checkpoints import COORDINATOR_FILE, complete_checkpoints
 from sm_dist.cli import main
+from sm_dist.run.checkpoints import COORDINATOR_FILE, complete_checkpoints
 from tests.conftest import run_cli, synthetic_job, write_job
 
 
@@ -25,7 +25,7 @@ def checkpointed_job(optimizer: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("optimizer", [
-    {"name": "sm", "inner_solver": "gd_armijo", "inner_steps": 3},  # carries its step size
+    {"name": "sm", "inner_solver": "gradient", "inner_steps": 3},  # carries its step size
     {"name": "adam", "lr": 0.05},  # carries Adam's moments
     {"name": "gd_armijo"},  # the coordinator carries the step
     {"name": "ddg", "lr": 0.3},  # carries each stage's delayed gradients

@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 from matplotlib.image import imread
 
-from sm_dist import compare
 from sm_dist.cli import main
-from sm_dist.compare import (
+from sm_dist.config.job import ConfigError, dump_job, job_from_dict
+from sm_dist.report import compare as compare_runs
+from sm_dist.report.compare_tables import compare_markdown, steady_iteration_time
+from sm_dist.report.grid import (
     GridPoint,
     RunResult,
     default_at,
@@ -23,9 +25,8 @@ from sm_dist.compare import (
     expand_grid,
     split_layers,
 )
-from sm_dist.compare_report import compare_markdown, steady_iteration_time
-from sm_dist.config import ConfigError, dump_job, job_from_dict
-from sm_dist.report import RunData
+from sm_dist.report.run_data import RunData
+from sm_dist.run.metrics import IterationRecord
 from tests.conftest import run_cli, synthetic_job, write_job
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -157,7 +158,7 @@ def fake_result(point: GridPoint, losses: list[float | None], **last: Any) -> Ru
          "backward_passes": k} for k, loss in enumerate(losses, start=1)]
     records[-1].update(test_acc=0.5, **last)
     run = RunData(Path(point.label), point.label, {"optimizer": {"name": point.optimizer}},
-                  records, None)
+                  [IterationRecord.from_json(r) for r in records], None)
     return RunResult(point, Path(point.label), "collected", run=run)
 
 
@@ -182,8 +183,8 @@ def test_tables_pick_the_best_finite_lr_note_divergence_and_sum_hvps() -> None:
 def test_a_diverging_run_does_not_stretch_the_figure() -> None:
     """The loss axis ends HEADROOM times above the highest starting loss, so that a run that
     blows up leaves the plot instead of flattening the others; its legend entry says so."""
-    from sm_dist.compare_plot import HEADROOM, y_limits
-    from sm_dist.compare_report import Row
+    from sm_dist.report.compare_plot import HEADROOM, y_limits
+    from sm_dist.report.compare_tables import Row
 
     base = job_from_dict(synthetic_job())
     sm, adam = expand_grid(base, ["sm", "adam"])
@@ -196,11 +197,14 @@ def test_a_diverging_run_does_not_stretch_the_figure() -> None:
 
 
 def test_pipeline_passes_count_a_tangent_pass_as_forward_and_backward() -> None:
-    from sm_dist.compare_plot import pipeline_passes
+    from sm_dist.report.compare_plot import pipeline_passes
 
-    assert pipeline_passes({"forward_passes": 9, "backward_passes": 2}) == 11
-    assert pipeline_passes({"forward_passes": 3, "backward_passes": 3, "tangent_passes": 5}) == 16
-    assert pipeline_passes({"iteration": 1}) is None
+    def record(**costs: int) -> IterationRecord:
+        return IterationRecord(1, 1.0, **costs)
+
+    assert pipeline_passes(record(forward_passes=9, backward_passes=2)) == 11
+    assert pipeline_passes(record(forward_passes=3, backward_passes=3, tangent_passes=5)) == 16
+    assert pipeline_passes(record()) is None
 
 
 # ------------------------------------------------------------------------------ a real grid
@@ -353,7 +357,7 @@ def test_a_failed_run_is_reported_and_the_others_are_written(
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
     # The two new lr points "train" with a command that fails at once; the rest are collected.
-    monkeypatch.setattr(compare, "train_command", lambda job_file, path, single: [
+    monkeypatch.setattr(compare_runs, "train_command", lambda job_file, path, single: [
         sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
     grid = [arg if arg != "0.01,0.1" else "0.01,0.1,0.5" for arg in GRID]
     assert main(["compare", str(root / "job.yaml"), *grid, "--out", str(out)]) == 1

@@ -10,22 +10,19 @@ from typing import Any
 import pytest
 import yaml
 
-from sm_dist.config import (
+from sm_dist.config.job import (
     ConfigError,
-    DataConfig,
     JobConfig,
-    MlpConfig,
-    ModelConfig,
-    OptimizerConfig,
     RunConfig,
-    SyntheticConfig,
     apply_overrides,
     dump_job,
     job_from_dict,
     job_to_dict,
     load_job,
-    num_layers,
 )
+from sm_dist.data.config import DataConfig, SyntheticConfig
+from sm_dist.models.config import MlpConfig, ModelConfig, num_layers
+from sm_dist.optim.registry import OptimizerConfig
 
 EXAMPLE_YAML = """\
 name: fashion-mlp4-sm
@@ -345,8 +342,8 @@ def test_optimizer_cross_checks() -> None:
     assert error.startswith("optimizer.delta_rel: delta_rel and delta_abs are both 0")
     job_from_dict(example_raw(), ["optimizer.delta_rel=0", "optimizer.delta_abs=0.1"])
     (error,) = errors_of(example_raw(), ("optimizer.rho=0.1",))
-    assert error.startswith("optimizer.rho: rho = 0.1 needs inner_solver: gd_armijo")
-    job = job_from_dict(example_raw(), ["optimizer.rho=0.1", "optimizer.inner_solver=gd_armijo"])
+    assert error.startswith("optimizer.rho: rho = 0.1 needs inner_solver: gradient")
+    job = job_from_dict(example_raw(), ["optimizer.rho=0.1", "optimizer.inner_solver=gradient"])
     assert job.optimizer.rho == 0.1
     for name in ("sso", "cgblock"):  # their inner steps are pipeline passes: nothing to fill
         (error,) = errors_of(example_raw(), (f"optimizer.name={name}",

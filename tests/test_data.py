@@ -9,16 +9,15 @@ import pytest
 import torch
 import torchvision
 
-from sm_dist import data
-from sm_dist.data import (
+from sm_dist.data import datasets as data
+from sm_dist.data.batches import BatchStream, split_microbatches
+from sm_dist.data.datasets import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_DIR_ENV,
     IDX_FILES,
-    BatchStream,
     DataError,
     Dataset,
     load_dataset,
-    split_microbatches,
 )
 
 # Decompressed sizes of the IDX files: a 16-byte header for images, 8 for labels.

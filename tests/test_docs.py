@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from sm_dist.cli import build_parser, main
-from sm_dist.config import JobConfig, job_from_dict
+from sm_dist.config.job import JobConfig, job_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

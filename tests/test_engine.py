@@ -20,7 +20,7 @@ from tests.conftest import REPO, run_cli, synthetic_job, write_job
 BALANCES = {1: [4], 2: [2, 2], 4: [1, 1, 1, 1]}
 OPTIMIZERS = {
     "sm-cg": {"name": "sm", "inner_solver": "cg", "inner_steps": 3},
-    "sm-gd_armijo": {"name": "sm", "inner_solver": "gd_armijo", "inner_steps": 3},
+    "sm-gradient": {"name": "sm", "inner_solver": "gradient", "inner_steps": 3},
     "gd_armijo": {"name": "gd_armijo"},
     "ddg": {"name": "ddg", "lr": 0.3},
     "sso": {"name": "sso", "inner_steps": 3},
@@ -72,7 +72,7 @@ def assert_same_training(single: Path, multi: Path) -> None:
             torch.testing.assert_close(sb[name], sa[name], rtol=1e-9, atol=1e-12)
 
 
-FAST_GRID = [(4, 3, "sm-cg"), (2, 8, "sm-gd_armijo"), (4, 1, "gd_armijo"), (1, 3, "sm-cg"),
+FAST_GRID = [(4, 3, "sm-cg"), (2, 8, "sm-gradient"), (4, 1, "gd_armijo"), (1, 3, "sm-cg"),
              (4, 3, "ddg"), (4, 3, "sso"), (4, 3, "cgblock")]
 FULL_GRID = [(p, m, o) for p in (1, 2, 4) for m in (1, 3, 8) for o in OPTIMIZERS]
 

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sm_dist.data import split_microbatches
-from sm_dist.job import build_local_pipeline, load_job_data
+from sm_dist.config.build import build_local_pipeline, load_job_data
+from sm_dist.data.batches import split_microbatches
 from sm_dist.math.curvature import damped_curvature
 from sm_dist.math.local_loss import LocalLoss
 from sm_dist.math.stage_function import StageFunction
-from sm_dist.models import split_stages
-from sm_dist.updates import SurrogateUpdate
+from sm_dist.models.build import split_stages
+from sm_dist.optim.sm import SMStageRule
 from tests.helpers_math import (
     DTYPE,
     as_matrix,
@@ -134,10 +134,10 @@ def test_local_losses_bound_the_loss_change(granularity: str) -> None:
     pipeline.forward_backward(split_microbatches(x, y, 2), len(x), False)
     losses = []
     for stage in pipeline.stages:
-        assert isinstance(stage.update, SurrogateUpdate)
-        stage.update.begin()
-        assert stage.update.solver is not None
-        losses.append(stage.update.solver.loss)
+        assert isinstance(stage.rule, SMStageRule)
+        stage.rule.begin()
+        assert stage.rule.solver is not None
+        losses.append(stage.rule.solver.loss)
     sizes = [loss.dim for loss in losses]
 
     model = nn.Sequential(*modules)

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sm_dist.data import split_microbatches
-from sm_dist.job import build_local_pipeline, load_job_data
-from sm_dist.local_pipeline import LocalPipeline
+from sm_dist.config.build import build_local_pipeline, load_job_data
+from sm_dist.data.batches import split_microbatches
 from sm_dist.math.curvature import (
     damped_curvature,
     initial_vectors,
@@ -19,6 +18,7 @@ from sm_dist.math.curvature import (
 )
 from sm_dist.math.losses import get_loss, top_of_pipeline
 from sm_dist.math.stage_function import StageFunction
+from sm_dist.pipeline.local import LocalPipeline
 from tests.helpers_math import (
     ACTIVATIONS,
     DTYPE,
@@ -149,13 +149,13 @@ def test_stage_warm_start_accumulates_rounds_on_the_same_batch(warm: bool) -> No
     errors = []
     for _ in range(15):
         pipeline.forward_backward(mbs, len(x), True)
-        deltas = pipeline.stages[-1].backward_state.deltas
+        deltas = pipeline.stages[-1].rule.deltas
         errors.append(max(float(((deltas[j] - exact[j]).abs() / exact[j]).max())
                           for j in range(2)))
         pipeline.end_iteration()  # no update: the same Ψ every time
     # One Ψ product per power round and microbatch; the first stage sends no curvature.
-    assert pipeline.stages[-1].counters.psi_products == 15 * 2 * 2
-    assert pipeline.stages[0].counters.psi_products == 0
+    assert pipeline.stages[-1].rule.psi_products == 15 * 2 * 2
+    assert pipeline.stages[0].rule.psi_products == 0
     assert all(bool((deltas[j] <= exact[j] * (1 + 1e-12)).all()) for j in range(2))
     assert errors[0] > 1e-6  # two cold rounds are not enough here
     if warm:
@@ -174,7 +174,7 @@ def test_pipeline_granularity_reduces_sample_eigenvalues(granularity: str) -> No
         data = load_job_data(job)
         pipeline.forward_backward(split_microbatches(data.train_x, data.train_y, 3),
                                   len(data.train_x), False)
-        deltas[mode] = [pipeline.stages[-1].backward_state.deltas[j] for j in range(3)]
+        deltas[mode] = [pipeline.stages[-1].rule.deltas[j] for j in range(3)]
     every = torch.cat(deltas["sample"])
     assert len(set(every.tolist())) == len(every)  # distinct per sample
     for j in range(3):

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sm_dist.data import split_microbatches
-from sm_dist.job import build_local_pipeline, load_job_data
+from sm_dist.config.build import build_local_pipeline, load_job_data
+from sm_dist.data.batches import split_microbatches
 from sm_dist.math.local_loss import LocalLoss, unflatten
 from sm_dist.math.stage_function import StageFunction
-from sm_dist.updates import SurrogateUpdate
+from sm_dist.optim.sm import SMStageRule
 from tests.helpers_math import (
     ACTIVATIONS,
     DTYPE,
@@ -74,8 +74,8 @@ def test_local_gradient_is_network_gradient(activation: str, microbatches: int,
     if optimizer == "sm":
         offset = 0
         for stage in pipeline.stages:
-            update = stage.update
-            assert isinstance(update, SurrogateUpdate)
+            update = stage.rule
+            assert isinstance(update, SMStageRule)
             update.begin()
             assert update.solver is not None
             loss = update.solver.loss
@@ -227,11 +227,11 @@ def test_pipeline_local_losses_match_dense(activation: str, curvature: str) -> N
             if s == len(stages) - 1:
                 c = torch.full((len(ins[j]),), 0.5 / n, dtype=DTYPE)
             else:
-                c = 2.0 * stages[s + 1].backward_state.deltas[j]
-            delta = None if s == 0 else stage.backward_state.deltas[j]
+                c = 2.0 * stages[s + 1].rule.deltas[j]
+            delta = None if s == 0 else stage.rule.deltas[j]
             dense = dense + local_hessian_dense(stage.module, ins[j], gs[j], c, delta)
-        update = stage.update
-        assert isinstance(update, SurrogateUpdate)
+        update = stage.rule
+        assert isinstance(update, SMStageRule)
         update.begin()
         assert update.solver is not None
         loss = update.solver.loss
@@ -239,7 +239,7 @@ def test_pipeline_local_losses_match_dense(activation: str, curvature: str) -> N
             v = randn(loss.dim, gen=gen)
             assert_close(loss.hvp(v), dense @ v)
         if s > 0:
-            deltas = [stage.backward_state.deltas[j] for j in range(3)]
+            deltas = [stage.rule.deltas[j] for j in range(3)]
             if curvature == "sample":
                 assert len(set(float(d) for d in torch.cat(deltas))) > 1
             elif curvature == "microbatch":

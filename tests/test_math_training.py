@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sm_dist.config import JobConfig
-from sm_dist.data import split_microbatches
-from sm_dist.job import build_local_pipeline, build_stage_modules, load_job_data
-from sm_dist.local_pipeline import LocalPipeline
-from sm_dist.trainer import train
-from sm_dist.updates import SurrogateUpdate, TorchOptimizerUpdate
+from sm_dist.config.build import build_local_pipeline, build_stage_modules, load_job_data
+from sm_dist.config.job import JobConfig
+from sm_dist.data.batches import split_microbatches
+from sm_dist.optim.sm import SMStageRule
+from sm_dist.optim.torch_optimizers import TorchOptimizerRule
+from sm_dist.pipeline.local import LocalPipeline
+from sm_dist.run.trainer import train
 from tests.helpers_math import LN10, flat, make_job
 
 
@@ -32,13 +33,13 @@ def iterate_directly(job: JobConfig, iterations: int) -> tuple[list[float], list
         result = pipeline.forward_backward(microbatches, len(data.train_x), iteration > 0)
         losses.append(result.loss)
         for stage in pipeline.stages:
-            rule = stage.update
-            if isinstance(rule, SurrogateUpdate):
+            rule = stage.rule
+            if isinstance(rule, SMStageRule):
                 rule.begin()
                 assert rule.step(job.optimizer.inner_steps) == 1
                 assert rule.finish().inner_steps == 1
             else:
-                assert isinstance(rule, TorchOptimizerUpdate)
+                assert isinstance(rule, TorchOptimizerRule)
                 rule.step()
         pipeline.end_iteration()
         iterates.append(all_params(pipeline))
@@ -61,7 +62,7 @@ def test_sm_one_fixed_gd_step_is_gradient_descent(activation: str, microbatches:
         "run": {"iterations": 4, "eval_every": 0},
     }
     lr = 0.3
-    sm_job = make_job(optimizer={"name": "sm", "inner_solver": "gd_armijo", "inner_steps": 1,
+    sm_job = make_job(optimizer={"name": "sm", "inner_solver": "gradient", "inner_steps": 1,
                                  "inner_lr": lr}, **common)
     gd_job = make_job(optimizer={"name": "gd", "lr": lr}, **common)
     sm_losses, sm_iterates = iterate_directly(sm_job, 4)
@@ -78,9 +79,9 @@ def test_sm_one_fixed_gd_step_is_gradient_descent(activation: str, microbatches:
     gd_records, gd_final = train_job(gd_job)
     torch.testing.assert_close(sm_final, sm_iterates[-1], rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(gd_final, sm_final, rtol=1e-12, atol=1e-15)
-    assert [r["train_loss"] for r in sm_records] == pytest.approx(sm_losses, rel=1e-12)
-    assert [r["train_loss"] for r in gd_records] == pytest.approx(sm_losses, rel=1e-12)
-    assert sm_records[0]["inner_steps"] == [1, 1, 1]
+    assert [r.train_loss for r in sm_records] == pytest.approx(sm_losses, rel=1e-12)
+    assert [r.train_loss for r in gd_records] == pytest.approx(sm_losses, rel=1e-12)
+    assert sm_records[0].inner_steps == [1, 1, 1]
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
@@ -98,6 +99,6 @@ def test_first_loss_of_fresh_ten_class_classifier_is_ln10(activation: str,
     with torch.no_grad():
         direct = float(F.cross_entropy(model(data.train_x), data.train_y))
     records = train(job, pipeline, data, lambda record: None)
-    first = records[0]["train_loss"]
+    first = records[0].train_loss
     assert first == pytest.approx(direct, rel=1e-12)
     assert abs(first - LN10) < 0.05

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sm_dist.math.local_loss import flatten
-from sm_dist.models import (
+from sm_dist.models.build import (
     build_mlp,
     build_model_from_factory,
     check_samplewise,

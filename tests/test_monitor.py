@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 from rich.console import Console
 
-from sm_dist.monitor import LiveMonitor, PlainMonitor, format_record, stage_phase
-from sm_dist.timeline import TimelineEvent
+from sm_dist.pipeline.timeline import TimelineEvent
+from sm_dist.run.metrics import IterationRecord
+from sm_dist.run.monitor import LiveMonitor, PlainMonitor, format_record, stage_phase
 
-SM_RECORD = {"iteration": 3, "train_loss": 1.23456, "train_acc": 0.5, "wall_time": 4.2,
+SM_RECORD = IterationRecord.from_json({
+             "iteration": 3, "train_loss": 1.23456, "train_acc": 0.5, "wall_time": 4.2,
              "predicted_decrease": -0.0123, "inner_steps": [10, 12, 30],
              "local_loss": [-0.001, -0.002, -0.003], "curvature": [None, 0.01, 0.002],
              "actual_decrease_prev": -0.02, "decrease_ratio_prev": 2.0,
-             "test_loss": 1.3, "test_acc": 0.61}
-FINISHED = {**SM_RECORD, "iteration": 2, "busy_fraction": [0.5, 0.75, 0.9],
-            "bubble_fraction": 0.2833}
+             "test_loss": 1.3, "test_acc": 0.61})
+FINISHED = dataclasses.replace(SM_RECORD, iteration=2, busy_fraction=[0.5, 0.75, 0.9],
+                               bubble_fraction=0.2833)
 
 
 def test_plain_line() -> None:
@@ -24,8 +27,9 @@ def test_plain_line() -> None:
     for part in ("loss 1.2346", "acc 0.500", "pred -1.230e-02", "inner 10,12,30",
                  "test_acc 0.610", "4.2s"):
         assert part in line
-    armijo = format_record({"iteration": 1, "train_loss": 2.0, "train_acc": 0.1,
-                            "wall_time": 1.0, "step_size": 0.5, "line_search_trials": 3}, 5)
+    armijo = format_record(IterationRecord.from_json(
+        {"iteration": 1, "train_loss": 2.0, "train_acc": 0.1, "wall_time": 1.0,
+         "step_size": 0.5, "line_search_trials": 3}), 5)
     assert "step 0.5 (3 trials)" in armijo and "pred" not in armijo
 
 

@@ -13,28 +13,23 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 from rich.console import Console
 
-from sm_dist.plots import (
+from sm_dist.pipeline.actions import (
     BACKWARD_COLOUR,
     FILL_COLOUR,
     FORWARD_COLOUR,
     IDLE_COLOUR,
     UPDATE_COLOUR,
-    default_timeline_iteration,
+)
+from sm_dist.pipeline.timeline import (
+    TimelineEvent,
+    chrome_trace,
     events_from_trace,
-    plot_timeline,
+    iteration_utilisation,
 )
-from sm_dist.report import (
-    ReportError,
-    RunData,
-    load_run,
-    load_runs,
-    report_main,
-    summarize,
-    summary_table,
-    summary_text,
-    write_report,
-)
-from sm_dist.timeline import TimelineEvent, chrome_trace, iteration_utilisation
+from sm_dist.report.plots import default_timeline_iteration, plot_timeline
+from sm_dist.report.run_data import ReportError, RunData, load_run, load_runs
+from sm_dist.report.summary import report_main, summarize, summary_table, summary_text, write_report
+from sm_dist.run.metrics import IterationRecord
 from tests.conftest import run_cli, synthetic_job, write_job
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -261,7 +256,7 @@ def test_plot_timeline_takes_a_trace_dict(tmp_path: Path) -> None:
 
 def test_empty_run_data_plots_without_error(tmp_path: Path) -> None:
     # A run whose losses were all non-finite (written as null) still gets its plots.
-    run = RunData(tmp_path, "diverged", {}, [{"iteration": 1, "train_loss": None,
-                                              "train_acc": None, "wall_time": 0.1}], None)
+    run = RunData(tmp_path, "diverged", {}, [IterationRecord.from_json(
+        {"iteration": 1, "train_loss": None, "train_acc": None, "wall_time": 0.1})], None)
     written = write_report([run], tmp_path / "out")
     assert len(written) == 4 and summarize(run)["best_train_loss"] is None

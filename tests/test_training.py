@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from sm_dist.config import job_from_dict
-from sm_dist.data import split_microbatches
-from sm_dist.job import build_local_pipeline, load_job_data
-from sm_dist.trainer import train
+from sm_dist.config.build import build_local_pipeline, load_job_data
+from sm_dist.config.job import job_from_dict
+from sm_dist.data.batches import split_microbatches
+from sm_dist.run.trainer import train
 from tests.conftest import REPO, run_cli, synthetic_job
 
 
@@ -25,8 +25,8 @@ def run_tiny(**sections) -> list[dict]:
 
 @pytest.mark.parametrize("optimizer", [
     {"name": "sm", "inner_solver": "cg", "inner_steps": 5},
-    {"name": "sm", "inner_solver": "gd_armijo", "inner_steps": 5},
-    {"name": "sm", "inner_solver": "gd_armijo", "inner_steps": 5, "rho": 0.5},
+    {"name": "sm", "inner_solver": "gradient", "inner_steps": 5},
+    {"name": "sm", "inner_solver": "gradient", "inner_steps": 5, "rho": 0.5},
     {"name": "sm", "curvature": "microbatch", "inner_steps": 5},
     {"name": "sm", "curvature": "batch", "inner_steps": 5},
     {"name": "gd_armijo"},
@@ -37,7 +37,7 @@ def run_tiny(**sections) -> list[dict]:
 ])
 def test_every_optimizer_lowers_the_loss(optimizer: dict) -> None:
     records = run_tiny(optimizer=optimizer, run={"iterations": 6, "eval_every": 0})
-    losses = [r["train_loss"] for r in records]
+    losses = [r.train_loss for r in records]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 1e-3, losses
 
@@ -48,8 +48,8 @@ def test_sm_predicted_decrease_is_a_bound_on_a_smooth_network() -> None:
     records = run_tiny(optimizer={"name": "sm", "inner_steps": 20, "delta_rel": 1.0},
                        run={"iterations": 5, "eval_every": 0})
     for r in records[1:]:
-        assert r["actual_decrease_prev"] <= 0
-        assert r["decrease_ratio_prev"] >= 1.0 - 1e-6, r
+        assert r.actual_decrease_prev <= 0
+        assert r.decrease_ratio_prev >= 1.0 - 1e-6, r
 
 
 def test_batch_curvature_sends_one_value_per_stage() -> None:
@@ -58,7 +58,7 @@ def test_batch_curvature_sends_one_value_per_stage() -> None:
     data = load_job_data(job)
     pipeline.forward_backward(split_microbatches(data.train_x, data.train_y, 3), 24, True)
     for stage in pipeline.stages[1:]:
-        deltas = torch.cat(list(stage.backward_state.deltas.values()))
+        deltas = torch.cat(list(stage.rule.deltas.values()))
         assert torch.all(deltas == deltas[0])
 
 
@@ -72,7 +72,7 @@ def _power_vectors(power_iterations: int, passes: int, same_batch: bool) -> list
         pipeline.forward_backward(microbatches, 24, same_batch=same_batch)
         pipeline.end_iteration()  # no update: the next pass sees the same H_zz
     # The top stage: its H_zz depends on nothing below it that the round count changes.
-    return [v for _, v in sorted(pipeline.stages[-1].power_vectors.items())]
+    return [v for _, v in sorted(pipeline.stages[-1].rule.power_vectors.items())]
 
 
 def test_power_iteration_warm_starts_from_the_previous_iteration() -> None:
@@ -98,8 +98,8 @@ def test_paper_job_single_process_acceptance(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         records = [json.loads(line)
                    for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert abs(records[0]["train_loss"] - math.log(10)) < 0.05
-        finals[name] = records[-1]["train_loss"]
+        assert abs(records[0].train_loss - math.log(10)) < 0.05
+        finals[name] = records[-1].train_loss
     assert finals["sm"] < 0.6
     assert finals["gd_armijo"] > finals["sm"]
 
@@ -108,8 +108,8 @@ def test_a_short_last_minibatch_gets_fewer_microbatches() -> None:
     """24 samples in batches of 7: each epoch ends with 3 samples, fewer than 4 microbatches."""
     records = run_tiny(data={"batch": 7, "microbatches": 4},
                        run={"iterations": 8, "eval_every": 0})
-    assert [r["iteration"] for r in records] == list(range(1, 9))
-    assert all(math.isfinite(r["train_loss"]) for r in records)
+    assert [r.iteration for r in records] == list(range(1, 9))
+    assert all(math.isfinite(r.train_loss) for r in records)
 
 
 def test_ddg_steps_each_stage_with_its_delayed_gradient() -> None:
@@ -123,7 +123,7 @@ def test_ddg_steps_each_stage_with_its_delayed_gradient() -> None:
     reference = [[p.detach().clone() for p in stage.params] for stage in pipeline.stages]
     train(job, pipeline, data, lambda r: None)
 
-    from sm_dist.job import build_stage_modules
+    from sm_dist.config.build import build_stage_modules
     modules = build_stage_modules(job)  # the same initialisation, stepped by hand
     params = [list(m.parameters()) for m in modules]
     for stage_params, start in zip(params, reference):

@@ -1,0 +1,95 @@
+"""From a validated job to its parts: data, device, optimizer, stages, a one-process pipeline
+(shared by every way of running a job)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from sm_dist.config.job import JobConfig
+from sm_dist.data.datasets import Dataset, load_dataset
+from sm_dist.math.losses import get_loss
+from sm_dist.models.build import (
+    build_mlp,
+    build_model_from_factory,
+    check_samplewise,
+    init_model,
+    split_stages,
+)
+from sm_dist.optim import registry
+from sm_dist.optim.base import Optimizer
+from sm_dist.pipeline.local import LocalPipeline
+from sm_dist.pipeline.stage import Stage
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class JobSetupError(Exception):
+    """The job is valid as a file but cannot run here (device, model factory, data shapes)."""
+
+
+def torch_dtype(job: JobConfig) -> torch.dtype:
+    return DTYPES[job.run.dtype]
+
+
+def resolve_device(job: JobConfig, local_rank: int = 0) -> torch.device:
+    if job.run.device == "cuda":
+        if not torch.cuda.is_available():
+            raise JobSetupError("run.device is cuda but no CUDA device is visible here; "
+                                "set run.device=cpu or run on a machine with a GPU")
+        if local_rank >= torch.cuda.device_count():
+            raise JobSetupError(f"local rank {local_rank} has no GPU: only "
+                                f"{torch.cuda.device_count()} visible; start one process per GPU")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def load_job_data(job: JobConfig) -> Dataset:
+    d = job.data
+    return load_dataset(d.dataset, d.root, train_subset=d.train_subset, test_subset=d.test_subset,
+                        normalize=d.normalize, flatten=d.flatten, dtype=torch_dtype(job),
+                        synthetic=asdict(d.synthetic))
+
+
+def build_stage_modules(job: JobConfig) -> list[nn.Sequential]:
+    """The model, initialised from run.seed, split by model.balance."""
+    model_cfg = job.model
+    if model_cfg.mlp is not None:
+        mlp = model_cfg.mlp
+
+        def builder() -> nn.Sequential:
+            return build_mlp(mlp.widths, mlp.activation, mlp.bias)
+    else:
+        assert model_cfg.factory is not None
+
+        def builder() -> nn.Sequential:
+            return build_model_from_factory(model_cfg.factory)
+    try:
+        model = init_model(builder, job.run.seed, torch_dtype(job))
+        stages = split_stages(model, model_cfg.balance)
+        for stage in stages:
+            check_samplewise(stage)
+    except (ValueError, TypeError) as err:
+        raise JobSetupError(f"model: {err}") from err
+    return stages
+
+
+def build_optimizer(job: JobConfig) -> Optimizer:
+    """The job's optimizer (`optimizer.name` in the registry)."""
+    return registry.get(job.optimizer.name)(job.optimizer, len(job.model.balance))
+
+
+def build_stage(job: JobConfig, index: int, module: nn.Module, device: torch.device) -> Stage:
+    """Stage `index` on `device`, with its optimizer rule attached."""
+    num_stages = len(job.model.balance)
+    loss = get_loss(job.loss) if index == num_stages - 1 else None
+    stage = Stage(index, num_stages, module.to(device), loss, seed=job.run.seed)
+    stage.rule = build_optimizer(job).stage_rule(stage)
+    return stage
+
+
+def build_local_pipeline(job: JobConfig, device: torch.device) -> LocalPipeline:
+    modules = build_stage_modules(job)
+    return LocalPipeline([build_stage(job, s, m, device) for s, m in enumerate(modules)])

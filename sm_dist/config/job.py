@@ -1,0 +1,240 @@
+"""The typed job schema: each component's section, read from YAML plus command-line
+overrides, validated with every error at once."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sm_dist.config.schema import convert, describe_value, plural
+from sm_dist.data.config import DataConfig
+from sm_dist.models.config import MlpConfig, ModelConfig, num_layers
+from sm_dist.optim import registry
+from sm_dist.optim.registry import OptimizerConfig
+
+# A run name becomes a directory name, so no separators and not "." or "..".
+NAME_PATTERN = r"(?!\.+$)[A-Za-z0-9._-]+"
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Length, seeding, numerics and bookkeeping of one training run."""
+    iterations: int = field(default=30, metadata={"min": 1})
+    seed: int = 0
+    dtype: str = field(default="float64", metadata={"choices": ("float32", "float64")})
+    device: str = field(default="cpu", metadata={"choices": ("cpu", "cuda")})
+    eval_every: int = field(default=10, metadata={"min": 0})  # 0 = evaluate only at the end
+    runs_dir: str = "runs"
+    # Checkpoints every this many iterations (0: only at the end); keep the newest keep_last.
+    checkpoint_every: int = field(default=0, metadata={"min": 0})
+    keep_last: int = field(default=2, metadata={"min": 0})  # 0 keeps every checkpoint
+    threads: int = field(default=0, metadata={"min": 0})  # torch threads/process; 0 = default
+    # Seconds an RPC, or a stage waiting for its input, may take before the job is failed.
+    rpc_timeout: float = field(default=300.0, metadata={"gt": 0})
+    worker_threads: int = field(default=16, metadata={"min": 4})  # RPC threads per stage process
+    # TensorPipe's transport between processes: uv (TCP), or shm on one machine, whose reactor
+    # thread spins a CPU core per process (a loss when processes outnumber the cores).
+    rpc_transport: str = field(default="uv", metadata={"choices": ("uv", "shm")})
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """One complete training job, as read from a job file."""
+    name: str = field(metadata={
+        "pattern": NAME_PATTERN, "example": "my-run",
+        "pattern_hint": "is not a valid run name; use only letters, digits, '-', '_' and '.'"
+                        " (it names the run directory)"})
+    model: ModelConfig
+    data: DataConfig
+    loss: str = field(default="cross_entropy", metadata={"choices": ("cross_entropy", "mse")})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(Exception):
+    """A job description that cannot be used; `errors` lists every problem found."""
+
+    def __init__(self, errors: list[str], source: str = "<dict>") -> None:
+        super().__init__(errors, source)  # both args, so the exception survives pickling
+        self.errors: list[str] = list(errors)
+        self.source = source
+
+    def __str__(self) -> str:
+        lines = [f"job {self.source} has {plural(len(self.errors), 'error')}:"]
+        return "\n".join(lines + [f"  - {error}" for error in self.errors])
+
+
+def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a YAML job file, apply `key.sub=value` overrides and return the validated job."""
+    source = f"file {os.fspath(path)}"
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        error = f"{path}: cannot read the job file ({reason}); check the path"
+        raise ConfigError([error], source) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        error = f"{path}: YAML syntax error{where} ({problem}); fix the YAML there"
+        raise ConfigError([error], source) from exc
+    return job_from_dict(raw, overrides, source=source)
+
+
+def job_from_dict(
+    raw: dict[str, Any] | None, overrides: Sequence[str] = (), source: str = "<dict>"
+) -> JobConfig:
+    """Build and validate a job from a plain dict (as YAML gives), after applying overrides."""
+    if raw is None:  # an empty YAML file; the missing-key errors below say what to add
+        raw = {}
+    if not isinstance(raw, Mapping):
+        error = (f"(top level): expected a mapping of sections, got {describe_value(raw)}; "
+                 "start the file with keys such as name:, model:, data:")
+        raise ConfigError([error], source)
+    errors: list[str] = []
+    raw = _apply_overrides(raw, overrides, errors)
+    _load_optimizer_plugin(raw, errors)
+    built: dict[str, Any] = {}  # dotted section path -> section built without field errors
+    job = convert(JobConfig, raw, "", errors, built, JobConfig)
+    _cross_checks(built, errors)
+    if errors:
+        raise ConfigError(errors, source)
+    assert isinstance(job, JobConfig)
+    return job
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `key.sub=value` override set (value parsed as YAML)."""
+    errors: list[str] = []
+    result = _apply_overrides(raw, overrides, errors)
+    if errors:
+        raise ConfigError(errors, "overrides")
+    return result
+
+
+def job_to_dict(job: JobConfig) -> dict[str, Any]:
+    """The job as plain dicts/lists/scalars; `job_from_dict` rebuilds an equal job from it."""
+    return dataclasses.asdict(job)
+
+
+def job_differences(a: JobConfig, b: JobConfig) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two jobs, sorted, each with (a's, b's)."""
+    found: dict[str, tuple[Any, Any]] = {}
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                walk(x.get(key), y.get(key), f"{prefix}.{key}" if prefix else key)
+        elif x != y:
+            found[prefix] = (x, y)
+
+    walk(job_to_dict(a), job_to_dict(b), "")
+    return found
+
+
+def dump_job(job: JobConfig, path: str | os.PathLike[str]) -> None:
+    """Write the job as YAML (fields in schema order) so that `load_job` reads it back."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(job_to_dict(job), sort_keys=False), encoding="utf-8")
+
+
+def _apply_overrides(
+    raw: Mapping[str, Any], overrides: Sequence[str], errors: list[str]
+) -> dict[str, Any]:
+    result = copy.deepcopy(dict(raw))  # never mutate the caller's dict
+    for override in overrides:
+        key_text, sep, value_text = str(override).partition("=")
+        parts = [part.strip() for part in key_text.split(".")]
+        if not sep or not all(parts):
+            errors.append(f"override {override!r}: malformed; write key.sub=value, e.g. run.seed=1")
+            continue
+        try:
+            value = yaml.safe_load(value_text)
+        except yaml.YAMLError:
+            errors.append(f"override {override!r}: the value is not valid YAML; quote or fix it")
+            continue
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent or null: create the section
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                section = ".".join(parts[: depth + 1])
+                errors.append(f"override {override!r}: {section} is "
+                              f"{describe_value(node[part])}, not a section; set {section} itself")
+                break
+            node = node[part]
+        else:
+            node[parts[-1]] = value
+    return result
+
+
+def _load_optimizer_plugin(raw: Mapping[str, Any], errors: list[str]) -> None:
+    """Import an optimizer named 'package.module:Class', so that the schema knows the name."""
+    section = raw.get("optimizer")
+    name = section.get("name") if isinstance(section, Mapping) else None
+    if isinstance(name, str) and ":" in name:
+        try:
+            registry.load(name)
+        except registry.UnknownOptimizer as err:
+            errors.append(f"optimizer.name: {err}; check that its module is on the Python path")
+
+
+def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
+    """Checks that span fields; each runs only if the sections it reads were built cleanly."""
+    model, data, optimizer = built.get("model"), built.get("data"), built.get("optimizer")
+    if isinstance(model, ModelConfig):
+        if (model.mlp is None) == (model.factory is None):
+            given = "both" if model.mlp is not None else "neither"
+            errors.append(f"model: {given} of model.mlp and model.factory given; give exactly "
+                          "one (mlp: {widths: [...]} or factory: 'package.module:function')")
+        layers, balance = num_layers(model), model.balance
+        if layers is not None and sum(balance) != layers:
+            errors.append(f"model.balance: balance {balance} covers "
+                          f"{plural(sum(balance), 'layer')} but model.mlp.widths defines "
+                          f"{layers}; make the entries sum to {layers}")
+        if layers is not None and len(balance) > layers:
+            errors.append(f"model.balance: {plural(len(balance), 'stage')} but the model has "
+                          f"only {plural(layers, 'layer')}; use at most {layers} stages")
+    if isinstance(data, DataConfig):
+        if isinstance(data.batch, int):
+            sizes = {"data.batch": data.batch}
+        else:  # a full batch is the whole training set: check it where its size is known here
+            sizes = {"data.train_subset": data.train_subset}
+            if data.dataset == "synthetic":
+                sizes["data.synthetic.train_size"] = data.synthetic.train_size
+        known = {source: size for source, size in sizes.items() if size is not None}
+        source = min(known, key=lambda name: known[name], default=None)
+        if source is not None and data.microbatches > known[source]:
+            errors.append(f"data.microbatches: {data.microbatches} microbatches exceed the batch "
+                          f"of {known[source]} samples ({source}); use at most {known[source]}")
+    if isinstance(optimizer, OptimizerConfig):  # the name is valid: the section was built
+        errors.extend(registry.get(optimizer.name).check_config(optimizer))
+    if isinstance(model, ModelConfig) and isinstance(data, DataConfig) and model.mlp is not None:
+        _check_mlp_fits_data(model.mlp, data, errors)
+
+
+def _check_mlp_fits_data(mlp: MlpConfig, data: DataConfig, errors: list[str]) -> None:
+    if data.dataset == "synthetic":  # synthetic samples are vectors already; flatten is moot
+        inputs, input_source = data.synthetic.features, "data.synthetic.features"
+        outputs, output_source = data.synthetic.classes, "data.synthetic.classes"
+    elif not data.flatten:
+        errors.append(f"data.flatten: false, but model.mlp needs vectors, not {data.dataset} "
+                      "images; set data.flatten: true (or use model.factory)")
+        return
+    else:
+        inputs, input_source = 784, f"the flattened 28x28 {data.dataset} images"
+        outputs, output_source = 10, f"the {data.dataset} classes"
+    if mlp.widths[0] != inputs:
+        errors.append(f"model.mlp.widths: first width {mlp.widths[0]} does not match "
+                      f"{input_source} ({inputs}); set model.mlp.widths[0] to {inputs}")
+    if mlp.widths[-1] != outputs:
+        errors.append(f"model.mlp.widths: last width {mlp.widths[-1]} does not match "
+                      f"{output_source} ({outputs}); set model.mlp.widths[-1] to {outputs}")

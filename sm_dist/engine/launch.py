@@ -1,0 +1,122 @@
+"""The pipeline engine: one process per stage; rank 0 also runs the coordinator."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from sm_dist.config.build import build_stage, build_stage_modules, load_job_data, resolve_device
+from sm_dist.config.job import JobConfig
+from sm_dist.engine.coordinator import RpcPipeline
+from sm_dist.engine.failures import StageError
+from sm_dist.engine.transport import RankInfo, Transport
+from sm_dist.engine.worker import StageWorker
+from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
+from sm_dist.report.summary import finish_run
+from sm_dist.run.session import make_console, run_training
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
+                 extra_args: Sequence[str] = ()) -> int:
+    """Start one process per stage on this machine through torch's launcher API (the code path
+    torchrun uses), each running `sm-dist train` as its rank; returns the job's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    num_stages = len(job.model.balance)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=num_stages, run_id=f"sm-dist-{uuid.uuid4()}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+        monitor_interval=0.2, start_method="spawn")
+    args = ["-m", "sm_dist", "train", job_path, *extra_args]
+    for override in overrides:
+        args += ["--set", override]
+    try:
+        elastic_launch(config, sys.executable)(*args)
+    except SignalException as err:  # the launcher has stopped the stage processes
+        print(f"sm-dist: error: stopped by {err.sigval.name}; the run directory keeps every "
+              "finished iteration", file=sys.stderr)
+        return EXIT_RUNTIME
+    except ChildFailedError as err:
+        for rank, failure in sorted(err.failures.items()):
+            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+                   else f"exited with code {failure.exitcode}")
+            print(f"sm-dist: error: stage {rank} (rank {rank}, pid {failure.pid}) {how}",
+                  file=sys.stderr)
+        codes = {f.exitcode for f in err.failures.values()}
+        return EXIT_BAD_INPUT if codes == {EXIT_BAD_INPUT} else EXIT_RUNTIME
+    return EXIT_OK
+
+
+def run_rank(job: JobConfig, out: Path, live: bool | None, resume: bool) -> int:
+    """This process's part of the job, under torchrun or launch_local: hold stage RANK; rank 0
+    also coordinates. Returns the exit code."""
+    # RPC's internal gloo group trips a deprecation warning in torch itself; not ours to fix.
+    warnings.filterwarnings("ignore", message="You are using a Backend")
+    info = RankInfo.from_env()
+    num_stages = len(job.model.balance)
+    if info.world_size != num_stages:
+        if info.rank == 0:
+            print(f"sm-dist: error: the job has {num_stages} stages (model.balance) but "
+                  f"{info.world_size} processes were started; start exactly one per stage "
+                  f"(e.g. torchrun --nproc-per-node {num_stages})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # Several stage processes share the machine's cores: split them unless told otherwise.
+    threads = job.run.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
+    torch.set_num_threads(threads)
+    device = resolve_device(job, info.local_rank)
+    stage = build_stage(job, info.rank, build_stage_modules(job)[info.rank], device)
+    transport = Transport(info, timeout=job.run.rpc_timeout,
+                          worker_threads=job.run.worker_threads, device=device,
+                          transport=job.run.rpc_transport)
+    transport.start(StageWorker(stage, transport, info.rank))
+    if info.rank != 0:
+        transport.shutdown(graceful=True)  # serve the other stages until the coordinator ends
+        return EXIT_OK
+    return coordinate(job, transport, out, live, resume)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`, which saves what is finished
+
+
+def coordinate(job: JobConfig, transport: Transport, out: Path, live: bool | None,
+               resume: bool) -> int:
+    """Rank 0: drive the training over RPC and write the run directory."""
+    signal.signal(signal.SIGTERM, _terminate)
+    num_stages = len(job.model.balance)
+    try:
+        data = load_job_data(job)
+        pipeline = RpcPipeline(transport, num_stages)
+        hosts = {s: info["host"] for s, info in pipeline.stages.items()}
+        header = (f"sm-dist: {job.name}: {num_stages} stage processes on "
+                  f"{', '.join(sorted(set(hosts.values())))}, {job.optimizer.name}, "
+                  f"{len(data.train_x)} training samples -> {out}")
+        console = make_console(live)
+        run_training(job, pipeline, data, out, header=header, live=live, console=console,
+                     resume=resume, hosts=hosts)
+        finish_run(out, console)
+    except StageError as err:
+        print(f"sm-dist: error: {err}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_RUNTIME)  # a peer may be dead: a graceful RPC shutdown would wait for it
+    transport.shutdown(graceful=True)
+    return EXIT_OK

@@ -1,0 +1,153 @@
+"""StageWorker: one stage in its own process, running the plans the coordinator sends in order."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from torch.futures import Future
+
+from sm_dist.engine.failures import RemoteFailure
+from sm_dist.models.build import num_params
+from sm_dist.pipeline.executor import MailKey, Plan, PlanResult, StageExecutor
+from sm_dist.pipeline.stage import Stage
+
+
+def _lowest_priority() -> None:
+    try:  # Linux gives each thread its own nice value; 19 is the lowest priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass  # not available here: fill steps then run at normal priority
+
+
+class InputTimeout(RuntimeError):
+    """A stage waited longer than the RPC timeout for a tensor from a neighbour."""
+
+
+class WorkerTransport(Protocol):
+    """What a worker needs of its process's endpoint (engine/transport.py, or a loopback)."""
+
+    timeout: float
+    device: Any
+
+    def call_async(self, rank: int, method: str, *args: Any) -> Future: ...
+
+
+class Mailbox:
+    """Tensors that neighbours sent, keyed by (plan, kind, microbatch), until the stage takes them.
+
+    Deliveries arrive on RPC threads in any order; the executor takes them in schedule order.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[Hashable, Any] = {}
+        self._ready = threading.Condition()
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._ready:
+            self._items[key] = value
+            self._ready.notify_all()
+
+    def take(self, key: Hashable, timeout: float, what: str) -> Any:
+        with self._ready:
+            if not self._ready.wait_for(lambda: key in self._items, timeout=timeout):
+                raise InputTimeout(f"waited {timeout:.0f}s (run.rpc_timeout) for {what}")
+            return self._items.pop(key)
+
+    def contains(self, key: Hashable) -> bool:
+        with self._ready:
+            return key in self._items
+
+    def has_later_plan(self, plan_id: int) -> bool:
+        """Whether anything arrived for a plan after `plan_id` (the next iteration's input)."""
+        with self._ready:
+            return any(key[0] > plan_id for key in self._items)  # type: ignore[index]
+
+
+class RpcChannel:
+    """A stage's tensors to and from its neighbours: sent as `deliver` calls to their workers,
+    received from this worker's mailbox (with the RPC timeout as the deadline)."""
+
+    def __init__(self, transport: WorkerTransport, mailbox: Mailbox, rank: int) -> None:
+        self.transport = transport
+        self.mailbox = mailbox
+        self._sends: list[Future] = []
+        # Fill steps run on a thread of the lowest CPU priority: where stage processes share
+        # cores (more stages than cores) they take only time no other stage wants.
+        self._filler = ThreadPoolExecutor(1, f"stage{rank}-fill", _lowest_priority)
+
+    def receive(self, key: MailKey, source: int, what: str) -> Any:
+        return self.mailbox.take(key, self.transport.timeout, what)
+
+    def send(self, stage: int, key: MailKey, payload: Any) -> None:
+        self._sends.append(self.transport.call_async(stage, "deliver", key, payload))
+
+    def flush(self) -> None:
+        for future in self._sends:  # a neighbour that died shows up here at the latest
+            future.wait()
+        self._sends.clear()
+
+    def arrived(self, key: MailKey | None, plan_id: int) -> bool:
+        if key is not None:  # evaluation follows in this plan
+            return self.mailbox.contains(key)
+        return self.mailbox.has_later_plan(plan_id)
+
+    def fill_step(self, step: Callable[[], int]) -> int:
+        return self._filler.submit(step).result()
+
+
+class StageWorker:
+    """Holds one Stage and runs plans on it, one at a time, in plan order.
+
+    RPC delivers calls on many threads; `run_plan` only queues, and a single executor thread
+    runs the queued plans by plan id, so the stage sees exactly the schedule's order.
+    Activations go up and gradients down straight to the neighbouring stage's mailbox.
+    """
+
+    def __init__(self, stage: Stage, transport: WorkerTransport, rank: int,
+                 host: str | None = None) -> None:
+        self.stage = stage
+        self.transport = transport
+        self.rank = rank
+        self.host = host or socket.gethostname()
+        self.mailbox = Mailbox()
+        self.executor = StageExecutor(stage, RpcChannel(transport, self.mailbox, rank))
+        self._queue: dict[int, tuple[Plan, Future]] = {}
+        self._queued = threading.Condition()
+        self._next_plan = 0
+        threading.Thread(target=self._run, name=f"stage{rank}-executor", daemon=True).start()
+
+    # ------------------------------------------------------------------------ RPC surface
+    def describe(self) -> dict[str, Any]:
+        return {"stage": self.stage.index, "host": self.host,
+                "device": str(self.transport.device),
+                "parameters": num_params(self.stage.module)}
+
+    def deliver(self, key: Hashable, payload: Any) -> None:
+        self.mailbox.put(key, payload)
+
+    def run_plan(self, plan: Plan) -> Future:
+        done: Future = Future()
+        with self._queued:
+            self._queue[plan.plan_id] = (plan, done)
+            self._queued.notify_all()
+        return done
+
+    # --------------------------------------------------------------------------- executor
+    def _run(self) -> None:
+        while True:
+            with self._queued:
+                self._queued.wait_for(lambda: self._next_plan in self._queue)
+                plan, done = self._queue.pop(self._next_plan)
+            done.set_result(self._execute(plan))
+            self._next_plan += 1
+
+    def _execute(self, plan: Plan) -> PlanResult | RemoteFailure:
+        try:
+            return self.executor.run(plan)
+        except Exception:
+            return RemoteFailure.capture(self.stage.index, self.rank, self.host)

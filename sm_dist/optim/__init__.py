@@ -1,0 +1,1 @@
+"""Optimizers: one module each behind one interface (base.py), listed in registry.py."""

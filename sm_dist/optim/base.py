@@ -1,0 +1,223 @@
+"""The interface every optimizer implements: what the rest of sm-dist needs to know of it.
+
+An optimizer is one subclass of `Optimizer` in its own module, listed in `registry.py`. It
+says what its backward keeps, which update actions its schedule has, how each stage runs them
+(its `StageRule`), how the coordinator steers it between passes (if it does), what it adds to
+the iteration record, which parameter `compare` sweeps, and which job-file options it adds
+(`Options`) and checks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from sm_dist.math.losses import TopOfPipeline, evaluate_loss, top_of_pipeline
+from sm_dist.math.stage_function import StageFunction
+from sm_dist.optim.options import OptimizerOptions, check_inner_steps
+from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.schedule import UpdateActions
+from sm_dist.pipeline.stage import Handler, MicrobatchStash, Stage
+
+if TYPE_CHECKING:
+    from sm_dist.pipeline.executor import PlanRun
+    from sm_dist.pipeline.interface import Microbatches, Pipeline
+
+
+class BackwardKeeps(enum.Enum):
+    """What a stage's backward must keep of each microbatch for the update."""
+
+    GRADIENT = "gradient"  # the gradient alone: the autograd graph is freed at once
+    GRAPH = "graph"  # Ψ's retained graph, for second-order products (CGBlock)
+    CURVATURE = "curvature"  # the graph, and a curvature sent down with the gradient (SM)
+
+
+@dataclass
+class StageReport:
+    """What one stage's update did this iteration (for metrics and the monitor)."""
+
+    inner_steps: int = 0
+    local_loss: float | None = None  # the model's value at the step taken
+    curvature_sent: float | None = None  # the largest c this stage sent down
+    psi_products: int = 0  # Hessian-vector products of Ψ this iteration, backward included
+    stopped: str | None = None  # why the inner solver stopped early, if it did
+    # Second-order products this stage computed this iteration: SM's Ψ products, or CGBlock's
+    # tangents carried forward and back through this stage (one per tangent and microbatch).
+    hvp_products: int = 0
+    tangents_started: int = 0  # CGBlock: tangent passes that carried this stage's own tangent
+
+
+class StageRule:
+    """One stage's side of an optimizer: hooks into the stage's forward and backward, and
+    handlers for the optimizer's own update actions. The defaults are plain backprop."""
+
+    keeps: ClassVar[BackwardKeeps] = BackwardKeeps.GRADIENT
+
+    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
+        self.optimizer = optimizer
+        self.config = optimizer.config
+        self.stage = stage
+        self.functions: dict[int, StageFunction] = {}  # GRAPH rules: Ψ per microbatch
+        self._report = StageReport()
+
+    # -------------------------------------------------------------- hooks of the stage
+    def top_of_pipeline(self, j: int, out: Tensor, y: Tensor, n: int,
+                        mode: str) -> TopOfPipeline:
+        """Last stage: the loss's gradient and curvature for microbatch j (spec §2)."""
+        self._check_mode(mode)
+        assert self.stage.loss is not None
+        return top_of_pipeline(self.stage.loss, out, y, n)
+
+    def evaluate_top(self, j: int, z: Tensor, y: Tensor, mode: str) -> tuple[float, int]:
+        """Last stage, forward-only passes: summed loss and correct predictions."""
+        self._check_mode(mode)
+        assert self.stage.loss is not None
+        return evaluate_loss(self.stage.loss, z, y)
+
+    def _check_mode(self, mode: str) -> None:
+        if mode != "loss":
+            raise ValueError(f"{self.optimizer.name} has no top-of-pipeline mode {mode!r}")
+
+    def backward(self, j: int, entry: MicrobatchStash, g_out: Tensor, c_out: Tensor | None,
+                 same_batch: bool) -> tuple[Tensor | None, Tensor | None]:
+        """Backpropagate one microbatch; returns (∂h/∂z_in, curvature) for the stage below."""
+        stage = self.stage
+        if self.keeps is BackwardKeeps.GRADIENT:
+            torch.autograd.backward(entry.out, g_out)  # frees the graph; the gradient is in .grad
+            return (None if stage.is_first else entry.z_in.grad.detach()), None
+        # Ψ with c = 0 holds exactly the ⟨g, f⟩ terms: its second derivatives are those the
+        # network's Hessian gets from this stage (what CGBlock's tangent passes need).
+        zero = torch.zeros(g_out.shape[0], dtype=g_out.dtype, device=g_out.device)
+        fn = self.keep_function(j, entry, g_out, zero)
+        return fn.gradients()[0], None
+
+    def keep_function(self, j: int, entry: MicrobatchStash, g_out: Tensor,
+                      c_out: Tensor) -> StageFunction:
+        """Build microbatch j's Ψ (keeping its graph), add ∂h/∂θ_s to the stage's gradient."""
+        fn = StageFunction(entry.z_in, entry.out, self.stage.params, g_out, c_out)
+        self.stage.accumulate_grad(fn.gradients()[1])
+        self.functions[j] = fn
+        return fn
+
+    def sends_curvature(self) -> bool:
+        return self.keeps is BackwardKeeps.CURVATURE
+
+    def release_held(self) -> dict[int, Tensor]:
+        """Curvatures held back by the backward, released after the last one (SM's `batch`)."""
+        return {}
+
+    def handlers(self) -> dict[ActionKind, Handler]:
+        """The functions that perform this optimizer's update actions on this stage."""
+        return {}
+
+    def report(self) -> StageReport:
+        return self._report
+
+    def end_iteration(self) -> None:
+        self.functions = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class StepRule(StageRule):
+    """A rule whose whole update is one step at `A` (torch optimizers, DDG)."""
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def handlers(self) -> dict[ActionKind, Handler]:
+        return {ActionKind.APPLY: apply_update}
+
+
+@dataclass
+class SteeredStep:
+    """What the coordinator's steps after an iteration's backward did, and the passes they cost."""
+
+    record: dict[str, Any]  # fields for the iteration's record
+    forward_passes: int  # forward-only trials and forward halves of extra passes
+    backward_passes: int
+
+
+class Steering(Protocol):
+    """An optimizer the coordinator drives pass by pass after each iteration's backward."""
+
+    def step(self, pipeline: Pipeline, iteration: int, microbatches: Microbatches, n: int,
+             loss: float) -> SteeredStep: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Optimizer:
+    """An optimizer as the training loop, the schedule, compare and the docs see it."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, for the docs and `sm-dist schedule`
+    Options: ClassVar[type[OptimizerOptions]] = OptimizerOptions  # its job-file options
+    rule: ClassVar[type[StageRule]] = StageRule
+    update_kinds: ClassVar[tuple[ActionKind, ...]] = ()  # the actions of its update phase
+    sweep: ClassVar[str | None] = None  # what `compare` sweeps: "inner_steps", "lr" or None
+    steered: ClassVar[bool] = False  # the coordinator steers it (see `steering`)
+
+    def __init__(self, config: OptimizerOptions, num_stages: int) -> None:
+        self.config = config
+        self.num_stages = num_stages
+
+    @classmethod
+    def keeps(cls) -> BackwardKeeps:
+        return cls.rule.keeps
+
+    @classmethod
+    def check_config(cls, config: OptimizerOptions) -> list[str]:
+        """Problems of the job's optimizer section for this optimizer, one message each."""
+        return check_inner_steps(config)
+
+    def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
+        """Each stage's actions after its last backward (`last`: no iteration follows)."""
+        return lambda stage: []
+
+    def stage_rule(self, stage: Stage) -> StageRule:
+        return self.rule(self, stage)
+
+    def steering(self) -> Steering | None:
+        """The coordinator's loop for an optimizer that needs one; None for those that update
+        inside the pipeline (their next iteration can be submitted before this one ends)."""
+        return None
+
+    def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
+        """What the stages' reports add to the iteration's record."""
+        return {}
+
+    def schedule_note(self) -> str | None:
+        """What `sm-dist schedule` should add below the grid, if anything."""
+        return None
+
+
+def apply_update(run: PlanRun, action: Action) -> str:
+    """`A` for rules whose update is a torch optimizer's step (`rule.step()`)."""
+    rule = run.stage.hooks
+    assert isinstance(rule, StepRule)
+    rule.step()
+    run.stage.end_iteration()
+    return ""
+
+
+def inner_loop_fields(reports: list[StageReport]) -> dict[str, Any]:
+    """The record fields of optimizers with an inner loop per stage (SM, CGBlock)."""
+    values = [r.local_loss for r in reports]
+    return {
+        "predicted_decrease": sum(v for v in values if v is not None),
+        "inner_steps": [r.inner_steps for r in reports],
+        "local_loss": values,
+        "curvature": [r.curvature_sent for r in reports],
+        "psi_products": [r.psi_products for r in reports],
+        "inner_stopped": [r.stopped for r in reports],
+    }
+

@@ -1,0 +1,232 @@
+"""Surrogate Minimization (the paper's form): each stage minimises its own local loss, built
+from the backward's Hessian-vector products, for N inner steps with no communication."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sm_dist.math.curvature import (
+    damped_curvature,
+    initial_vectors,
+    power_iteration,
+    reduce_eigenvalues,
+)
+from sm_dist.math.local_loss import LocalLoss, flatten, unflatten
+from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
+from sm_dist.math.stage_function import StageFunction
+from sm_dist.optim.base import (
+    BackwardKeeps,
+    Optimizer,
+    StageReport,
+    StageRule,
+    inner_loop_fields,
+)
+from sm_dist.optim.options import InnerStepsConfig, OptimizerOptions, check_inner_steps
+from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.executor import PlanRun
+from sm_dist.pipeline.schedule import UpdateActions
+from sm_dist.pipeline.stage import Handler, MicrobatchStash, Stage
+
+K = ActionKind
+
+
+@dataclass(kw_only=True)
+class SMOptions(OptimizerOptions):
+    """SM's local losses (spec §2): curvature, damping, cubic term, inner solver."""
+    inner_solver: str = field(default="cg", metadata={"choices": ("cg", "gradient")})
+    curvature: str = field(
+        default="sample", metadata={"choices": ("sample", "microbatch", "batch")})
+    delta_rel: float = field(default=0.3, metadata={"min": 0})
+    delta_abs: float = field(default=0.0, metadata={"min": 0})
+    delta_floor: float = field(default=1e-12, metadata={"gt": 0})
+    rho: float = field(default=0.0, metadata={"min": 0})
+    power_iterations: int = field(default=10, metadata={"min": 1})
+    power_warm_start: bool = True
+
+
+def sm_update_actions(stage: int, steps: int, fill_up_to: int = 0) -> list[Action]:
+    """L, I<steps>, then (fill mode, stages above the first) W<fill_up_to>, then A. Stage 0
+    gets its next input from the coordinator at once: it has no bubble to fill."""
+    actions = [Action(K.BUILD), Action(K.INNER, steps)]
+    if fill_up_to and stage > 0:
+        actions.append(Action(K.FILL, fill_up_to))
+    return actions + [Action(K.APPLY)]
+
+
+class SMStageRule(StageRule):
+    """SM on one stage: curvature sent down in the backward, L_s built from its stage
+    functions, N inner steps on it, then θ ← θ_t + d."""
+
+    keeps = BackwardKeeps.CURVATURE
+
+    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
+        super().__init__(optimizer, stage)
+        self.options: SMOptions = optimizer.config  # type: ignore[assignment]
+        self.deltas: dict[int, Tensor] = {}  # per microbatch: the δ of its samples
+        self.eigenvalues: dict[int, Tensor] = {}  # curvature: batch, until the last backward
+        self.max_curvature_sent: float | None = None
+        self.power_vectors: dict[int, Tensor] = {}  # warm starts, kept across iterations
+        self.solver: TruncatedCG | GradientDescentArmijo | None = None
+        self.next_step = self.options.armijo_init  # gradient inner solver: kept across iterations
+        self.psi_products = 0  # Ψ products since the start (power iteration and inner loops)
+        self._products_before = 0
+
+    # ---------------------------------------------------------------------------- backward
+    def backward(self, j: int, entry: MicrobatchStash, g_out: Tensor, c_out: Tensor | None,
+                 same_batch: bool) -> tuple[Tensor | None, Tensor | None]:
+        assert c_out is not None, "SM needs the curvature from the stage above"
+        fn = self.keep_function(j, entry, g_out, c_out)
+        if self.stage.is_first:
+            return None, None
+        g_in = fn.gradients()[0]
+        lam = self._eigenvalues(j, fn, same_batch)
+        if self.options.curvature == "batch":
+            self.eigenvalues[j] = lam
+            return g_in, None
+        return g_in, self._damp(j, reduce_eigenvalues(lam, self.options.curvature))
+
+    def release_held(self) -> dict[int, Tensor]:
+        """With `curvature: batch`, the c_in of every microbatch from the batch's largest λ."""
+        lam_max = torch.stack([lam.max() for lam in self.eigenvalues.values()]).max()
+        return {j: self._damp(j, lam_max.expand_as(lam).clone())
+                for j, lam in self.eigenvalues.items()}
+
+    def _eigenvalues(self, j: int, fn: StageFunction, same_batch: bool) -> Tensor:
+        assert fn.grad_z is not None
+        start = self.power_vectors.get(j)
+        if not (self.options.power_warm_start and same_batch and start is not None
+                and start.shape == fn.grad_z.shape):
+            start = initial_vectors(fn.grad_z, self.stage.generator)
+        products = fn.products
+        lam, vectors = power_iteration(fn.hvp_zz, start, self.options.power_iterations)
+        self.psi_products += fn.products - products
+        self.power_vectors[j] = vectors
+        return lam
+
+    def _damp(self, j: int, lam: Tensor) -> Tensor:
+        cfg = self.options
+        c, delta = damped_curvature(lam, delta_rel=cfg.delta_rel, delta_abs=cfg.delta_abs,
+                                    delta_floor=cfg.delta_floor)
+        self.deltas[j] = delta
+        top = float(c.max()) if c.numel() else 0.0
+        self.max_curvature_sent = max(top, self.max_curvature_sent or 0.0)
+        return c
+
+    # ---------------------------------------------------------------------------- update
+    def begin(self) -> None:
+        """Build the local loss from this iteration's backward (spec §2, 'Local loss')."""
+        stage, cfg = self.stage, self.options
+        parts = [(self.functions[j], None if stage.is_first else self.deltas[j])
+                 for j in sorted(self.functions)]
+        grad = flatten([p.grad for p in stage.params])
+        loss = LocalLoss(parts, grad, cfg.rho)
+        self._products_before = sum(fn.products for fn, _ in parts)
+        if cfg.inner_solver == "cg":
+            self.solver = TruncatedCG(loss, tol=cfg.cg_tol, armijo=cfg.armijo_rule(),
+                                      fallback_step=cfg.armijo_init)
+        else:
+            self.solver = GradientDescentArmijo(loss, armijo=cfg.armijo_rule(),
+                                                initial_step=self.next_step,
+                                                fixed_step=cfg.inner_lr)
+
+    def step(self, n: int) -> int:
+        """Up to n more inner steps; returns how many were taken (resumable)."""
+        assert self.solver is not None, "begin() first"
+        return self.solver.run(n)
+
+    def finish(self) -> StageReport:
+        """Apply d to the parameters and report."""
+        assert self.solver is not None, "begin() first"
+        solver, stage = self.solver, self.stage
+        with torch.no_grad():
+            for p, dp in zip(stage.params, unflatten(solver.d, stage.params)):
+                p.add_(dp)
+        if isinstance(solver, GradientDescentArmijo) and solver.fixed_step is None:
+            self.next_step = 2.0 * solver.last_step
+        products = sum(fn.products for fn in self.functions.values())
+        self.psi_products += products - self._products_before  # the inner loop's
+        report = solver.report()
+        self._report = StageReport(
+            inner_steps=report.steps, local_loss=report.value,
+            curvature_sent=self.max_curvature_sent, psi_products=products,
+            stopped=report.stopped, hvp_products=products)
+        self.solver = None
+        return self._report
+
+    def handlers(self) -> dict[ActionKind, Handler]:
+        return {K.BUILD: self._build, K.INNER: self._inner, K.FILL: self._fill,
+                K.APPLY: self._apply}
+
+    def _build(self, run: PlanRun, action: Action) -> str:
+        self.begin()
+        return ""
+
+    def _inner(self, run: PlanRun, action: Action) -> str:
+        assert action.index is not None
+        return f"{self.step(action.index)} steps"
+
+    def _fill(self, run: PlanRun, action: Action) -> str:
+        """Inner steps, one at a time, while the stage's next input has not arrived (or the
+        limit): the stage would be idle otherwise (spec §5)."""
+        assert action.index is not None
+        taken = 0
+        while taken < action.index and not run.next_input_arrived():
+            if run.channel.fill_step(lambda: self.step(1)) == 0:
+                break  # the solver has converged or stopped
+            taken += 1
+        return f"{taken} steps"
+
+    def _apply(self, run: PlanRun, action: Action) -> str:
+        self.finish()
+        self.stage.end_iteration()
+        return ""
+
+    def end_iteration(self) -> None:
+        super().end_iteration()
+        self.deltas, self.eigenvalues, self.max_curvature_sent = {}, {}, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step, "power_vectors": dict(self.power_vectors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_step = state["next_step"]
+        device = self.stage.device
+        self.power_vectors = {j: v.to(device) for j, v in state["power_vectors"].items()}
+
+
+class SM(Optimizer):
+    name = "sm"
+    summary = "Surrogate Minimization: N inner steps per stage on its local loss (the paper)"
+    Options = SMOptions
+    rule = SMStageRule
+    update_kinds = (K.BUILD, K.INNER, K.FILL, K.APPLY)
+    sweep = "inner_steps"
+
+    @classmethod
+    def check_config(cls, config: OptimizerOptions) -> list[str]:
+        assert isinstance(config, SMOptions)
+        errors = []
+        if config.delta_rel == 0 and config.delta_abs == 0:
+            errors.append("optimizer.delta_rel: delta_rel and delta_abs are both 0, so the "
+                          "trust region radius δ would be 0; set delta_rel > 0 (e.g. 0.3) or "
+                          "delta_abs > 0")
+        errors += check_inner_steps(config)
+        if config.rho > 0 and config.inner_solver != "gradient":
+            errors.append(f"optimizer.rho: rho = {config.rho} needs inner_solver: gradient "
+                          "(CG minimises only a quadratic); set optimizer.inner_solver: "
+                          "gradient or optimizer.rho: 0")
+        return errors
+
+    def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
+        steps = self.config.inner_steps
+        if isinstance(steps, InnerStepsConfig):
+            fill = steps.max - steps.min if steps.fill_bubbles and not last else 0
+            return lambda stage: sm_update_actions(stage, steps.min, fill)
+        return lambda stage: sm_update_actions(stage, steps)
+
+    def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
+        return inner_loop_fields(reports)  # type: ignore[arg-type]

@@ -1,0 +1,246 @@
+"""The one runtime of a schedule: each action kind mapped to the function that performs it.
+
+A stage's plan (its actions for one pass) runs action by action on its `Stage`. Tensors to and
+from the neighbouring stages go through a `Channel`: RPC in the engine
+(`sm_dist.engine.worker`), an in-process mailbox in the single-process pipeline
+(`sm_dist.pipeline.local`). Forward and backward kinds are handled here; an optimizer's update
+kinds by its stage rule (`StageHooks.handlers`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from sm_dist.pipeline.actions import Action, ActionKind, Direction
+from sm_dist.pipeline.schedule import next_input
+from sm_dist.pipeline.stage import Handler, Stage
+from sm_dist.pipeline.timeline import TimelineEvent
+
+K = ActionKind
+MailKey = Hashable  # (plan id, kind, index) or, for tangent passes, (plan id, kind, index, step)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A method of a stage, or of its optimizer rule, that a plan asks for (commands, trials)."""
+
+    method: str
+    args: tuple = ()
+    on_rule: bool = False  # call stage.rule.<method> instead of stage.<method>
+
+    def apply(self, stage: Stage) -> Any:
+        return getattr(stage.hooks if self.on_rule else stage, self.method)(*self.args)
+
+
+@dataclass
+class Plan:
+    """One stage's share of one pipeline pass: its ordered actions and what it needs for them."""
+
+    plan_id: int  # plans run in this order on every stage
+    iteration: int
+    actions: list[Action]
+    inputs: dict[tuple[str, int], Tensor] = field(default_factory=dict)  # stage 0's x
+    labels: dict[tuple[str, int], Tensor] = field(default_factory=dict)  # last stage's y
+    n: int = 0  # samples in the batch, the loss's 1/n
+    same_batch: bool = False
+    top: str = "loss"  # what the last stage computes: the loss, or a rule's own mode
+    before: tuple[Call, ...] = ()  # calls before the actions (e.g. set a trial step)
+    command: Call | None = None  # a call after the actions; its value is the plan's
+
+
+@dataclass
+class PlanResult:
+    stage: int
+    losses: dict[int, float] = field(default_factory=dict)  # last stage: F j -> Σ ℓ / n
+    correct: dict[int, int] = field(default_factory=dict)
+    sums: dict[tuple[str, int], tuple[float, int, int]] = field(default_factory=dict)  # E, T
+    report: Any = None  # the rule's report of its last update
+    events: list[TimelineEvent] = field(default_factory=list)
+    value: Any = None  # the command's result
+
+
+class Channel(Protocol):
+    """How a stage's executor exchanges tensors with its neighbours."""
+
+    def receive(self, key: MailKey, source: int, what: str) -> Any:
+        """Wait for what stage `source` sent under `key`; `what` names it in a timeout error."""
+    def send(self, stage: int, key: MailKey, payload: Any) -> None: ...
+    def flush(self) -> None:
+        """Wait until every send of this plan is delivered (a dead neighbour shows here)."""
+    def arrived(self, key: MailKey | None, plan_id: int) -> bool:
+        """Whether `key` is there, or (key None) anything for a plan after `plan_id`."""
+    def fill_step(self, step: Callable[[], int]) -> int:
+        """Run one fill step (where stages share cores: at the lowest priority)."""
+
+
+class PlanRun:
+    """One plan being performed on one stage: what handlers see of the pipeline."""
+
+    def __init__(self, executor: StageExecutor, plan: Plan) -> None:
+        self.executor = executor
+        self.stage = executor.stage
+        self.channel = executor.channel
+        self.plan = plan
+        self.result = PlanResult(self.stage.index)
+        self.position = 0
+        self.started = 0.0  # when the current action had its input and began computing
+        for call in plan.before:
+            call.apply(self.stage)
+
+    # ------------------------------------------------------------------ for the handlers
+    def _key(self, action: Action) -> MailKey:
+        base = (self.plan.plan_id, action.kind.value, action.index)
+        return base if action.kind not in (K.TANGENT_FORWARD, K.TANGENT_BACKWARD) else (
+            *base, action.step)
+
+    def from_below(self, action: Action, what: str) -> Any:
+        """The tensor for `action` from the stage below (stage 0: its input from the plan)."""
+        if self.stage.is_first:
+            return self.plan.inputs[(action.kind.value, action.index)]
+        below = self.stage.index - 1
+        value = self.channel.receive(self._key(action), below, f"{what} of {action} from "
+                                     f"stage {below} (rank {below})")
+        self.started = time.time()
+        return value
+
+    def from_above(self, action: Action, what: str) -> Any:
+        above = self.stage.index + 1
+        value = self.channel.receive(self._key(action), above, f"{what} of {action} from "
+                                     f"stage {above} (rank {above})")
+        self.started = time.time()
+        return value
+
+    def send_up(self, action: Action, payload: Any) -> None:
+        self.channel.send(self.stage.index + 1, self._key(action), payload)
+
+    def send_down(self, action: Action, payload: Any) -> None:
+        self.channel.send(self.stage.index - 1, self._key(action), payload)
+
+    def input_key(self, position: int) -> MailKey | None:
+        """What the action at `position` receives from a neighbour, if anything."""
+        action = self.plan.actions[position]
+        direction = action.kind.direction
+        if (direction is Direction.UP and not self.stage.is_first) or (
+                direction is Direction.DOWN and not self.stage.is_last):
+            return self._key(action)
+        return None
+
+    def next_input_arrived(self) -> bool:
+        """Fill mode: whether the input this stage waits for next is there (the next forward
+        kind of this plan, else anything for a later plan)."""
+        following = next_input(self.plan.actions, self.position)
+        key = None if following is None else self._key(following)
+        return self.channel.arrived(key, self.plan.plan_id)
+
+    @property
+    def tops(self) -> dict[Hashable, Any]:
+        """The last stage's own hand-over from its forward kinds to the backward kinds."""
+        return self.executor.tops
+
+    # ------------------------------------------------------------------- for the runtimes
+    def perform(self, position: int) -> None:
+        self.position = position
+        action = self.plan.actions[position]
+        self.started = time.time()  # moved on when an input arrives: waiting is idle
+        detail = self.executor.handler(action.kind)(self, action)
+        self.result.events.append(TimelineEvent(self.stage.index, self.plan.iteration,
+                                                action.kind, action.index, self.started,
+                                                time.time(), detail))
+
+    def finish(self) -> PlanResult:
+        self.channel.flush()
+        self.result.report = self.stage.hooks.report()
+        if self.plan.command is not None:
+            self.result.value = self.plan.command.apply(self.stage)
+        return self.result
+
+
+# ----------------------------------------------------------------------- generic handlers
+def forward_microbatch(run: PlanRun, action: Action) -> str:
+    stage, j = run.stage, action.index
+    assert j is not None
+    x = run.from_below(action, "the input")
+    z = stage.forward_microbatch(j, x, run.plan.labels.get((K.FORWARD.value, j)))
+    if stage.is_last:
+        top = stage.top_of_pipeline(j, run.plan.n, run.plan.top)
+        run.tops[(K.FORWARD, j)] = (top.grad, top.curvature)
+        run.result.losses[j], run.result.correct[j] = float(top.loss), top.correct
+    else:
+        run.send_up(action, z)
+    return ""
+
+
+def backward_microbatch(run: PlanRun, action: Action) -> str:
+    stage, j = run.stage, action.index
+    assert j is not None
+    if stage.is_last:
+        g, c = run.tops.pop((K.FORWARD, j))
+    else:
+        g, c = run.from_above(action, "the gradient")
+    g_in, c_in = stage.backward_microbatch(j, g, c, run.plan.same_batch)
+    if stage.is_first:
+        return ""
+    hooks = stage.hooks
+    if hooks.sends_curvature() and c_in is None:  # held back until the last backward
+        run.executor.held[j] = g_in
+        if not any(a.kind is K.BACKWARD for a in run.plan.actions[run.position + 1:]):
+            late = hooks.release_held()
+            for k, held in run.executor.held.items():
+                run.send_down(Action(K.BACKWARD, k), (held, late[k]))
+            run.executor.held.clear()
+        return ""
+    run.send_down(action, (g_in, c_in))
+    return ""
+
+
+def forward_only(run: PlanRun, action: Action) -> str:
+    stage = run.stage
+    key = (action.kind.value, action.index)
+    z = stage.forward_only(run.from_below(action, "the input"))
+    if stage.is_last:
+        assert action.index is not None
+        y = run.plan.labels[key].to(z.device)
+        loss_sum, correct = stage.hooks.evaluate_top(action.index, z, y, run.plan.top)
+        run.result.sums[key] = (loss_sum, correct, len(z))
+    else:
+        run.send_up(action, z)
+    return ""
+
+
+GENERIC_HANDLERS: dict[ActionKind, Handler] = {
+    K.FORWARD: forward_microbatch, K.BACKWARD: backward_microbatch,
+    K.EVALUATE: forward_only, K.TRIAL: forward_only,
+}
+
+
+class StageExecutor:
+    """Performs plans on one stage: the generic kinds here, the update kinds by its rule."""
+
+    def __init__(self, stage: Stage, channel: Channel) -> None:
+        self.stage = stage
+        self.channel = channel
+        self.tops: dict[Hashable, Any] = {}
+        self.held: dict[int, Tensor] = {}  # curvature: batch — gradients held until the end
+        self._handlers = {**GENERIC_HANDLERS, **stage.hooks.handlers()}
+
+    def handler(self, kind: ActionKind) -> Handler:
+        try:
+            return self._handlers[kind]
+        except KeyError:
+            raise RuntimeError(f"stage {self.stage.index}: this optimizer has no action "
+                               f"{kind.value} ({kind.info.name})") from None
+
+    def start(self, plan: Plan) -> PlanRun:
+        return PlanRun(self, plan)
+
+    def run(self, plan: Plan) -> PlanResult:
+        """Perform a whole plan, action after action (the engine's way)."""
+        run = self.start(plan)
+        for position in range(len(plan.actions)):
+            run.perform(position)
+        return run.finish()

@@ -1,0 +1,155 @@
+"""Stage: one pipeline stage's layers, its microbatch forward and backward, and its hooks.
+
+The stage is generic: what its backward keeps, what the top of the pipeline computes and what
+its update actions do belong to the optimizer's per-stage rule (`StageHooks`), attached as
+`stage.rule` by `sm_dist.optim`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from sm_dist.math.losses import LossSpec, TopOfPipeline
+from sm_dist.math.stage_function import trainable_parameters
+from sm_dist.pipeline.actions import ActionKind
+
+if TYPE_CHECKING:
+    from sm_dist.pipeline.executor import PlanRun
+
+
+def to_cpu(value: Any) -> Any:
+    """A copy of nested containers with every tensor on the CPU (for checkpoints)."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+@dataclass
+class MicrobatchStash:
+    """What a stage keeps of one microbatch between its forward and its backward."""
+
+    z_in: Tensor  # requires grad on every stage but the first
+    out: Tensor  # the output with its autograd graph
+    y: Tensor | None = None  # labels, on the last stage only
+
+
+# An update action's implementation: it gets the running plan and the action, and returns a
+# detail for the timeline (e.g. "12 steps").
+Handler = Callable[["PlanRun", Any], str]
+
+
+class StageHooks(Protocol):
+    """What an optimizer adds to a stage (implemented by `sm_dist.optim.base.StageRule`)."""
+
+    def top_of_pipeline(self, j: int, out: Tensor, y: Tensor, n: int,
+                        mode: str) -> TopOfPipeline: ...
+    def evaluate_top(self, j: int, z: Tensor, y: Tensor, mode: str) -> tuple[float, int]: ...
+    def backward(self, j: int, entry: MicrobatchStash, g_out: Tensor, c_out: Tensor | None,
+                 same_batch: bool) -> tuple[Tensor | None, Tensor | None]: ...
+    def sends_curvature(self) -> bool: ...
+    def release_held(self) -> dict[int, Tensor]: ...
+    def handlers(self) -> dict[ActionKind, Handler]: ...
+    def report(self) -> Any: ...
+    def end_iteration(self) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Stage:
+    """One stage of the pipeline: its layers, its per-microbatch stash, its optimizer rule.
+
+    The caller (the executor of a schedule) decides the order of the calls; the stage only
+    knows how to run one microbatch forward or backward.
+    """
+
+    def __init__(self, index: int, num_stages: int, module: nn.Module, loss: LossSpec | None,
+                 *, seed: int = 0) -> None:
+        self.index = index
+        self.num_stages = num_stages
+        self.module = module
+        self.loss = loss
+        self.is_first = index == 0
+        self.is_last = index == num_stages - 1
+        if self.is_last and loss is None:
+            raise ValueError("the last stage needs the loss")
+        self.params = trainable_parameters(module)
+        self.device = next(module.parameters()).device
+        self.stash: dict[int, MicrobatchStash] = {}
+        self.generator = torch.Generator().manual_seed(seed * 1000 + index)
+        self.rule: StageHooks | None = None  # set by the optimizer (sm_dist.optim)
+
+    @property
+    def hooks(self) -> StageHooks:
+        assert self.rule is not None, "no optimizer rule attached to this stage"
+        return self.rule
+
+    # ----------------------------------------------------------------------------- forward
+    def forward_microbatch(self, j: int, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Run f_s on microbatch j, keep what the backward needs, return the output (detached)."""
+        z_in = x.to(self.device).detach().requires_grad_(not self.is_first)
+        y = None if y is None else y.to(self.device)
+        with torch.enable_grad():
+            out = self.module(z_in)
+        self.stash[j] = MicrobatchStash(z_in, out, y)
+        return out.detach()
+
+    def forward_only(self, x: Tensor) -> Tensor:
+        """f_s without keeping anything (evaluation and line-search trial passes)."""
+        with torch.no_grad():
+            return self.module(x.to(self.device))
+
+    def top_of_pipeline(self, j: int, n: int, mode: str) -> TopOfPipeline:
+        """Last stage: the loss of microbatch j in a batch of n and the (g, c) its backward
+        starts from (or what the rule's `mode` puts there instead, e.g. SSO's surrogate)."""
+        entry = self.stash[j]
+        assert self.loss is not None and entry.y is not None
+        return self.hooks.top_of_pipeline(j, entry.out.detach(), entry.y, n, mode)
+
+    # ---------------------------------------------------------------------------- backward
+    def backward_microbatch(self, j: int, g_out: Tensor, c_out: Tensor | None,
+                            same_batch: bool = False) -> tuple[Tensor | None, Tensor | None]:
+        """Backpropagate microbatch j: accumulate ∂h/∂θ_s, return (g_in, c_in) for the stage
+        below (c_in None on the first stage, for rules that send no curvature, and while the
+        rule holds it back until `release_held`)."""
+        return self.hooks.backward(j, self.stash.pop(j), g_out, c_out, same_batch)
+
+    def accumulate_grad(self, grads: list[Tensor]) -> None:
+        for p, g in zip(self.params, grads):
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+
+    # ------------------------------------------------------------------ state and commands
+    def end_iteration(self) -> None:
+        """Drop the iteration's stash, the rule's per-iteration state and the gradients."""
+        self.stash.clear()
+        self.hooks.end_iteration()
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """This stage's parameters and buffers, on the CPU."""
+        return to_cpu(self.module.state_dict())
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: parameters, optimizer state, random state."""
+        return {"module": self.state_dict(), "rule": to_cpu(self.hooks.state_dict()),
+                "generator": self.generator.get_state()}
+
+    def restore_checkpoint(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["module"])
+        self.hooks.load_state_dict(state["rule"])
+        self.generator.set_state(state["generator"])
+
+    def grad_sq_norm(self) -> float:
+        return sum(float((p.grad * p.grad).sum()) for p in self.params if p.grad is not None)

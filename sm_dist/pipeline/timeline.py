@@ -1,0 +1,149 @@
+"""Timelines: what each stage did when, its busy fraction, the pipeline's bubbles, Chrome traces."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sm_dist.pipeline.actions import ActionKind
+
+K = ActionKind
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One action of one stage, with wall-clock times (seconds since the epoch)."""
+
+    stage: int
+    iteration: int
+    kind: ActionKind
+    index: int | None
+    start: float
+    end: float
+    detail: str = ""  # e.g. the inner steps an update slice took
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, ActionKind):
+            object.__setattr__(self, "kind", ActionKind.parse(self.kind))
+
+    @property
+    def label(self) -> str:
+        return self.kind.value if self.index is None else f"{self.kind.value}{self.index}"
+
+
+def _covered(intervals: Iterable[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of the union of intervals clipped to [lo, hi)."""
+    total, reach = 0.0, lo
+    for start, end in sorted(intervals):
+        start, end = max(start, reach), min(end, hi)
+        if end > start:
+            total += end - start
+            reach = end
+    return total
+
+
+@dataclass
+class IterationUtilisation:
+    """How busy each stage was during one iteration, and where the idle time sat."""
+
+    duration: float  # the iteration's window: its first action to the next iteration's first
+    busy_fraction: list[float]  # per stage
+    bubble_fraction: float  # idle share of the pipeline: 1 − mean busy fraction
+    turnaround_idle: list[float]  # per stage: idle between its last F and first B (GPipe's)
+    update_idle: list[float | None]  # per stage: idle between its last B and next input action
+
+
+def iteration_window(events: Sequence[TimelineEvent], iteration: int
+                     ) -> tuple[float, float] | None:
+    """From the iteration's first action to the next iteration's first (or to its own last
+    action when none has started yet), so that back-to-back iterations tile the time line."""
+    own = [e for e in events if e.iteration == iteration]
+    if not own:
+        return None
+    later = [e.start for e in events if e.iteration > iteration]
+    return min(e.start for e in own), (min(later) if later else max(e.end for e in own))
+
+
+def iteration_utilisation(events: Sequence[TimelineEvent], iteration: int,
+                          num_stages: int) -> IterationUtilisation | None:
+    """Utilisation of one iteration from the events of every stage, over `iteration_window`."""
+    window = iteration_window(events, iteration)
+    if window is None:
+        return None
+    lo, hi = window
+    own = [e for e in events if e.iteration == iteration]
+    duration = max(hi - lo, 1e-12)
+    busy, turnaround, update = [], [], []
+    for s in range(num_stages):
+        mine = [(e.start, e.end) for e in events if e.stage == s]
+        busy.append(_covered(mine, lo, hi) / duration)
+        stage_own = [e for e in own if e.stage == s]
+        forwards = [e for e in stage_own if e.kind is K.FORWARD]
+        backwards = [e for e in stage_own if e.kind is K.BACKWARD]
+        if forwards and backwards:
+            gap_lo, gap_hi = max(e.end for e in forwards), min(e.start for e in backwards)
+            turnaround.append(max(gap_hi - gap_lo - _covered(mine, gap_lo, gap_hi), 0.0)
+                              / duration)
+        else:
+            turnaround.append(0.0)
+        following = [e.start for e in events if e.stage == s and e.iteration > iteration
+                     and e.kind in (K.FORWARD, K.EVALUATE, K.TRIAL)]
+        if backwards and following:
+            gap_lo, gap_hi = max(e.end for e in backwards), min(following)
+            update.append(max(gap_hi - gap_lo - _covered(mine, gap_lo, gap_hi), 0.0) / duration)
+        else:
+            update.append(None)
+    return IterationUtilisation(duration, busy, 1.0 - sum(busy) / num_stages, turnaround, update)
+
+
+def chrome_trace(events: Iterable[TimelineEvent], host_of_stage: dict[int, str] | None = None
+                 ) -> dict[str, Any]:
+    """Events in Chrome's trace format (opens in Perfetto / chrome://tracing): one row per stage."""
+    events = list(events)
+    origin = min((e.start for e in events), default=0.0)
+    trace: list[dict[str, Any]] = []
+    for s in sorted({e.stage for e in events}):
+        host = (host_of_stage or {}).get(s, "")
+        trace.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": s,
+                      "args": {"name": f"stage {s}" + (f" ({host})" if host else "")}})
+    for e in events:
+        trace.append({"name": e.label, "cat": e.kind.info.name, "ph": "X", "pid": 0,
+                      "tid": e.stage, "ts": (e.start - origin) * 1e6,
+                      "dur": max(e.end - e.start, 0.0) * 1e6,
+                      "args": {"iteration": e.iteration, **({"detail": e.detail}
+                                                            if e.detail else {})}})
+    return {"traceEvents": trace, "displayTimeUnit": "ms"}
+
+
+def write_chrome_trace(path: Path, events: Iterable[TimelineEvent],
+                       host_of_stage: dict[int, str] | None = None) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(chrome_trace(events, host_of_stage)))
+    tmp.replace(path)
+
+
+def events_from_trace(trace: dict[str, Any]) -> list[TimelineEvent]:
+    """The events of a trace that `chrome_trace` wrote, times in seconds from the trace's first
+    action (the trace keeps no wall-clock origin). Raises ValueError on an action that sm-dist
+    does not write."""
+    events = []
+    for item in trace.get("traceEvents", []):
+        if item.get("ph") != "X":  # metadata: the stages' row names
+            continue
+        name = str(item.get("name", ""))
+        letter, number = name[:1], name[1:]
+        if letter not in {k.value for k in ActionKind} or not (number == ""
+                                                                or number.isdigit()):
+            raise ValueError(f"unknown action {name!r} in the trace (expected e.g. F0, B3, L, W9)")
+        args = item.get("args", {})
+        start = float(item["ts"]) / 1e6
+        events.append(TimelineEvent(stage=int(item["tid"]), iteration=int(args["iteration"]),
+                                    kind=ActionKind(letter),
+                                    index=int(number) if number else None,
+                                    start=start, end=start + float(item["dur"]) / 1e6,
+                                    detail=str(args.get("detail", ""))))
+    return events
+

@@ -1,0 +1,330 @@
+"""compare.md of an `sm-dist compare` grid: tables like the paper's Tables 1-4, cost, lr sweeps."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sm_dist.config.job import JobConfig
+from sm_dist.optim.options import InnerStepsConfig
+from sm_dist.report.grid import (
+    INNER_STEP_OPTIMIZERS,
+    LR_SWEEP_OPTIMIZERS,
+    RunResult,
+    lr_text,
+    steps_text,
+)
+from sm_dist.report.run_data import RunData
+from sm_dist.report.summary import summarize
+from sm_dist.run.metrics import IterationRecord
+
+Steps = int | InnerStepsConfig
+
+
+@dataclass
+class Row:
+    """One line of the main tables and one curve of the figure: an optimizer at one N, or a
+    learning-rate sweep stood for by its best run."""
+
+    name: str  # "sm (N=10)", "adam (lr=0.01, best of 3)", or the optimizer's name
+    optimizer: str
+    steps: Steps | None  # N, for the inner-step optimizers
+    run: RunData
+
+
+@dataclass
+class DepthGroup:
+    """The finished runs of one depth (or of the job's own model), in grid order."""
+
+    depth: int | None
+    heading: str  # "mlp4: 4 layers, widths 784-512-512-512-10, stages [1, 1, 1, 1]"
+    results: list[RunResult]
+    rows: list[Row] = field(default_factory=list)
+    sweeps: dict[str, list[RunResult]] = field(default_factory=dict)  # lr-swept: every lr
+
+    @property
+    def steps(self) -> list[Steps]:
+        """The N of this depth's inner-step runs, in grid order."""
+        found: list[Steps] = []
+        for row in self.rows:
+            if row.steps is not None and row.steps not in found:
+                found.append(row.steps)
+        return found
+
+
+# ------------------------------------------------------------------------------ numbers
+def loss_text(value: float | None) -> str:
+    """A loss to 4 significant digits; None is a loss that was not finite."""
+    return "non-finite" if value is None else f"{value:#.4g}"
+
+
+def acc_text(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def seconds_text(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def final_loss(run: RunData) -> float | None:
+    """The last iteration's training loss; None when it was not finite (written as null)."""
+    value = run.records[-1].train_loss
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def first_non_finite(run: RunData) -> int | None:
+    """The first iteration whose training loss was not finite (null in metrics.jsonl)."""
+    for record in run.records:
+        value = record.train_loss
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return record.iteration
+    return None
+
+
+def loss_at(run: RunData, iteration: int) -> str:
+    """The training loss at `iteration` ("-" when the run has no such iteration)."""
+    for record in run.records:
+        if record.iteration == iteration:
+            return loss_text(record.train_loss)
+    return "-"
+
+
+def test_acc_at(run: RunData, iteration: int) -> str:
+    """The test accuracy of the last evaluation at or before `iteration`, with "(@k)" when it
+    was measured at an earlier iteration k; "-" when there was none yet."""
+    found = [r for r in run.records if r.test_acc is not None and r.iteration <= iteration]
+    if not found:
+        return "-"
+    at = found[-1].iteration
+    text = acc_text(found[-1].test_acc)
+    return text if at == iteration else f"{text} (@{at})"
+
+
+def finished(results: Sequence[RunResult]) -> list[tuple[RunResult, RunData]]:
+    """The results whose run finished, each with its run."""
+    return [(result, result.run) for result in results if result.run is not None]
+
+
+def best_of(sweep: Sequence[RunResult]) -> RunResult:
+    """The run with the lowest finite final training loss (the first of equals; the first run
+    when none is finite)."""
+    finite = [(loss, index) for index, (_, run) in enumerate(finished(sweep))
+              if (loss := final_loss(run)) is not None]
+    return sweep[min(finite)[1]] if finite else sweep[0]
+
+
+def steady_iteration_time(run: RunData) -> float | None:
+    """Mean seconds per iteration after the first (whose time includes the start-up); the
+    first's own time for a one-iteration run."""
+    timed = run.records
+    if not timed:
+        return None
+    first, last = timed[0], timed[-1]
+    if last.iteration == first.iteration:
+        return last.wall_time / last.iteration
+    return (last.wall_time - first.wall_time) / (last.iteration - first.iteration)
+
+
+def _stage_total(record: IterationRecord, key: str) -> int | float | None:
+    value = getattr(record, key)
+    if isinstance(value, list):
+        return sum(v for v in value if v is not None)
+    return value
+
+
+# ------------------------------------------------------------------------------ grouping
+def model_heading(job: JobConfig) -> str:
+    balance = job.model.balance
+    if job.model.mlp is None:
+        return f"model {job.model.factory}: stages {balance}"
+    widths = job.model.mlp.widths
+    layers = len(widths) - 1
+    return (f"mlp{layers}: {layers} layers, widths {'-'.join(map(str, widths))}, "
+            f"stages {balance}")
+
+
+def group_results(results: Sequence[RunResult]) -> list[DepthGroup]:
+    """The finished runs by depth, with their table rows: one per inner-step optimizer and N,
+    one per swept optimizer (its best lr), one per other optimizer."""
+    groups: dict[int | None, DepthGroup] = {}
+    for result in results:
+        if result.run is None:
+            continue
+        depth = result.point.depth
+        if depth not in groups:
+            groups[depth] = DepthGroup(depth, model_heading(result.point.job), [])
+        groups[depth].results.append(result)
+    for group in groups.values():
+        done: set[str] = set()
+        for result in group.results:
+            point, name = result.point, result.point.optimizer
+            if name in LR_SWEEP_OPTIMIZERS:
+                if name in done:
+                    continue
+                done.add(name)
+                sweep = [r for r in group.results if r.point.optimizer == name]
+                group.sweeps[name] = sweep
+                best = best_of(sweep)
+                assert best.run is not None and best.point.lr is not None
+                of = "" if len(sweep) == 1 else (
+                    f", best of {len(sweep)}" if final_loss(best.run) is not None
+                    else f", all {len(sweep)} diverged")
+                group.rows.append(Row(f"{name} (lr={lr_text(best.point.lr)}{of})", name, None,
+                                      best.run))
+            elif point.inner_steps is not None:
+                group.rows.append(Row(f"{name} (N={steps_text(point.inner_steps)})", name,
+                                      point.inner_steps, result.run))
+            else:
+                group.rows.append(Row(name, name, None, result.run))
+    return list(groups.values())
+
+
+# ------------------------------------------------------------------------------ markdown
+def grid_lines(base: JobConfig, optimizers: Sequence[str], inner_steps: Sequence[int] | None,
+               depths: Sequence[int] | None, lrs: Sequence[float] | None) -> list[str]:
+    """The grid in words, for the header of compare.md."""
+    def listed(values: Sequence[Any]) -> str:
+        return ", ".join(str(v) for v in values)
+
+    lines = [f"optimizers: {listed(optimizers)}"]
+    if set(optimizers) & set(INNER_STEP_OPTIMIZERS):
+        steps = listed(inner_steps) if inner_steps is not None else (
+            f"{steps_text(base.optimizer.inner_steps)} (the job's)")
+        lines.append(f"N (inner steps of {listed(INNER_STEP_OPTIMIZERS)}): {steps}")
+    if depths is not None and base.model.mlp is not None:
+        lines.append(f"depths (Linear layers, hidden width {base.model.mlp.widths[1]}): "
+                     f"{listed(depths)}")
+    if set(optimizers) & set(LR_SWEEP_OPTIMIZERS):
+        swept = listed([lr_text(lr) for lr in lrs]) if lrs is not None else (
+            f"{lr_text(base.optimizer.lr)} (the job's)")
+        lines.append(f"learning rates of {listed(LR_SWEEP_OPTIMIZERS)}: {swept}")
+    return lines
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table, the first column left-aligned and the others right-aligned."""
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    return [f"| {' | '.join(cells)} |" for cells in (header, align, *rows)]
+
+
+def _table1(group: DepthGroup, at: Sequence[int]) -> list[str]:
+    header = ["optimizer", *[f"loss @{k}" for k in at], *[f"test acc @{k}" for k in at]]
+    rows = [[row.name, *[loss_at(row.run, k) for k in at], *[test_acc_at(row.run, k) for k in at]]
+            for row in group.rows]
+    return markdown_table(header, rows)
+
+
+def _final_cell(run: RunData) -> str:
+    return f"{loss_text(final_loss(run))} / {acc_text(summarize(run)['final_test_acc'])}"
+
+
+def _tables24(group: DepthGroup) -> list[str]:
+    steps = group.steps
+    columns = [f"N={steps_text(s)}" for s in steps] or ["final"]
+    rows, seen = [], set()
+    for row in group.rows:
+        if row.steps is None:
+            rows.append([row.name, *[_final_cell(row.run)] * len(columns)])
+        elif row.optimizer not in seen:
+            seen.add(row.optimizer)
+            by_steps = {r.steps: r.run for r in group.rows
+                        if r.optimizer == row.optimizer and r.steps is not None}
+            rows.append([row.optimizer, *[_final_cell(by_steps[s]) if s in by_steps else "-"
+                                          for s in steps]])
+    return markdown_table(["optimizer", *columns], rows)
+
+
+def _cost_table(results: Sequence[RunResult]) -> list[str]:
+    done = finished(results)
+    extra = [("hvp_products", "HVPs"), ("tangent_passes", "tangent passes")]
+    header = ["run", "iterations", "forward passes", "backward passes",
+              *[title for _, title in extra], "wall time", "time / iteration"]
+    rows = []
+    for result, run in done:
+        summary = summarize(run)
+        cells = [result.point.label, str(summary["iterations"]),
+                 str(summary["forward_passes"] or "-"), str(summary["backward_passes"] or "-")]
+        for key, _ in extra:
+            total = _stage_total(run.records[-1], key)
+            cells.append("-" if total is None else str(total))
+        cells += [seconds_text(summary["wall_time"]), seconds_text(steady_iteration_time(run))]
+        rows.append(cells)
+    return markdown_table(header, rows)
+
+
+def _sweep_table(sweep: Sequence[RunResult]) -> list[str]:
+    best = best_of(sweep)
+    rows = []
+    for result, run in finished(sweep):
+        assert result.point.lr is not None
+        rows.append([lr_text(result.point.lr), loss_text(final_loss(run)),
+                     acc_text(summarize(run)["final_test_acc"]),
+                     "yes" if result is best and final_loss(run) is not None else ""])
+    return markdown_table(["lr", "final training loss", "final test acc", "best"], rows)
+
+
+def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_path: str,
+                     overrides: Sequence[str], grid: Sequence[str], command_line: str,
+                     out: Path) -> str:
+    """The whole of compare.md."""
+    groups = group_results(results)
+    done = finished(results)
+    trained = sum(r.status == "trained" for r in results)
+    iterations = sorted({summarize(run)["iterations"] for _, run in done})
+    sets = "".join(f" `--set {o}`" for o in overrides)
+    lines = [f"# sm-dist compare: {job_path}", "",
+             f"- base job: `{job_path}`{' with' + sets if sets else ''}",
+             f"- command: `{command_line}`",
+             *[f"- {line}" for line in grid],
+             f"- {len(results)} runs in `{out / 'runs'}`: {trained} trained now, "
+             f"{sum(r.status == 'collected' for r in results)} collected from earlier, "
+             f"{len(results) - len(done)} failed; "
+             f"{', '.join(map(str, iterations)) or 'no'} iterations",
+             f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}", "",
+             "The training loss of an iteration is measured by its forward pass, before its "
+             "update; the test accuracy after the update, every `run.eval_every` iterations "
+             "and at the last. GD, SGD, Adam and DDG appear at their best learning rate (the "
+             "lowest final training loss; every rate is in the sweep tables). Losses have 4 "
+             "significant digits; `non-finite` is a loss that overflowed (the run diverged).", ""]
+    lines += ["## Training loss and test accuracy at chosen iterations (as the paper's Table 1)",
+              "", "Test accuracy is that of the last evaluation at or before the iteration; "
+              "`(@k)` marks an evaluation at an earlier iteration k.", ""]
+    for group in groups:
+        lines += [f"### {group.heading}", "", *_table1(group, at), ""]
+    lines += ["## Final training loss and test accuracy across N and depth "
+              "(as the paper's Tables 2-4)", "",
+              "Each cell: the final training loss / the final test accuracy. Optimizers without "
+              "inner steps do not depend on N: their value is repeated in every column.", ""]
+    for group in groups:
+        lines += [f"### {group.heading}", "", *_tables24(group), ""]
+    lines += ["## Cost", "", "Per run, at its end: pipeline forward and backward passes over the "
+              "batch (GD+Armijo's trial steps count as forward passes), Hessian-vector "
+              "products summed over the stages and tangent passes where the run records them, "
+              "the wall time (the first iteration includes start-up) and the mean time of an "
+              "iteration after the first.", "", *_cost_table(results), ""]
+    sweeps = [(group, name, sweep) for group in groups for name, sweep in group.sweeps.items()
+              if len(sweep) > 1]
+    if sweeps:
+        lines += ["## Learning-rate sweeps", ""]
+        for group, name, sweep in sweeps:
+            lines += [f"### {name}, {group.heading}", "", *_sweep_table(sweep), ""]
+    diverged = [(r, k) for r, run in done if (k := first_non_finite(run)) is not None]
+    if diverged:
+        lines += ["## Diverged runs", ""]
+        lines += [f"- {r.point.label}: the training loss was not finite from iteration {k}"
+                  for r, k in diverged]
+        lines.append("")
+    failed = [r for r in results if r.run is None]
+    if failed:
+        lines += ["## Failed runs", "", "These runs are left out of the tables above.", ""]
+        for result in failed:
+            log = f"; log `{result.log}`" if result.log is not None else ""
+            lines.append(f"- {result.point.label}: {result.reason}{log}")
+        lines.append("")
+    return "\n".join(lines)

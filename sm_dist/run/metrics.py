@@ -1,0 +1,141 @@
+"""The iteration record: one typed line of metrics.jsonl per finished iteration, its JSON form,
+and the one reader of metrics.jsonl (report, compare, --resume and the monitor use it).
+
+JSON form: one object per line, keys as the field names below. A field a run does not measure
+is absent (None in memory); a number that is not finite (NaN, inf) is written as null, and a
+line cut short by a crash (the last one, with no newline) is skipped when read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+
+class MetricsError(Exception):
+    """A metrics.jsonl that cannot be read: a broken line that is not the last."""
+
+
+@dataclass
+class IterationRecord:
+    """What one iteration measured. The training loss and accuracy come from its forward pass
+    (before its update), the test figures from the evaluation after it."""
+
+    iteration: int
+    train_loss: float  # h at the iterate the iteration started from (Σ ℓ / n); read back as
+    # None where it was not finite (null in the file)
+    train_acc: float | None = None  # None only in files from elsewhere that lack it
+    wall_time: float = 0.0  # seconds from the start of the run (resumed runs continue it)
+    iteration_time: float = 0.0  # seconds: the iteration's window (engine) or loop time
+    # Cumulative costs: pipeline passes of the batch, tangent passes, second-order products
+    # per stage (see docs/comparing.md); every run writes them, None in files that lack them.
+    forward_passes: int | None = None
+    backward_passes: int | None = None
+    tangent_passes: int | None = None
+    hvp_products: list[int] | None = None
+    test_loss: float | None = None
+    test_acc: float | None = None
+    # Optimizers with an inner loop per stage (SM, CGBlock; SSO's steered loop), per stage.
+    predicted_decrease: float | None = None  # the models' predicted change of h
+    inner_steps: list[int] | None = None
+    local_loss: list[float | None] | None = None
+    curvature: list[float | None] | None = None  # the largest c each stage sent down
+    psi_products: list[int] | None = None
+    inner_stopped: list[str | None] | None = None
+    # The previous iteration's prediction against what this iteration's forward measured.
+    actual_decrease_prev: float | None = None
+    decrease_ratio_prev: float | None = None
+    # Line searches the coordinator steers (GD+Armijo, SSO).
+    step_size: float | None = None
+    line_search_trials: int | None = None
+    grad_norm: float | None = None
+    # Utilisation over the iteration's window (engine runs only), see pipeline/timeline.py.
+    busy_fraction: list[float] | None = None
+    bubble_fraction: float | None = None
+    turnaround_idle: list[float] | None = None
+    update_idle: list[float | None] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record's JSON object (absent fields left out, non-finite numbers null)."""
+        return {f.name: _finite_or_none(value) for f in dataclasses.fields(self)
+                if (value := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> IterationRecord:
+        """A record from its JSON object; keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass
+class Costs:
+    """Cumulative costs of a run: pipeline passes of the batch (forward, backward, CGBlock's
+    tangent passes) and each stage's second-order products."""
+
+    forward_passes: int = 0
+    backward_passes: int = 0
+    tangent_passes: int = 0
+    hvp_products: list[int] = field(default_factory=list)
+
+    def add_passes(self, forward: int, backward: int, tangent: int = 0) -> None:
+        self.forward_passes += forward
+        self.backward_passes += backward
+        self.tangent_passes += tangent
+
+    def add_products(self, per_stage: list[int]) -> None:
+        self.hvp_products = [a + b for a, b in zip(self.hvp_products, per_stage, strict=True)]
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def record_line(record: IterationRecord) -> str:
+    return json.dumps(record.to_json()) + "\n"
+
+
+def read_metrics(path: Path) -> list[IterationRecord]:
+    """The records of a metrics.jsonl (or of the run directory holding one). A last line cut
+    short by a crash is skipped; any other broken line is a MetricsError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: cut short by a killed run
+                continue
+            raise MetricsError(f"{path} line {number} is not JSON ({err.msg})") from None
+        try:
+            records.append(IterationRecord.from_json(data))
+        except TypeError as err:
+            raise MetricsError(f"{path} line {number} is not an sm-dist record ({err})") from None
+    return records
+
+
+class MetricsWriter:
+    """Appends one whole, flushed line per record, so that a crash keeps every finished one."""
+
+    def __init__(self, path: Path, mode: str = "a") -> None:
+        self._file: IO[str] = open(path, mode, encoding="utf-8")
+
+    def write(self, record: IterationRecord) -> None:
+        self._file.write(record_line(record))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,80 @@
+"""The run directory: resolved config, metrics.jsonl written as iterations finish, model.pt."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sm_dist.config.job import JobConfig, dump_job
+from sm_dist.run.metrics import IterationRecord, MetricsWriter, read_metrics, record_line
+
+
+class RunDirError(Exception):
+    """The output directory cannot be used (it holds a run already, or is not writable)."""
+
+
+def unique_dir(parent: Path, stem: str) -> Path:
+    """parent/<stem>-<timestamp>, with -2, -3, ... when taken (two within the same second)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, copy = Path(parent) / f"{stem}-{stamp}", 1
+    while path.exists():
+        copy += 1
+        path = Path(parent) / f"{stem}-{stamp}-{copy}"
+    return path
+
+
+def default_run_dir(job: JobConfig) -> Path:
+    return unique_dir(Path(job.run.runs_dir), job.name)
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse a directory that already holds a run, so that nothing saved is overwritten."""
+    if (path / "metrics.jsonl").exists() or (path / "config.yaml").exists():
+        raise RunDirError(f"{path} already holds a run (config.yaml or metrics.jsonl); "
+                          "choose another --out, or move that directory away")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} exists and is not a directory; choose another --out")
+
+
+class RunDirectory:
+    """Creates the directory, writes config.yaml, appends one JSON line per iteration.
+
+    Resuming after iteration k keeps the records up to k (the file as it was is kept beside it
+    as metrics.jsonl.before-resume-<time>) and appends from there.
+    """
+
+    def __init__(self, path: Path, job: JobConfig,
+                 resume_after: IterationRecord | None = None) -> None:
+        self.path = path
+        if resume_after is None:
+            check_run_dir(path)
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            self._keep_records_until(resume_after)
+        dump_job(job, path / "config.yaml")
+        self._metrics = MetricsWriter(path / "metrics.jsonl")
+
+    def _keep_records_until(self, last: IterationRecord) -> None:
+        metrics = self.path / "metrics.jsonl"
+        old = read_metrics(metrics) if metrics.exists() else []
+        kept = [r for r in old if r.iteration <= last.iteration]
+        if not kept or kept[-1].iteration != last.iteration:
+            kept.append(last)  # the checkpoint was written before its record
+        if metrics.exists():
+            metrics.rename(self.path / f"metrics.jsonl.before-resume-{int(time.time())}")
+        metrics.write_text("".join(record_line(r) for r in kept), encoding="utf-8")
+
+    def write_record(self, record: IterationRecord) -> None:
+        self._metrics.write(record)
+
+    def save_model(self, state_dicts: list[dict[str, Any]]) -> None:
+        """The trained parameters, one state dict per stage, as `model.pt`."""
+        tmp = self.path / "model.pt.tmp"
+        torch.save({"stages": state_dicts}, tmp)
+        tmp.replace(self.path / "model.pt")
+
+    def close(self) -> None:
+        self._metrics.close()

@@ -1,0 +1,70 @@
+"""One training run from the coordinator's side: run directory, monitor, checkpoints, trace."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from sm_dist.config.job import JobConfig
+from sm_dist.data.datasets import Dataset
+from sm_dist.pipeline.interface import Pipeline
+from sm_dist.pipeline.timeline import write_chrome_trace
+from sm_dist.run.checkpoints import (
+    ResumePoint,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from sm_dist.run.metrics import IterationRecord
+from sm_dist.run.monitor import LiveMonitor, PlainMonitor
+from sm_dist.run.run_dir import RunDirectory
+from sm_dist.run.trainer import train
+
+
+def use_live_monitor(live: bool | None) -> bool:
+    """The live view on a terminal unless --no-live; --live forces it (e.g. under `script`)."""
+    return sys.stdout.isatty() if live is None else live
+
+
+def make_console(live: bool | None) -> Console:
+    return Console(force_terminal=True) if live else Console()  # --live: even into a file
+
+
+def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *,
+                 header: str, live: bool | None, console: Console, resume: bool = False,
+                 hosts: dict[int, str] | None = None) -> list[IterationRecord]:
+    """Train and write the run directory (config, metrics, checkpoints, model, trace); the
+    pipeline is ready to use. The summary and plots are the caller's (sm_dist.report)."""
+    point: ResumePoint | None = None
+    if resume:
+        checkpoint = check_resumable(out, job)
+        point, states = load_checkpoint(checkpoint)
+        pipeline.restore_checkpoint(states)
+        header += f" (resumed after iteration {point.iteration} from {checkpoint})"
+    run_dir = RunDirectory(out, job, resume_after=point.last_record if point else None)
+    console.print(header, highlight=False, markup=False, soft_wrap=True)
+    monitor = (LiveMonitor(job.name, job.run.iterations, pipeline.num_stages, pipeline.events,
+                           console) if use_live_monitor(live)
+               else PlainMonitor(job.run.iterations))
+    if point is not None:
+        monitor.progress(point.last_record)
+
+    def on_record(record: IterationRecord) -> None:
+        run_dir.write_record(record)
+        monitor.record(record)
+
+    def on_checkpoint(at: ResumePoint, states: list[dict]) -> None:
+        save_checkpoint(out, at, states, job.run.keep_last)
+
+    try:
+        with monitor:
+            records = train(job, pipeline, data, on_record, monitor.progress, on_checkpoint,
+                            point)
+        run_dir.save_model(pipeline.state_dicts())
+    finally:
+        run_dir.close()
+        if pipeline.events:
+            write_chrome_trace(out / "trace.json", pipeline.events, hosts)
+    return records

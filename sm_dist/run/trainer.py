@@ -1,0 +1,216 @@
+"""The training loop: one iteration per batch, the same for every pipeline and optimizer."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sm_dist.config.build import build_optimizer
+from sm_dist.config.job import JobConfig
+from sm_dist.data.batches import BatchStream, split_microbatches
+from sm_dist.data.datasets import Dataset
+from sm_dist.optim.base import Optimizer
+from sm_dist.pipeline.interface import (
+    IterationRequest,
+    IterationResult,
+    Pending,
+    Pipeline,
+    eval_chunks,
+)
+from sm_dist.pipeline.schedule import gpipe_schedule
+from sm_dist.pipeline.timeline import iteration_utilisation
+from sm_dist.run.checkpoints import ResumePoint
+from sm_dist.run.metrics import Costs, IterationRecord
+
+OnCheckpoint = Callable[[ResumePoint, list[dict[str, Any]]], None]
+
+
+def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
+          on_record: Callable[[IterationRecord], None],
+          on_progress: Callable[[IterationRecord], None] | None = None,
+          on_checkpoint: OnCheckpoint | None = None,
+          resume: ResumePoint | None = None) -> list[IterationRecord]:
+    """Run the job's iterations (after `resume.iteration` when resuming; the stages' states
+    must be restored already). `on_record` gets each iteration's complete record,
+    `on_progress` the same record earlier, as soon as its result is in (without utilisation),
+    and `on_checkpoint` the states every run.checkpoint_every iterations and at the end.
+
+    Iteration t+1 is submitted before t's result is read, so a distributed pipeline can start
+    it as soon as stage 0 is free (an optimizer the coordinator steers cannot: its steps come
+    after t's backward). A record is written once the next iteration's result is in, because
+    the idle time a stage has after its update ends only when the next input reaches it.
+    """
+    optimizer = build_optimizer(job)
+    steering = optimizer.steering()
+    batches = BatchRequests(job, data, optimizer, evaluate_in_pass=steering is None)
+    costs = Costs(hvp_products=[0] * pipeline.num_stages)
+    first, previous, offset = 1, None, 0.0
+    if resume is not None:
+        batches.stream.load_state_dict(resume.stream)
+        if steering is not None and resume.steering is not None:
+            steering.load_state_dict(resume.steering)
+        costs = copy.deepcopy(resume.costs)
+        first, previous, offset = resume.iteration + 1, resume.last_record, resume.wall_time
+    records = RecordKeeper(pipeline, on_record)
+    clock = Clock(offset)
+
+    def checkpoint_and_submit(iteration: int, following: IterationRequest | None
+                              ) -> tuple[Pending[list[Any]] | None, Pending[IterationResult]
+                                         | None]:
+        """The states after `iteration` (when one is due), then the next iteration."""
+        every = job.run.checkpoint_every
+        due = on_checkpoint is not None and (iteration == job.run.iterations
+                                             or bool(every and iteration % every == 0))
+        states = pipeline.checkpoint() if due else None
+        return states, pipeline.submit(following) if following is not None else None
+
+    current = batches.request(first)
+    pending = pipeline.submit(current)
+    try:
+        for iteration in range(first, job.run.iterations + 1):
+            following = batches.request(iteration + 1) if iteration < job.run.iterations else None
+            if steering is None:
+                states, ahead = checkpoint_and_submit(iteration, following)
+            result = pending.wait()
+            costs.add_passes(1, 1, max(r.tangents_started for r in result.reports))
+            costs.add_products([r.hvp_products for r in result.reports])
+            record = base_record(iteration, result, optimizer)
+            if steering is not None:
+                steered = steering.step(pipeline, iteration, current.microbatches, current.n,
+                                        result.batch.loss)
+                costs.add_passes(steered.forward_passes, steered.backward_passes)
+                update(record, steered.record)
+                if batches.evaluates(iteration):
+                    loss_sum, correct = pipeline.evaluate(iteration, data.test_x, data.test_y)
+                    update(record, {"test_loss": loss_sum / len(data.test_x),
+                                    "test_acc": correct / len(data.test_x)})
+                states, ahead = checkpoint_and_submit(iteration, following)
+            if previous is not None and current.same_batch and previous.predicted_decrease:
+                actual = record.train_loss - previous.train_loss
+                record.actual_decrease_prev = actual
+                record.decrease_ratio_prev = actual / previous.predicted_decrease
+            clock.stamp(record, costs)
+            if on_progress is not None:
+                on_progress(record)
+            if states is not None and on_checkpoint is not None:
+                point = ResumePoint(iteration, batches.state_after(iteration),
+                                    steering.state_dict() if steering else None,
+                                    copy.deepcopy(costs), record.wall_time, copy.copy(record))
+                on_checkpoint(point, states.wait())
+            batches.forget(iteration)
+            records.push(record)
+            previous, current, pending = record, following, ahead  # type: ignore[assignment]
+    finally:
+        records.flush()  # also on failure: every finished iteration is kept
+    return records.done
+
+
+class BatchRequests:
+    """Each iteration's batch as a request to the pipeline, and the batch stream's state after
+    it (kept until the iteration's checkpoint is written, then dropped)."""
+
+    def __init__(self, job: JobConfig, data: Dataset, optimizer: Optimizer,
+                 evaluate_in_pass: bool) -> None:
+        self.job, self.data, self.optimizer = job, data, optimizer
+        self.evaluate_in_pass = evaluate_in_pass  # else the coordinator evaluates afterwards
+        self.stream = BatchStream(data.train_x, data.train_y, job.data.batch,
+                                  shuffle=job.data.shuffle, seed=job.run.seed)
+        self._states: dict[int, dict[str, Any]] = {}
+
+    def evaluates(self, iteration: int) -> bool:
+        every = self.job.run.eval_every
+        return iteration == self.job.run.iterations or bool(every and iteration % every == 0)
+
+    def request(self, iteration: int) -> IterationRequest:
+        x, y, same_batch = self.stream.next_batch()
+        self._states[iteration] = self.stream.state_dict()
+        last = iteration == self.job.run.iterations
+        # An epoch's last minibatch may hold fewer samples than there are microbatches.
+        microbatches = split_microbatches(x, y, min(self.job.data.microbatches, len(x)))
+        chunks = (eval_chunks(self.data.test_x, self.data.test_y)
+                  if self.evaluate_in_pass and self.evaluates(iteration) else None)
+        schedule = gpipe_schedule(self.optimizer.num_stages, len(microbatches),
+                                  self.optimizer.update_actions(len(microbatches), last),
+                                  len(chunks or ()))
+        return IterationRequest(iteration, microbatches, len(x), same_batch, schedule, chunks,
+                                last)
+
+    def state_after(self, iteration: int) -> dict[str, Any]:
+        return self._states[iteration]
+
+    def forget(self, iteration: int) -> None:
+        for done in [k for k in self._states if k <= iteration]:
+            del self._states[done]
+
+
+class RecordKeeper:
+    """Finished records, each handed on one iteration late, when the next iteration's events
+    complete its utilisation window."""
+
+    def __init__(self, pipeline: Pipeline, on_record: Callable[[IterationRecord], None]) -> None:
+        self.pipeline, self.on_record = pipeline, on_record
+        self.done: list[IterationRecord] = []
+        self._pending: IterationRecord | None = None
+        self._recent = 0  # index of the first event of iteration t − 1 or later
+
+    def push(self, record: IterationRecord) -> None:
+        self.flush()
+        self._pending = record
+
+    def flush(self) -> None:
+        record, self._pending = self._pending, None
+        if record is None:
+            return
+        # Only iterations t − 1 .. t + 1 can overlap iteration t's window; events arrive in
+        # iteration order, so skipping older ones keeps this cost flat over a long run.
+        events, t = self.pipeline.events, record.iteration
+        while self._recent < len(events) and events[self._recent].iteration < t - 1:
+            self._recent += 1
+        use = iteration_utilisation(events[self._recent:], t, self.pipeline.num_stages)
+        if use is not None:
+            update(record, {"iteration_time": use.duration, "busy_fraction": use.busy_fraction,
+                            "bubble_fraction": use.bubble_fraction,
+                            "turnaround_idle": use.turnaround_idle,
+                            "update_idle": use.update_idle})
+        self.done.append(record)
+        self.on_record(record)
+
+
+class Clock:
+    """Wall time since the start of the run (continued across a resume) and per iteration."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+        self.start = self.last = time.perf_counter()
+
+    def stamp(self, record: IterationRecord, costs: Costs) -> None:
+        now = time.perf_counter()
+        update(record, {"wall_time": self.offset + now - self.start,
+                        "iteration_time": now - self.last,
+                        "forward_passes": costs.forward_passes,
+                        "backward_passes": costs.backward_passes,
+                        "tangent_passes": costs.tangent_passes,
+                        "hvp_products": list(costs.hvp_products)})
+        self.last = now
+
+
+def update(record: IterationRecord, fields: dict[str, Any]) -> None:
+    """Set record fields by name (each must be one of IterationRecord's)."""
+    for key, value in fields.items():
+        if not hasattr(record, key):
+            raise AttributeError(f"IterationRecord has no field {key!r}")
+        setattr(record, key, value)
+
+
+def base_record(iteration: int, result: IterationResult,
+                optimizer: Optimizer) -> IterationRecord:
+    """What an iteration's forward pass, update and evaluation measured."""
+    batch = result.batch
+    record = IterationRecord(iteration, batch.loss, batch.correct / batch.samples)
+    update(record, optimizer.record_fields(result.reports))
+    if result.test is not None:
+        loss_sum, correct, count = result.test
+        record.test_loss, record.test_acc = loss_sum / count, correct / count
+    return record
