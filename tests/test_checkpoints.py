@@ -113,3 +113,14 @@ def test_resume_needs_more_iterations(tmp_path: Path, finished_run: Path,
     assert main(["train", str(path), "--single-process", "--resume", "run"]) == 2
     assert "has already run 5 iterations" in capsys.readouterr().err
     assert (tmp_path / "run" / "model.pt").read_bytes() == model
+
+
+def test_resume_after_a_torn_last_metrics_line(tmp_path: Path, finished_run: Path) -> None:
+    """A crash mid-write leaves half a line: --resume reads past it and rewrites the file."""
+    path = finished_run
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("a") as handle:
+        handle.write('{"iteration": 6, "train_lo')
+    assert main(["train", str(path), "--single-process", "--no-live", "--resume", "run",
+                 "--set", "run.iterations=7"]) == 0
+    assert [r["iteration"] for r in records(tmp_path / "run")] == [1, 2, 3, 4, 5, 6, 7]

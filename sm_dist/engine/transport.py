@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 import torch.distributed.rpc as rpc
 from torch.futures import Future
 
-from sm_dist.engine.failures import RemoteFailure, StageError
+from sm_dist.engine.failures import RemoteFailure, call_value, wait_all
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -134,38 +133,16 @@ class Transport:
 
     def result(self, rank: int, future: Future) -> Any:
         """The value of a call to `rank`, or a StageError naming that stage."""
-        try:
-            value = future.wait()
-        except Exception as err:  # the connection broke or the call timed out
-            raise StageError(rank, rank, self.hosts.get(rank, ""),
-                             f"stopped answering ({_short(err)})") from None
-        if isinstance(value, RemoteFailure):
-            raise value.to_error()
-        return value
+        return call_value(rank, future, self.hosts)
 
     def call(self, rank: int, method: str, *args: Any) -> Any:
         return self.result(rank, self.call_async(rank, method, *args))
 
     def results(self, futures: dict[int, Future]) -> dict[int, Any]:
         """Every call's value; fails as soon as any one fails instead of waiting for the rest."""
-        finished = threading.Event()
-        for future in futures.values():
-            future.add_done_callback(lambda _: finished.set())
-        while True:
-            finished.clear()  # before looking, so a call finishing meanwhile wakes the wait
-            for rank, future in futures.items():
-                if future.done():
-                    self.result(rank, future)  # raises if that call failed
-            if all(f.done() for f in futures.values()):
-                return {rank: self.result(rank, f) for rank, f in futures.items()}
-            finished.wait(1.0)
+        return wait_all(futures, self.hosts)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Leave the job; graceful waits for every stage to finish its outstanding work."""
         rpc.shutdown(graceful=graceful)
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -20,12 +20,10 @@ from sm_dist.math.losses import TopOfPipeline, evaluate_loss, top_of_pipeline
 from sm_dist.math.stage_function import StageFunction
 from sm_dist.optim.options import OptimizerOptions, check_inner_steps
 from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.executor import Handler, PlanRun
+from sm_dist.pipeline.interface import Microbatches, Pipeline
 from sm_dist.pipeline.schedule import UpdateActions
-from sm_dist.pipeline.stage import Handler, MicrobatchStash, Stage
-
-if TYPE_CHECKING:
-    from sm_dist.pipeline.executor import PlanRun
-    from sm_dist.pipeline.interface import Microbatches, Pipeline
+from sm_dist.pipeline.stage import MicrobatchStash, Stage
 
 
 class BackwardKeeps(enum.Enum):

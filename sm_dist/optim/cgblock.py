@@ -22,9 +22,9 @@ from sm_dist.optim.base import (
 )
 from sm_dist.optim.options import OptimizerOptions, check_inner_steps, fixed_inner_steps
 from sm_dist.pipeline.actions import Action, ActionKind
-from sm_dist.pipeline.executor import PlanRun
+from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
-from sm_dist.pipeline.stage import Handler, Stage
+from sm_dist.pipeline.stage import Stage
 
 K = ActionKind
 

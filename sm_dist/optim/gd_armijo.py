@@ -4,15 +4,14 @@ each trial a forward-only pipeline pass; α doubles before each iteration."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from sm_dist.math.line_search import armijo_backtrack
 from sm_dist.optim.base import Optimizer, SteeredStep, Steering
-from sm_dist.optim.steered import TrialStepRule, end_trial, trial_loss
+from sm_dist.optim.steered import StepSizeState, TrialStepRule, end_trial, trial_loss
 from sm_dist.pipeline.interface import Microbatches, Pipeline
 
 
-class ArmijoSteering:
+class ArmijoSteering(StepSizeState):
     """The coordinator's line search: trials until Armijo's test holds, the last one kept."""
 
     def __init__(self, optimizer: Optimizer) -> None:
@@ -33,12 +32,6 @@ class ArmijoSteering:
         record = {"step_size": result.step if result.accepted else 0.0,
                   "line_search_trials": result.trials, "grad_norm": math.sqrt(grad_sq)}
         return SteeredStep(record, result.trials, 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next_step": self.next_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next_step = state["next_step"]
 
 
 class GDArmijo(Optimizer):

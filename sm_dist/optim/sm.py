@@ -27,9 +27,9 @@ from sm_dist.optim.base import (
 )
 from sm_dist.optim.options import InnerStepsConfig, OptimizerOptions, check_inner_steps
 from sm_dist.pipeline.actions import Action, ActionKind
-from sm_dist.pipeline.executor import PlanRun
+from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
-from sm_dist.pipeline.stage import Handler, MicrobatchStash, Stage
+from sm_dist.pipeline.stage import MicrobatchStash, Stage
 
 K = ActionKind
 

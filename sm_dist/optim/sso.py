@@ -22,7 +22,7 @@ from sm_dist.math.losses import TopOfPipeline
 from sm_dist.math.stage_function import per_sample
 from sm_dist.optim.base import Optimizer, SteeredStep, Steering
 from sm_dist.optim.options import OptimizerOptions, check_inner_steps, fixed_inner_steps
-from sm_dist.optim.steered import TrialStepRule, end_trial, take_step, trial_loss
+from sm_dist.optim.steered import StepSizeState, TrialStepRule, end_trial, take_step, trial_loss
 from sm_dist.pipeline.interface import Microbatches, Pipeline
 
 SURROGATE = "surrogate"  # the last stage's top-of-pipeline mode for q
@@ -69,7 +69,7 @@ def _surrogate(residual: Tensor, g: Tensor, c: Tensor) -> float:
     return float((g * residual).sum() + 0.5 * (c * residual * residual).sum())
 
 
-class SSOSteering:
+class SSOSteering(StepSizeState):
     """The coordinator's inner loop on q, one pipeline pass per gradient and per trial."""
 
     def __init__(self, optimizer: Optimizer) -> None:
@@ -122,12 +122,6 @@ class SSOSteering:
         if self.fixed_step is None:  # q(θ_{t+1}) bounds h(θ_{t+1}) − h(θ_t) when sso_scale ≥ 1
             record["predicted_decrease"] = value
         return SteeredStep(record, passes + trials, passes)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next_step": self.next_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next_step = state["next_step"]
 
 
 class SSO(Optimizer):

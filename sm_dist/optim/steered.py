@@ -59,3 +59,15 @@ def end_trial(pipeline: Pipeline, accept: bool) -> None:
 def take_step(pipeline: Pipeline, alpha: float) -> None:
     """θ ← θ − α·(the gradient in p.grad), with no trial pass (a fixed step)."""
     pipeline.command(Call("end_trial", (True,), on_rule=True), before=(set_step(alpha),)).wait()
+
+
+class StepSizeState:
+    """The coordinator's state of a steered optimizer: the next line search's first step."""
+
+    next_step: float
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_step = state["next_step"]

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sm_dist.pipeline.actions import Action, ActionKind, Direction
 from sm_dist.pipeline.schedule import next_input
-from sm_dist.pipeline.stage import Handler, Stage
+from sm_dist.pipeline.stage import Stage
 from sm_dist.pipeline.timeline import TimelineEvent
 
 K = ActionKind
@@ -158,6 +158,11 @@ class PlanRun:
         if self.plan.command is not None:
             self.result.value = self.plan.command.apply(self.stage)
         return self.result
+
+
+# An action's implementation: it gets the running plan and the action, and returns a detail
+# for the timeline (e.g. "12 steps").
+Handler = Callable[[PlanRun, Action], str]
 
 
 # ----------------------------------------------------------------------- generic handlers

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,9 +17,6 @@ from torch import Tensor, nn
 from sm_dist.math.losses import LossSpec, TopOfPipeline
 from sm_dist.math.stage_function import trainable_parameters
 from sm_dist.pipeline.actions import ActionKind
-
-if TYPE_CHECKING:
-    from sm_dist.pipeline.executor import PlanRun
 
 
 def to_cpu(value: Any) -> Any:
@@ -42,11 +39,6 @@ class MicrobatchStash:
     y: Tensor | None = None  # labels, on the last stage only
 
 
-# An update action's implementation: it gets the running plan and the action, and returns a
-# detail for the timeline (e.g. "12 steps").
-Handler = Callable[["PlanRun", Any], str]
-
-
 class StageHooks(Protocol):
     """What an optimizer adds to a stage (implemented by `sm_dist.optim.base.StageRule`)."""
 
@@ -57,7 +49,7 @@ class StageHooks(Protocol):
                  same_batch: bool) -> tuple[Tensor | None, Tensor | None]: ...
     def sends_curvature(self) -> bool: ...
     def release_held(self) -> dict[int, Tensor]: ...
-    def handlers(self) -> dict[ActionKind, Handler]: ...
+    def handlers(self) -> dict[ActionKind, Callable[..., str]]: ...
     def report(self) -> Any: ...
     def end_iteration(self) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
