@@ -98,8 +98,8 @@ def test_paper_job_single_process_acceptance(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         records = [json.loads(line)
                    for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert abs(records[0].train_loss - math.log(10)) < 0.05
-        finals[name] = records[-1].train_loss
+        assert abs(records[0]["train_loss"] - math.log(10)) < 0.05
+        finals[name] = records[-1]["train_loss"]
     assert finals["sm"] < 0.6
     assert finals["gd_armijo"] > finals["sm"]
 
