@@ -197,7 +197,7 @@ def test_a_diverging_run_does_not_stretch_the_figure() -> None:
 
 
 def test_pipeline_passes_count_a_tangent_pass_as_forward_and_backward() -> None:
-    from sm_dist.report.compare_plot import pipeline_passes
+    from sm_dist.report.compare_tables import pipeline_passes
 
     def record(**costs: int) -> IterationRecord:
         return IterationRecord(1, 1.0, **costs)
@@ -398,3 +398,17 @@ def test_engine_runs_and_an_unfinished_run_is_set_aside_not_lost(tmp_path: Path)
     assert all(len(r["busy_fraction"]) == 2 for r in records)
     assert (tmp_path / "out" / "compare.md").is_file()
     assert "--single-process" not in (tmp_path / "out" / "logs" / f"{point.label}.log").read_text()
+
+
+def test_the_equal_passes_table_cuts_every_run_at_the_smallest_budget() -> None:
+    base = job_from_dict(synthetic_job())
+    sm, adam = expand_grid(base, ["sm", "adam"])
+    results = [fake_result(sm, [2.0, 1.0, 0.5]),  # 2 passes an iteration: 6 in all
+               fake_result(adam, [2.0, 2.5, 0.9, 0.8, 0.7])]  # 10 in all, one rise
+    text = compare_markdown(results, at=[1], job_path="job.yaml", overrides=[], grid=[],
+                            command_line="sm-dist compare", out=Path("out"))
+    section = text[text.index("## At equal pipeline passes"):text.index("## Cost")]
+    assert "| optimizer | passes | final loss | loss @ 6 passes | final test acc | rises |" \
+        in section
+    assert "| sm (N=3) | 6 | 0.5000 | 0.5000 | 50.0% | 0 |" in section
+    assert "| adam (lr=0.01) | 10 | 0.7000 | 0.9000 | 50.0% | 1 |" in section

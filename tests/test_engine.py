@@ -25,6 +25,9 @@ OPTIMIZERS = {
     "ddg": {"name": "ddg", "lr": 0.3},
     "sso": {"name": "sso", "inner_steps": 3},
     "cgblock": {"name": "cgblock", "inner_steps": 3},
+    # A first step far too long: rejected, then retried (the acceptance protocol's notes).
+    "sm_adaptive": {"name": "sm_adaptive", "inner_steps": 3, "step_scale": 30.0,
+                    "trust_radius": 0.5},
 }
 
 
@@ -60,11 +63,11 @@ def assert_same_training(single: Path, multi: Path) -> None:
     assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
     for ra, rb in zip(a, b):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9, abs=0)
-        for key in ("test_loss", "predicted_decrease", "step_size"):
+        for key in ("test_loss", "predicted_decrease", "step_size", "step_scale"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-15), key
         for key in ("forward_passes", "backward_passes", "tangent_passes", "hvp_products",
-                    "inner_steps", "line_search_trials"):
+                    "inner_steps", "line_search_trials", "step_rejected"):
             assert rb.get(key) == ra.get(key), key
     for sa, sb in zip(model_params(single), model_params(multi), strict=True):
         assert sa.keys() == sb.keys()
@@ -73,7 +76,7 @@ def assert_same_training(single: Path, multi: Path) -> None:
 
 
 FAST_GRID = [(4, 3, "sm-cg"), (2, 8, "sm-gradient"), (4, 1, "gd_armijo"), (1, 3, "sm-cg"),
-             (4, 3, "ddg"), (4, 3, "sso"), (4, 3, "cgblock")]
+             (4, 3, "ddg"), (4, 3, "sso"), (4, 3, "cgblock"), (4, 3, "sm_adaptive")]
 FULL_GRID = [(p, m, o) for p in (1, 2, 4) for m in (1, 3, 8) for o in OPTIMIZERS]
 
 

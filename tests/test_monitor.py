@@ -73,3 +73,13 @@ def test_live_view_renders_into_a_recorded_console() -> None:
     assert [row[0] for row in stage_rows[-3:]] == ["0", "1", "2"]
     assert stage_rows[-1][1:] == ["done", "30", "-3.000e-03", "2.000e-03", "90%"]
     assert stage_rows[-3][4] == "-"  # stage 0 sends no curvature down
+
+
+def test_the_adaptive_scale_and_rejections_show() -> None:
+    rejected = dataclasses.replace(SM_RECORD, step_scale=4.25, step_rejected=True)
+    assert "scale 4.25 (step rejected)" in format_record(rejected, 30)
+    console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True)
+    with LiveMonitor("demo", 30, 3, events(), console, refresh_per_second=20) as monitor:
+        monitor.progress(rejected)
+        monitor.progress(dataclasses.replace(rejected, iteration=4, step_rejected=False))
+    assert "scale 4.25, 1 rejected" in console.export_text()

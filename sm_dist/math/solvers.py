@@ -21,26 +21,38 @@ class SolverReport:
 
 
 class TruncatedCG:
-    """Conjugate gradient on 𝓗d = −g from d = 0, in slices: `run(n)` continues the same run.
+    """Conjugate gradient on 𝓗d = −g, in slices: `run(n)` continues the same run.
 
     Stops when ‖r‖ ≤ tol·‖g‖, or on non-positive curvature pᵀ𝓗p ≤ 0: at the first step it then
     takes one gradient step with an Armijo search on L_s instead; later it keeps the iterate.
     A NaN or infinite pᵀ𝓗p (the network has overflowed) stops it where it is.
+
+    With a trust `radius` it is Steihaug-Toint CG: the iterate stays within ‖d‖ ≤ radius; a
+    step that would leave the region, or a direction of non-positive curvature (used, not only
+    stopped at), goes to its boundary and ends the run. `start` warm-starts it from a point
+    (one 𝓗 product), pulled to within half the radius if it lies farther out (a start on the
+    boundary would leave CG no room).
     The state (d, r, p, rᵀr) and 𝓗d live here between calls.
     """
 
     def __init__(self, loss: LocalLoss, *, tol: float, armijo: ArmijoRule,
-                 fallback_step: float) -> None:
+                 fallback_step: float, radius: float | None = None,
+                 start: torch.Tensor | None = None) -> None:
         self.loss = loss
         self.tol = tol
         self.armijo = armijo
         self.fallback_step = fallback_step
+        self.radius = radius
         self.d = torch.zeros_like(loss.grad)
         self.hd = torch.zeros_like(loss.grad)
-        self.r = -loss.grad.clone()
+        self.grad_norm = math.sqrt(float(loss.grad @ loss.grad))
+        if start is not None and float(start.norm()) > 0:
+            scale = 1.0 if radius is None else min(1.0, 0.5 * radius / float(start.norm()))
+            self.d = start * scale
+            self.hd = loss.hvp(self.d)
+        self.r = -loss.grad - self.hd
         self.p = self.r.clone()
         self.rr = float(self.r @ self.r)
-        self.grad_norm = math.sqrt(self.rr)
         self.steps = 0
         self.stopped: str | None = "zero gradient" if self.rr == 0.0 else None
 
@@ -60,6 +72,9 @@ class TruncatedCG:
             self.stopped = "non-finite curvature"
             return 0
         if curvature <= 0.0:
+            if self.radius is not None:  # follow the direction of negative curvature out
+                self._to_boundary(hp, "negative curvature")
+                return 1
             taken = 0
             if self.steps == 0:
                 self._gradient_fallback(hp)
@@ -67,6 +82,9 @@ class TruncatedCG:
             self.stopped = "negative curvature"
             return taken
         alpha = self.rr / curvature
+        if self.radius is not None and float((self.d + alpha * self.p).norm()) >= self.radius:
+            self._to_boundary(hp, "trust radius")
+            return 1
         self.d += alpha * self.p
         self.hd += alpha * hp
         self.r -= alpha * hp
@@ -78,6 +96,17 @@ class TruncatedCG:
         self.p = self.r + (rr_next / self.rr) * self.p
         self.rr = rr_next
         return 1
+
+    def _to_boundary(self, hp: torch.Tensor, why: str) -> None:
+        """d ← d + τp with τ ≥ 0 and ‖d + τp‖ = radius; the run ends there."""
+        assert self.radius is not None
+        a, b = float(self.p @ self.p), 2.0 * float(self.d @ self.p)
+        c = float(self.d @ self.d) - self.radius ** 2
+        tau = (-b + math.sqrt(max(b * b - 4.0 * a * c, 0.0))) / (2.0 * a)
+        self.d += tau * self.p
+        self.hd += tau * hp
+        self.steps += 1
+        self.stopped = why
 
     def _gradient_fallback(self, hp: torch.Tensor) -> None:
         # p = −g here, so hp = 𝓗(−g): one Armijo step along −g on L_s costs no further product.

@@ -47,6 +47,7 @@ class StageReport:
     # tangents carried forward and back through this stage (one per tangent and microbatch).
     hvp_products: int = 0
     tangents_started: int = 0  # CGBlock: tangent passes that carried this stage's own tangent
+    backward_passes: int = 1  # 0 when the stage skipped the iteration's backward
 
 
 class StageRule:
@@ -103,6 +104,20 @@ class StageRule:
 
     def sends_curvature(self) -> bool:
         return self.keeps is BackwardKeeps.CURVATURE
+
+    def forward_note(self, j: int) -> Any:
+        """What to send up with microbatch j's activation (None: nothing)."""
+        return None
+
+    def take_forward_note(self, j: int, note: Any) -> None:
+        """The note the stage below sent with microbatch j's activation."""
+
+    def backward_note(self, j: int, same_batch: bool) -> Any:
+        """Last stage: what to send down with microbatch j's gradient (None: nothing)."""
+        return None
+
+    def take_backward_note(self, j: int, note: Any) -> None:
+        """The note that came down with microbatch j's gradient (the last stage: its own)."""
 
     def release_held(self) -> dict[int, Tensor]:
         """Curvatures held back by the backward, released after the last one (SM's `batch`)."""

@@ -125,13 +125,16 @@ class SMStageRule(StageRule):
         grad = flatten([p.grad for p in stage.params])
         loss = LocalLoss(parts, grad, cfg.rho)
         self._products_before = sum(fn.products for fn, _ in parts)
+        self.solver = self.make_solver(loss)
+
+    def make_solver(self, loss: LocalLoss) -> TruncatedCG | GradientDescentArmijo:
+        """The inner solver on this iteration's local loss (spec §2, 'Update phase')."""
+        cfg = self.options
         if cfg.inner_solver == "cg":
-            self.solver = TruncatedCG(loss, tol=cfg.cg_tol, armijo=cfg.armijo_rule(),
-                                      fallback_step=cfg.armijo_init)
-        else:
-            self.solver = GradientDescentArmijo(loss, armijo=cfg.armijo_rule(),
-                                                initial_step=self.next_step,
-                                                fixed_step=cfg.inner_lr)
+            return TruncatedCG(loss, tol=cfg.cg_tol, armijo=cfg.armijo_rule(),
+                               fallback_step=cfg.armijo_init)
+        return GradientDescentArmijo(loss, armijo=cfg.armijo_rule(),
+                                     initial_step=self.next_step, fixed_step=cfg.inner_lr)
 
     def step(self, n: int) -> int:
         """Up to n more inner steps; returns how many were taken (resumable)."""
@@ -142,8 +145,9 @@ class SMStageRule(StageRule):
         """Apply d to the parameters and report."""
         assert self.solver is not None, "begin() first"
         solver, stage = self.solver, self.stage
+        step = self.step_to_apply(solver.d, solver.report().value)
         with torch.no_grad():
-            for p, dp in zip(stage.params, unflatten(solver.d, stage.params)):
+            for p, dp in zip(stage.params, unflatten(step, stage.params)):
                 p.add_(dp)
         if isinstance(solver, GradientDescentArmijo) and solver.fixed_step is None:
             self.next_step = 2.0 * solver.last_step
@@ -156,6 +160,10 @@ class SMStageRule(StageRule):
             stopped=report.stopped, hvp_products=products)
         self.solver = None
         return self._report
+
+    def step_to_apply(self, d: Tensor, model_value: float) -> Tensor:
+        """The change of θ_s for the inner loop's solution d (the paper: d itself)."""
+        return d
 
     def handlers(self) -> dict[ActionKind, Handler]:
         return {K.BUILD: self._build, K.INNER: self._inner, K.FILL: self._fill,
@@ -221,12 +229,16 @@ class SM(Optimizer):
                           "gradient or optimizer.rho: 0")
         return errors
 
-    def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
+    def inner_step_counts(self, last: bool) -> tuple[int, int]:
+        """(the inner steps every stage takes, how many more fill mode may add)."""
         steps = self.config.inner_steps
         if isinstance(steps, InnerStepsConfig):
-            fill = steps.max - steps.min if steps.fill_bubbles and not last else 0
-            return lambda stage: sm_update_actions(stage, steps.min, fill)
-        return lambda stage: sm_update_actions(stage, steps)
+            return steps.min, steps.max - steps.min if steps.fill_bubbles and not last else 0
+        return steps, 0
+
+    def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
+        steps, fill = self.inner_step_counts(last)
+        return lambda stage: sm_update_actions(stage, steps, fill)
 
     def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
         return inner_loop_fields(reports)  # type: ignore[arg-type]

@@ -167,39 +167,43 @@ Handler = Callable[[PlanRun, Action], str]
 
 # ----------------------------------------------------------------------- generic handlers
 def forward_microbatch(run: PlanRun, action: Action) -> str:
-    stage, j = run.stage, action.index
+    stage, hooks, j = run.stage, run.stage.hooks, action.index
     assert j is not None
-    x = run.from_below(action, "the input")
+    received = run.from_below(action, "the input")
+    # Stage 0's input comes from the plan; the others' with the note of the stage below.
+    x, note = (received, None) if stage.is_first else received
+    hooks.take_forward_note(j, note)
     z = stage.forward_microbatch(j, x, run.plan.labels.get((K.FORWARD.value, j)))
     if stage.is_last:
         top = stage.top_of_pipeline(j, run.plan.n, run.plan.top)
         run.tops[(K.FORWARD, j)] = (top.grad, top.curvature)
         run.result.losses[j], run.result.correct[j] = float(top.loss), top.correct
     else:
-        run.send_up(action, z)
+        run.send_up(action, (z, hooks.forward_note(j)))
     return ""
 
 
 def backward_microbatch(run: PlanRun, action: Action) -> str:
-    stage, j = run.stage, action.index
+    stage, hooks, j = run.stage, run.stage.hooks, action.index
     assert j is not None
-    if stage.is_last:
+    if stage.is_last:  # the top of the pipeline starts the notes that go down
         g, c = run.tops.pop((K.FORWARD, j))
+        note = hooks.backward_note(j, run.plan.same_batch)
     else:
-        g, c = run.from_above(action, "the gradient")
+        g, c, note = run.from_above(action, "the gradient")
+    hooks.take_backward_note(j, note)
     g_in, c_in = stage.backward_microbatch(j, g, c, run.plan.same_batch)
     if stage.is_first:
         return ""
-    hooks = stage.hooks
     if hooks.sends_curvature() and c_in is None:  # held back until the last backward
-        run.executor.held[j] = g_in
+        run.executor.held[j] = (g_in, note)
         if not any(a.kind is K.BACKWARD for a in run.plan.actions[run.position + 1:]):
             late = hooks.release_held()
-            for k, held in run.executor.held.items():
-                run.send_down(Action(K.BACKWARD, k), (held, late[k]))
+            for k, (held, held_note) in run.executor.held.items():
+                run.send_down(Action(K.BACKWARD, k), (held, late[k], held_note))
             run.executor.held.clear()
         return ""
-    run.send_down(action, (g_in, c_in))
+    run.send_down(action, (g_in, c_in, note))
     return ""
 
 
@@ -230,7 +234,8 @@ class StageExecutor:
         self.stage = stage
         self.channel = channel
         self.tops: dict[Hashable, Any] = {}
-        self.held: dict[int, Tensor] = {}  # curvature: batch — gradients held until the end
+        # curvature: batch — gradients (and their notes) held until the last backward
+        self.held: dict[int, tuple[Tensor | None, Any]] = {}
         self._handlers = {**GENERIC_HANDLERS, **stage.hooks.handlers()}
 
     def handler(self, kind: ActionKind) -> Handler:

@@ -9,8 +9,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-from sm_dist.report.compare_tables import DepthGroup, Row
-from sm_dist.report.grid import steps_text
+from sm_dist.report.compare_tables import DepthGroup, Row, figure_rows, pipeline_passes
 from sm_dist.report.plots import (
     FONT_SIZE,
     PlainLogFormatter,
@@ -18,23 +17,11 @@ from sm_dist.report.plots import (
     save_figure,
     series,
 )
-from sm_dist.run.metrics import IterationRecord
 
 PANEL_WIDTH, ROW_HEIGHT = 5.5, 3.4  # inches
 # A diverging run would stretch the log axis over dozens of decades and flatten every other
 # curve; the axis stops this many times above the highest starting loss and the run leaves it.
 HEADROOM = 3.0
-
-
-def figure_rows(groups: Sequence[DepthGroup]) -> list[tuple[str, list[Row]]]:
-    """(title, rows drawn) per figure row: one per depth and N; the optimizers without N are
-    in every row of their depth."""
-    drawn = []
-    for group in groups:
-        for steps in group.steps or [None]:
-            title = group.heading if steps is None else f"{group.heading}, N={steps_text(steps)}"
-            drawn.append((title, [r for r in group.rows if r.steps is None or r.steps == steps]))
-    return drawn
 
 
 def _finite_losses(row: Row) -> list[float]:
@@ -51,15 +38,6 @@ def y_limits(rows: Sequence[Row]) -> tuple[float, float] | None:
     top = HEADROOM * max(starts)
     bottom = min(min(ys) for ys in finite if ys)
     return 0.8 * min(bottom, top), top
-
-
-def pipeline_passes(record: IterationRecord) -> float | None:
-    """Passes of the batch through the whole pipeline so far: forward plus backward, a tangent
-    pass (CGBlock) counting as both, since it goes up and comes back down."""
-    forward, backward = record.forward_passes, record.backward_passes
-    if forward is None or backward is None:
-        return None
-    return forward + backward + 2 * (record.tangent_passes or 0)
 
 
 def _panel(axes: Axes, rows: Sequence[Row], x_key: str, colours: dict[str, str]) -> None:

@@ -185,6 +185,40 @@ def group_results(results: Sequence[RunResult]) -> list[DepthGroup]:
     return list(groups.values())
 
 
+def figure_rows(groups: Sequence[DepthGroup]) -> list[tuple[str, list[Row]]]:
+    """(title, rows drawn) per figure row: one per depth and N; the optimizers without N are
+    in every row of their depth."""
+    drawn = []
+    for group in groups:
+        for steps in group.steps or [None]:
+            title = group.heading if steps is None else f"{group.heading}, N={steps_text(steps)}"
+            drawn.append((title, [r for r in group.rows if r.steps is None or r.steps == steps]))
+    return drawn
+
+
+def pipeline_passes(record: IterationRecord) -> float | None:
+    """Passes of the batch through the whole pipeline so far: forward plus backward, a tangent
+    pass (CGBlock) counting as both, since it goes up and comes back down."""
+    forward, backward = record.forward_passes, record.backward_passes
+    if forward is None or backward is None:
+        return None
+    return forward + backward + 2 * (record.tangent_passes or 0)
+
+
+def loss_at_passes(run: RunData, passes: float) -> float | None:
+    """The training loss of the last iteration within `passes` pipeline passes."""
+    within = [r for r in run.records if (p := pipeline_passes(r)) is not None and p <= passes]
+    value = within[-1].train_loss if within else None
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def rises(run: RunData) -> int:
+    """Iterations whose training loss is above the previous iteration's."""
+    losses = [r.train_loss for r in run.records]
+    return sum(1 for a, b in zip(losses, losses[1:])
+               if a is not None and (b is None or not math.isfinite(b) or b > a))
+
+
 # ------------------------------------------------------------------------------ markdown
 def grid_lines(base: JobConfig, optimizers: Sequence[str], inner_steps: Sequence[int] | None,
                depths: Sequence[int] | None, lrs: Sequence[float] | None) -> list[str]:
@@ -238,6 +272,22 @@ def _tables24(group: DepthGroup) -> list[str]:
             rows.append([row.optimizer, *[_final_cell(by_steps[s]) if s in by_steps else "-"
                                           for s in steps]])
     return markdown_table(["optimizer", *columns], rows)
+
+
+def _equal_passes_table(rows: Sequence[Row]) -> list[str]:
+    """Final loss, the loss at the smallest pass budget any row used, and rises, per row."""
+    totals = [pipeline_passes(row.run.records[-1]) for row in rows]
+    budget = min((t for t in totals if t is not None), default=None)
+    table = []
+    for row, total in zip(rows, totals):
+        at_budget = loss_at_passes(row.run, budget) if budget is not None else None
+        table.append([row.name, "-" if total is None else f"{total:g}",
+                      loss_text(final_loss(row.run)), loss_text(at_budget),
+                      acc_text(summarize(row.run)["final_test_acc"]), str(rises(row.run))])
+    header = ["optimizer", "passes", "final loss",
+              f"loss @ {'-' if budget is None else f'{budget:g}'} passes", "final test acc",
+              "rises"]
+    return markdown_table(header, table)
 
 
 def _cost_table(results: Sequence[RunResult]) -> list[str]:
@@ -303,6 +353,13 @@ def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_pat
               "inner steps do not depend on N: their value is repeated in every column.", ""]
     for group in groups:
         lines += [f"### {group.heading}", "", *_tables24(group), ""]
+    lines += ["## At equal pipeline passes", "", "Per depth and N: each run's pipeline passes "
+              "(forward plus backward, a tangent pass counting as both), its final training "
+              "loss, its loss after the fewest passes any run of the table took (the last "
+              "iteration within that budget: retried steps and line-search trials count), its "
+              "final test accuracy, and the number of iterations whose training loss rose.", ""]
+    for title, rows in figure_rows(groups):
+        lines += [f"### {title}", "", *_equal_passes_table(rows), ""]
     lines += ["## Cost", "", "Per run, at its end: pipeline forward and backward passes over the "
               "batch (GD+Armijo's trial steps count as forward passes), Hessian-vector "
               "products summed over the stages and tangent passes where the run records them, "

@@ -49,6 +49,12 @@ class IterationRecord:
     # The previous iteration's prediction against what this iteration's forward measured.
     actual_decrease_prev: float | None = None
     decrease_ratio_prev: float | None = None
+    # sm_adaptive: the scale α of the step applied; whether this iteration's forward pass
+    # measured a step that was rejected (train_loss is then the accepted iterate's, and
+    # rejected_loss what the rejected step measured).
+    step_scale: float | None = None
+    step_rejected: bool | None = None
+    rejected_loss: float | None = None
     # Line searches the coordinator steers (GD+Armijo, SSO).
     step_size: float | None = None
     line_search_trials: int | None = None

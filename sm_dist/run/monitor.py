@@ -23,6 +23,9 @@ def format_record(record: IterationRecord, iterations: int) -> str:
     if record.predicted_decrease is not None and record.inner_steps is not None:
         parts.append(f"pred {record.predicted_decrease:+.3e}")
         parts.append("inner " + ",".join(str(s) for s in record.inner_steps))
+    if record.step_scale is not None:
+        parts.append(f"scale {record.step_scale:.3g}"
+                     + (" (step rejected)" if record.step_rejected else ""))
     if record.step_size is not None:
         parts.append(f"step {record.step_size:.3g} ({record.line_search_trials} trials)")
     if record.test_acc is not None and record.test_loss is not None:
@@ -100,6 +103,7 @@ class LiveMonitor:
         self.latest: IterationRecord | None = None
         self.finished: IterationRecord | None = None  # the last with utilisation (one behind)
         self.test: IterationRecord | None = None
+        self.rejected = 0  # sm_adaptive: steps rejected so far
         self._lock = threading.Lock()
         self.stopped = False  # training is over: no stage is doing anything any more
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -121,6 +125,7 @@ class LiveMonitor:
     def progress(self, record: IterationRecord) -> None:
         with self._lock:
             self.latest = record
+            self.rejected += bool(record.step_rejected)
             if record.test_acc is not None:
                 self.test = record
         self.bar.update(self.task, completed=record.iteration)
@@ -149,6 +154,8 @@ class LiveMonitor:
                        f" / {actual / latest.decrease_ratio_prev:+.2e}")
         elif latest is not None and latest.predicted_decrease is not None:
             row.append(f"predicted decrease {latest.predicted_decrease:+.2e}")
+        if latest is not None and latest.step_scale is not None:
+            row.append(f"scale {latest.step_scale:.3g}, {self.rejected} rejected")
         if finished is not None and finished.bubble_fraction is not None:
             row.append(f"bubble {finished.bubble_fraction:.0%}")
         table.add_row(*(row or ["waiting for the first iteration"]))

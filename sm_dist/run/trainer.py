@@ -74,7 +74,8 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
             if steering is None:
                 states, ahead = checkpoint_and_submit(iteration, following)
             result = pending.wait()
-            costs.add_passes(1, 1, max(r.tangents_started for r in result.reports))
+            costs.add_passes(1, min(r.backward_passes for r in result.reports),
+                             max(r.tangents_started for r in result.reports))
             costs.add_products([r.hvp_products for r in result.reports])
             record = base_record(iteration, result, optimizer)
             if steering is not None:
@@ -87,7 +88,8 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
                     update(record, {"test_loss": loss_sum / len(data.test_x),
                                     "test_acc": correct / len(data.test_x)})
                 states, ahead = checkpoint_and_submit(iteration, following)
-            if previous is not None and current.same_batch and previous.predicted_decrease:
+            if (record.actual_decrease_prev is None and previous is not None
+                    and current.same_batch and previous.predicted_decrease):
                 actual = record.train_loss - previous.train_loss
                 record.actual_decrease_prev = actual
                 record.decrease_ratio_prev = actual / previous.predicted_decrease

@@ -1,0 +1,327 @@
+"""SM with an adaptive model scale and step acceptance (extensions of the paper, spec §8).
+
+Each stage minimises its local loss as in `sm` (optionally by Steihaug-Toint CG within a trust
+radius, warm-started from its previous step) and applies α·d, where α, one scale for the
+whole pipeline, is the local models' scale: α·d minimises the models with their curvature
+divided by α, and their predicted change is α·Σ_s L_s(d_s). The next iteration's forward pass
+measures what the step did. Its last stage compares the loss with the last accepted one:
+
+- a rise (beyond `accept_tolerance`) rejects the step: every stage goes back to θ_t, skips
+  the rest of the iteration (its backward and inner loop) and tries θ_t + α'·d with a smaller
+  α' instead, which the following forward pass measures in turn;
+- otherwise the step is accepted and `scale_rule` sets the next α from the measurement.
+
+What the decision needs travels with the pipeline's own messages, so the common case costs
+nothing and iterations still overlap: each stage adds its L_s(d_s) and g_s·d_s to the note
+that goes up with microbatch 0's activation; the top of the pipeline sends the decision and
+the new α down with the gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sm_dist.math.local_loss import LocalLoss, flatten, unflatten
+from sm_dist.math.losses import TopOfPipeline
+from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
+from sm_dist.optim.base import MicrobatchStash, Optimizer, StageReport
+from sm_dist.optim.options import OptimizerOptions
+from sm_dist.optim.sm import SM, SMOptions, SMStageRule, sm_update_actions
+from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.executor import Handler, PlanRun
+from sm_dist.pipeline.schedule import UpdateActions
+from sm_dist.pipeline.stage import Stage
+
+K = ActionKind
+SCALE_RULES = ("fixed", "ratio", "secant")
+
+
+@dataclass(kw_only=True)
+class SMAdaptiveOptions(SMOptions):
+    """sm_adaptive's extensions; each can be switched off to get back towards `sm`."""
+    accept_steps: bool = True  # reject a step whose loss rises, and retry a smaller one
+    accept_tolerance: float = field(default=0.0, metadata={"min": 0})  # relative rise allowed
+    scale_rule: str = field(default="secant", metadata={"choices": SCALE_RULES})
+    step_scale: float = field(default=1.0, metadata={"gt": 0})  # α at the start
+    scale_growth: float = field(default=2.0, metadata={"gt": 1})  # at most ×/÷ this per step
+    scale_max: float = field(default=1000.0, metadata={"gt": 0})
+    # Steihaug-Toint CG: ‖d_s‖ ≤ trust_radius·‖θ_s‖ on every stage; null: plain CG.
+    trust_radius: float | None = field(default=0.1, metadata={"gt": 0})
+    warm_start: float = field(default=0.0, metadata={"min": 0, "max": 1})  # CG from w·d_{t-1}
+    # γ: the curvature the top of the pipeline sends down is γ·L_loss/n (1: the spec's bound).
+    loss_curvature_scale: float = field(default=0.1, metadata={"gt": 0})
+
+
+@dataclass
+class AdaptiveReport(StageReport):
+    """A stage's report with the pipeline-wide step decision the top of it made."""
+
+    scale: float = 1.0  # α of the step applied at the end of this iteration
+    rejected: bool = False  # this iteration measured a rejected step
+    actual: float | None = None  # what the measured step changed (last stage only)
+    ratio: float | None = None  # actual / predicted (last stage only)
+    predicted: float | None = None  # α·Σ L_s of the step applied now (last stage only)
+    loss: float | None = None  # the accepted iterate's loss and accuracy (last stage only)
+    acc: float | None = None
+    trial_loss: float | None = None  # the rejected step's measured loss (last stage only)
+
+
+def line_minimum(scale: float, actual: float, slope: float) -> float | None:
+    """α* of the parabola along d through h(0) with slope Σ g·d and the measured change
+    `actual` = h(scale·d) − h(0); None when it has no minimum ahead (not convex, or d uphill)."""
+    curvature = 2.0 * (actual - scale * slope) / (scale * scale)
+    return -slope / curvature if curvature > 0 and slope < 0 else None
+
+
+def retry_scale(scale: float, actual: float | None, slope: float) -> float:
+    """A smaller α after a rise (or a non-finite loss: `actual` None): the line minimum, kept
+    within [α/10, α/2] (safeguarded interpolation, as in backtracking line searches)."""
+    best = None if actual is None else line_minimum(scale, actual, slope)
+    return scale / 2 if best is None else min(max(best, scale / 10), scale / 2)
+
+
+def next_scale(rule: str, scale: float, actual: float, slope: float, ratio: float | None, *,
+               start: float, growth: float, largest: float) -> float:
+    """α for the next step after an accepted one measured at `scale`.
+
+    fixed: back to `start`. ratio: Levenberg-Marquardt on actual/predicted as in Martens (2010,
+    §4.1), ×3/2 above 3/4 and ×2/3 below 1/4. secant: the line minimum the measurement implies
+    (a linear loss along d: grow), within ×/÷ `growth` of `scale`. Never above `largest`.
+    """
+    if rule == "fixed":
+        proposal = start
+    elif rule == "ratio":
+        proposal = scale if ratio is None else scale * (1.5 if ratio > 0.75 else
+                                                        2 / 3 if ratio < 0.25 else 1.0)
+    else:
+        best = line_minimum(scale, actual, slope)
+        proposal = scale * growth if best is None else best
+        proposal = min(max(proposal, scale / growth), scale * growth)
+    return min(proposal, largest)
+
+
+@dataclass
+class Decision:
+    """What the top of the pipeline decided about the step the forward pass measured."""
+
+    accept: bool
+    scale: float  # α for this iteration's step (accepted), or of the retry (rejected)
+    actual: float | None = None
+    ratio: float | None = None
+
+
+class SMAdaptiveRule(SMStageRule):
+    """SM's stage rule plus the step held for acceptance, the scale, and the notes."""
+
+    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
+        super().__init__(optimizer, stage)
+        self.adaptive: SMAdaptiveOptions = optimizer.config  # type: ignore[assignment]
+        self.scale = self.adaptive.step_scale
+        self.base: list[Tensor] | None = None  # θ before the step last applied
+        self.last_d: Tensor | None = None  # that step's direction d (flat, unit scale)
+        self.last_model = 0.0  # L_s(d) of it
+        self.last_slope = 0.0  # g_s·d of it
+        self.last_scale = 1.0  # the α it was applied with
+        self.pending = False  # a step was applied that no forward pass has measured yet
+        self.accepted_loss: float | None = None  # last stage: h at the accepted iterate
+        self.accepted_acc: float | None = None
+        self._below = (0.0, 0.0)  # Σ_{r<s} (L_r, g_r·d_r), from the stage below
+        self._loss, self._correct, self._samples = 0.0, 0, 0  # last stage, this iteration
+        self._decision: Decision | None = None
+
+    # ------------------------------------------------------------------------- notes
+    def forward_note(self, j: int) -> Any:
+        if j != 0:
+            return None
+        model, slope = self._below
+        return (model + self.last_model, slope + self.last_slope)
+
+    def take_forward_note(self, j: int, note: Any) -> None:
+        if j == 0:
+            self._below = note if note is not None else (0.0, 0.0)
+            self._loss, self._correct, self._samples = 0.0, 0, 0
+            self._decision = None
+
+    def top_of_pipeline(self, j: int, out: Tensor, y: Tensor, n: int,
+                        mode: str) -> TopOfPipeline:
+        top = super().top_of_pipeline(j, out, y, n, mode)
+        top.curvature = top.curvature * self.adaptive.loss_curvature_scale
+        self._loss += float(top.loss)
+        self._correct += top.correct
+        self._samples = n
+        return top
+
+    def backward_note(self, j: int, same_batch: bool) -> Any:
+        if self._decision is None:
+            self._decision = self._decide(same_batch)
+        return self._decision
+
+    def take_backward_note(self, j: int, note: Any) -> None:
+        self._decision = note
+
+    # ---------------------------------------------------------------------- decision
+    def _decide(self, same_batch: bool) -> Decision:
+        """Top of the pipeline: accept or reject the step this forward pass measured."""
+        loss, acc = self._loss, self._correct / max(self._samples, 1)
+        if not (self.pending and same_batch and self.accepted_loss is not None):
+            self._accept(loss, acc)  # nothing to judge: the first step, or a new batch
+            return Decision(True, self.scale)
+        model = self._below[0] + self.last_model
+        slope = self._below[1] + self.last_slope
+        actual = loss - self.accepted_loss
+        predicted = self.last_scale * model
+        ratio = actual / predicted if predicted else None
+        cfg = self.adaptive
+        finite = math.isfinite(loss)
+        if cfg.accept_steps and (not finite
+                                 or actual > cfg.accept_tolerance * abs(self.accepted_loss)):
+            retry = retry_scale(self.last_scale, actual if finite else None, slope)
+            return Decision(False, retry, actual, ratio)
+        self._accept(loss, acc)
+        scale = next_scale(cfg.scale_rule, self.last_scale, actual, slope, ratio,
+                           start=cfg.step_scale, growth=cfg.scale_growth, largest=cfg.scale_max)
+        return Decision(True, scale, actual, ratio)
+
+    def _accept(self, loss: float, acc: float) -> None:
+        self.accepted_loss, self.accepted_acc = loss, acc
+
+    @property
+    def rejected(self) -> bool:
+        return self._decision is not None and not self._decision.accept
+
+    # ------------------------------------------------------------------------ backward
+    def backward(self, j: int, entry: MicrobatchStash, g_out: Tensor, c_out: Tensor | None,
+                 same_batch: bool) -> tuple[Tensor | None, Tensor | None]:
+        if self.rejected:  # nothing of this iteration is needed: drop its graph at once
+            return None, None
+        return super().backward(j, entry, g_out, c_out, same_batch)
+
+    def sends_curvature(self) -> bool:
+        return not self.rejected
+
+    # -------------------------------------------------------------------------- update
+    def make_solver(self, loss: LocalLoss) -> TruncatedCG | GradientDescentArmijo:
+        cfg = self.adaptive
+        if cfg.inner_solver != "cg":
+            return super().make_solver(loss)
+        radius = None
+        if cfg.trust_radius is not None:
+            norm = float(flatten([p.detach() for p in self.stage.params]).norm())
+            radius = cfg.trust_radius * norm
+        start = None
+        if cfg.warm_start and self.last_d is not None:
+            start = cfg.warm_start * self.last_d
+        return TruncatedCG(loss, tol=cfg.cg_tol, armijo=cfg.armijo_rule(),
+                           fallback_step=cfg.armijo_init, radius=radius, start=start)
+
+    def step_to_apply(self, d: Tensor, model_value: float) -> Tensor:
+        grad = flatten([p.grad for p in self.stage.params])
+        self.base = [p.detach().clone() for p in self.stage.params]
+        self.last_d, self.last_model, self.last_slope = d.clone(), model_value, float(grad @ d)
+        assert self._decision is not None
+        self.scale = self.last_scale = self._decision.scale
+        self.pending = True
+        return d * self.scale
+
+    def handlers(self) -> dict[ActionKind, Handler]:
+        return {**super().handlers(), K.BUILD: self._build_unless_rejected,
+                K.INNER: self._inner_unless_rejected, K.FILL: self._fill_unless_rejected,
+                K.APPLY: self._apply_or_retry}
+
+    def _build_unless_rejected(self, run: PlanRun, action: Action) -> str:
+        return "" if self.rejected else self._build(run, action)
+
+    def _inner_unless_rejected(self, run: PlanRun, action: Action) -> str:
+        return "0 steps" if self.rejected else self._inner(run, action)
+
+    def _fill_unless_rejected(self, run: PlanRun, action: Action) -> str:
+        return "0 steps" if self.rejected else self._fill(run, action)
+
+    def _apply_or_retry(self, run: PlanRun, action: Action) -> str:
+        if not self.rejected:
+            self._apply(run, action)
+            self._report = self._adaptive_report(self._report)
+            return ""
+        decision = self._decision
+        assert decision is not None and self.base is not None and self.last_d is not None
+        last_iteration = action.index == 1  # end on the accepted iterate, not a new trial
+        scale = 0.0 if last_iteration else decision.scale
+        with torch.no_grad():
+            for p, base, dp in zip(self.stage.params, self.base,
+                                   unflatten(self.last_d, self.stage.params)):
+                torch.add(base, dp, alpha=scale, out=p)
+        self.last_scale, self.pending = decision.scale, not last_iteration
+        self._report = self._adaptive_report(StageReport(backward_passes=0))
+        self.stage.end_iteration()
+        return "rejected"
+
+    def _adaptive_report(self, report: StageReport) -> AdaptiveReport:
+        decision = self._decision
+        assert decision is not None
+        extra: dict[str, Any] = {}
+        if self.stage.is_last:
+            extra = {"actual": decision.actual, "ratio": decision.ratio,
+                     "loss": self.accepted_loss, "acc": self.accepted_acc}
+            if not decision.accept:  # the retry: the previous step's models at the new α
+                extra.update(predicted=decision.scale * (self._below[0] + self.last_model),
+                             trial_loss=self._loss)
+        return AdaptiveReport(**vars(report), scale=decision.scale,
+                              rejected=not decision.accept, **extra)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "scale": self.scale, "base": self.base,
+                "last_d": self.last_d, "last_model": self.last_model,
+                "last_slope": self.last_slope, "last_scale": self.last_scale,
+                "pending": self.pending, "accepted_loss": self.accepted_loss,
+                "accepted_acc": self.accepted_acc}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        device = self.stage.device
+        self.scale, self.pending = state["scale"], state["pending"]
+        self.base = None if state["base"] is None else [t.to(device) for t in state["base"]]
+        self.last_d = None if state["last_d"] is None else state["last_d"].to(device)
+        self.last_model, self.last_slope = state["last_model"], state["last_slope"]
+        self.last_scale = state["last_scale"]
+        self.accepted_loss, self.accepted_acc = state["accepted_loss"], state["accepted_acc"]
+
+
+class SMAdaptive(SM):
+    name = "sm_adaptive"
+    summary = ("SM with an adaptive model scale and step acceptance: the loss never rises in "
+               "full batch")
+    Options = SMAdaptiveOptions
+    rule = SMAdaptiveRule
+
+    def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
+        minimum, fill = self.inner_step_counts(last)
+        # The last iteration's A is A1: a rejected step there goes back to the accepted iterate.
+        return lambda stage: [*sm_update_actions(stage, minimum, fill)[:-1],
+                              Action(K.APPLY, 1 if last else None)]
+
+    def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
+        fields = super().record_fields(reports)
+        top = reports[-1]
+        assert isinstance(top, AdaptiveReport)
+        fields.update(step_scale=top.scale, step_rejected=top.rejected,
+                      actual_decrease_prev=top.actual, decrease_ratio_prev=top.ratio)
+        if top.rejected:  # the model is back at the accepted iterate: report its loss
+            fields.update(predicted_decrease=top.predicted, train_loss=top.loss,
+                          train_acc=top.acc, rejected_loss=top.trial_loss)
+        else:  # the step applied now, at its scale
+            fields["predicted_decrease"] = top.scale * fields["predicted_decrease"]
+        return fields
+
+    @classmethod
+    def check_config(cls, config: OptimizerOptions) -> list[str]:
+        errors = super().check_config(config)
+        assert isinstance(config, SMAdaptiveOptions)
+        if config.trust_radius is not None and config.inner_solver != "cg":
+            errors.append("optimizer.trust_radius: a trust radius needs inner_solver: cg; set "
+                          "optimizer.inner_solver: cg or optimizer.trust_radius: null")
+        return errors
