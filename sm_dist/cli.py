@@ -25,6 +25,7 @@ from sm_dist.data.datasets import DataError, Dataset
 from sm_dist.engine.transport import TransportError, under_launcher
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 from sm_dist.optim import registry
+from sm_dist.report.run_data import ReportError
 from sm_dist.run.checkpoints import CheckpointError, check_resumable
 from sm_dist.run.run_dir import RunDirError, check_run_dir, default_run_dir
 
@@ -94,6 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
                             help="where to write (default: the run directory for one run, "
                                  "a new report-<timestamp>/ beside the runs for several)")
     _compare_args(commands)
+    simulate_cmd = commands.add_parser(
+        "simulate", help="a run's schedule on one device per stage, from its measured costs",
+        epilog=EPILOG,
+        description="Replay a run's own schedule on one device per stage: every action takes "
+                    "the time the run measured (actions.json of --single-process, or an "
+                    "engine run's trace.json), every transfer a link's latency plus its bytes "
+                    "over its bandwidth. Prints the iteration time, the bubble fraction and "
+                    "each stage's busy and idle shares, and draws the simulated timeline. See "
+                    "docs/performance.md.")
+    simulate_cmd.add_argument("run", metavar="RUN_DIR")
+    simulate_cmd.add_argument("--link", default="none", metavar="PRESET|BANDWIDTH,LATENCY",
+                              help="nvlink, pcie4, pcie5, 100gbe, 10gbe, none (free; the "
+                                   "default), or bytes/s,seconds e.g. 12.5e9,1e-5")
+    simulate_cmd.add_argument("--microbatches", type=int, default=None, metavar="M",
+                              help="split each batch into M microbatches instead (costs per "
+                                   "microbatch scale with its size)")
+    simulate_cmd.add_argument("--iterations", default=None, metavar="FIRST:LAST",
+                              help="simulate these iterations only, e.g. 2:50")
+    simulate_cmd.add_argument("--json", action="store_true",
+                              help="print one JSON object: iteration_time (s), bubble_fraction, "
+                                   "busy_fraction per stage, ...")
+    simulate_cmd.add_argument("--out", default=None, metavar="PNG",
+                              help="where the timeline goes (default: "
+                                   "RUN_DIR/simulated-timeline.png)")
     return parser
 
 
@@ -137,6 +162,13 @@ def _compare_args(commands: Any) -> None:
                              help="where the runs and compare.md go (default: "
                                   "<run.runs_dir>/compare-<name>-<timestamp>/); the same --out "
                                   "again collects the finished runs")
+    compare_cmd.add_argument("--link", default="pcie4", metavar="PRESET|BANDWIDTH,LATENCY",
+                             help="the link of the simulated pipeline time (default pcie4; see "
+                                  "sm-dist simulate)")
+    compare_cmd.add_argument("--reach", type=_comma_list(float, "numbers"), metavar="LOSS,...",
+                             default=[0.5, 0.3, 0.1],
+                             help="losses whose simulated time to reach compare.md gives "
+                                  "(default 0.5,0.3,0.1)")
     compare_cmd.add_argument("--single-process", action="store_true",
                              help="train every run with --single-process")
     compare_cmd.add_argument("--rerun", action="store_true",
@@ -252,9 +284,19 @@ def run_compare(args: argparse.Namespace) -> int:
                             inner_steps=args.inner_steps,
                             depths=args.depths, lrs=args.lrs, at=args.at, out=args.out,
                             single_process=args.single_process, rerun=args.rerun,
-                            collect_only=args.collect_only, command_line=args.argv)
+                            collect_only=args.collect_only, command_line=args.argv,
+                            link=args.link, reach=args.reach)
     except CompareError as err:
         return _fail(str(err), EXIT_BAD_INPUT)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from sm_dist.report.simulate import simulate_main
+
+    if args.microbatches is not None and args.microbatches < 1:
+        return _fail("--microbatches must be at least 1", EXIT_BAD_INPUT)
+    simulate_main(args.run, args.link, args.microbatches, args.iterations, args.json, args.out)
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,12 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     commands = {"train": run_train, "validate": run_validate, "schedule": run_schedule,
-                "report": run_report, "compare": run_compare}
+                "report": run_report, "compare": run_compare, "simulate": run_simulate}
     try:
         return commands[args.command](args)
     except ConfigError as err:
         return _fail(str(err), EXIT_BAD_INPUT)
-    except (DataError, JobSetupError, RunDirError, TransportError, CheckpointError) as err:
+    except (DataError, JobSetupError, RunDirError, TransportError, CheckpointError,
+            ReportError) as err:
         return _fail(str(err), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         return _fail("interrupted; the run directory keeps every finished iteration",

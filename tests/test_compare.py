@@ -412,3 +412,23 @@ def test_the_equal_passes_table_cuts_every_run_at_the_smallest_budget() -> None:
         in section
     assert "| sm (N=3) | 6 | 0.5000 | 0.5000 | 50.0% | 0 |" in section
     assert "| adam (lr=0.01) | 10 | 0.7000 | 0.9000 | 50.0% | 1 |" in section
+
+
+def test_compare_md_gives_simulated_pipeline_time(grid_dir: tuple[Path, str]) -> None:
+    """Each run replayed from its measured costs: the totals are the simulator's, labelled as
+    simulated with the link used."""
+    from sm_dist.report.compare_tables import seconds_text
+    from sm_dist.report.run_data import load_run
+    from sm_dist.report.simulate import simulate_run
+
+    root, _ = grid_dir
+    out = root / "out"
+    text = (out / "compare.md").read_text()
+    assert "## Simulated pipeline time" in text and "`pcie4` link" in text
+    tables = md_tables(text)
+    for depth, heading in HEADINGS.items():
+        rows = table(tables, "Simulated pipeline time", f"{heading}, N=1")
+        total = max(simulate_run(load_run(out / "runs" / f"mlp{depth}-sm-n1"),
+                                 "pcie4").end_times().values())
+        assert rows["sm (N=1)"]["total"] == seconds_text(total)
+        assert set(rows) == {"sm (N=1)", next(r for r in rows if r.startswith("adam"))}

@@ -42,6 +42,8 @@ class RpcPipeline(Pipeline):
     nothing to do), so that the ids stay aligned across stages.
     """
 
+    measures_timeline = True
+
     def __init__(self, transport: CoordinatorTransport, num_stages: int) -> None:
         super().__init__(num_stages)
         self.transport = transport

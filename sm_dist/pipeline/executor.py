@@ -64,6 +64,17 @@ class PlanResult:
     value: Any = None  # the command's result
 
 
+def payload_bytes(payload: Any) -> int:
+    """The bytes of the tensors in a message (nested tuples, lists and dicts)."""
+    if isinstance(payload, Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, (tuple, list)):
+        return sum(payload_bytes(p) for p in payload)
+    if isinstance(payload, dict):
+        return sum(payload_bytes(p) for p in payload.values())
+    return 0
+
+
 class Channel(Protocol):
     """How a stage's executor exchanges tensors with its neighbours."""
 
@@ -89,6 +100,7 @@ class PlanRun:
         self.result = PlanResult(self.stage.index)
         self.position = 0
         self.started = 0.0  # when the current action had its input and began computing
+        self.sent = 0
         for call in plan.before:
             call.apply(self.stage)
 
@@ -116,9 +128,11 @@ class PlanRun:
         return value
 
     def send_up(self, action: Action, payload: Any) -> None:
+        self.sent += payload_bytes(payload)
         self.channel.send(self.stage.index + 1, self._key(action), payload)
 
     def send_down(self, action: Action, payload: Any) -> None:
+        self.sent += payload_bytes(payload)
         self.channel.send(self.stage.index - 1, self._key(action), payload)
 
     def input_key(self, position: int) -> MailKey | None:
@@ -147,10 +161,11 @@ class PlanRun:
         self.position = position
         action = self.plan.actions[position]
         self.started = time.time()  # moved on when an input arrives: waiting is idle
+        self.sent = 0  # bytes this action sends to its neighbours
         detail = self.executor.handler(action.kind)(self, action)
         self.result.events.append(TimelineEvent(self.stage.index, self.plan.iteration,
                                                 action.kind, action.index, self.started,
-                                                time.time(), detail))
+                                                time.time(), detail, self.sent))
 
     def finish(self) -> PlanResult:
         self.channel.flush()

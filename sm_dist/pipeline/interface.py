@@ -88,6 +88,10 @@ class Pipeline:
 
     num_stages: int
     events: list[TimelineEvent]  # what each stage did when (empty in one process)
+    # Whether `events` is a real pipeline's timeline (stages in parallel); a pipeline that runs
+    # actions one at a time sends them to `action_sink` instead, as measured costs.
+    measures_timeline = False
+    action_sink: Callable[[list[TimelineEvent]], None] | None = None
 
     def __init__(self, num_stages: int) -> None:
         self.num_stages = num_stages

@@ -74,4 +74,7 @@ class LocalPipeline(Pipeline):
                 stuck = ", ".join(f"stage {s} at {plan.actions[done[s]]}"
                                   for s, plan in enumerate(plans) if done[s] < len(plan.actions))
                 raise ScheduleError(f"the schedule deadlocks: {stuck} wait for each other")
-        return Done([run.finish() for run in runs])
+        results = [run.finish() for run in runs]
+        if self.action_sink is not None:
+            self.action_sink([event for result in results for event in result.events])
+        return Done(results)

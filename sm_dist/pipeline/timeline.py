@@ -24,6 +24,7 @@ class TimelineEvent:
     start: float
     end: float
     detail: str = ""  # e.g. the inner steps an update slice took
+    sent: int = 0  # bytes the action sent to its neighbours
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ActionKind):
@@ -109,13 +110,58 @@ def chrome_trace(events: Iterable[TimelineEvent], host_of_stage: dict[int, str] 
         host = (host_of_stage or {}).get(s, "")
         trace.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": s,
                       "args": {"name": f"stage {s}" + (f" ({host})" if host else "")}})
-    for e in events:
-        trace.append({"name": e.label, "cat": e.kind.info.name, "ph": "X", "pid": 0,
-                      "tid": e.stage, "ts": (e.start - origin) * 1e6,
-                      "dur": max(e.end - e.start, 0.0) * 1e6,
-                      "args": {"iteration": e.iteration, **({"detail": e.detail}
-                                                            if e.detail else {})}})
+    trace.extend(_trace_event(e, origin) for e in events)
     return {"traceEvents": trace, "displayTimeUnit": "ms"}
+
+
+def _trace_event(e: TimelineEvent, origin: float) -> dict[str, Any]:
+    return {"name": e.label, "cat": e.kind.info.name, "ph": "X", "pid": 0, "tid": e.stage,
+            "ts": (e.start - origin) * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6,
+            "args": {"iteration": e.iteration, **({"detail": e.detail} if e.detail else {}),
+                     **({"bytes": e.sent} if e.sent else {})}}
+
+
+class TraceWriter:
+    """Chrome's trace format written as events come, one line each, never held in memory.
+    A file cut short (a crash) lacks only its closing `]}`, which `read_trace` tolerates."""
+
+    def __init__(self, path: Path, num_stages: int,
+                 host_of_stage: dict[int, str] | None = None) -> None:
+        self.path = path
+        self._file = open(path, "w", encoding="utf-8")
+        self._file.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
+        self._origin: float | None = None
+        self._first = True
+        for s in range(num_stages):
+            host = (host_of_stage or {}).get(s, "")
+            self._line({"name": "thread_name", "ph": "M", "pid": 0, "tid": s,
+                        "args": {"name": f"stage {s}" + (f" ({host})" if host else "")}})
+
+    def _line(self, item: dict[str, Any]) -> None:
+        self._file.write(("" if self._first else ",\n") + json.dumps(item))
+        self._first = False
+
+    def write(self, events: Iterable[TimelineEvent]) -> None:
+        for e in events:
+            if self._origin is None:
+                self._origin = e.start
+            self._line(_trace_event(e, self._origin))
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.write("\n]}\n")
+            self._file.close()
+
+
+def read_trace(path: Path) -> dict[str, Any]:
+    """A trace file as written by `TraceWriter` or `write_chrome_trace`, also when cut short."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        complete = text[:text.rfind("}") + 1] if "}" in text else text
+        return json.loads(complete + "\n]}")
 
 
 def write_chrome_trace(path: Path, events: Iterable[TimelineEvent],
@@ -144,6 +190,7 @@ def events_from_trace(trace: dict[str, Any]) -> list[TimelineEvent]:
                                     kind=ActionKind(letter),
                                     index=int(number) if number else None,
                                     start=start, end=start + float(item["dur"]) / 1e6,
-                                    detail=str(args.get("detail", ""))))
+                                    detail=str(args.get("detail", "")),
+                                    sent=int(args.get("bytes", 0))))
     return events
 

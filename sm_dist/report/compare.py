@@ -16,6 +16,7 @@ from sm_dist.config.job import JobConfig, dump_job, load_job
 from sm_dist.exit_codes import EXIT_OK, EXIT_RUNTIME
 from sm_dist.report.compare_plot import plot_compare
 from sm_dist.report.compare_tables import compare_markdown, grid_lines, group_results
+from sm_dist.report.compare_time import pipeline_times, time_section
 from sm_dist.report.grid import (
     CompareError,
     GridPoint,
@@ -27,8 +28,12 @@ from sm_dist.report.grid import (
     run_path,
 )
 from sm_dist.report.run_data import ReportError, load_run
+from sm_dist.report.simulate import SimulateError, parse_link
 from sm_dist.report.summary import summarize
 from sm_dist.run.run_dir import unique_dir
+
+DEFAULT_LINK = "pcie4"  # the link compare's simulated pipeline time assumes
+DEFAULT_REACH = (0.5, 0.3, 0.1)  # the losses whose simulated time to reach compare.md gives
 
 
 def default_compare_dir(job: JobConfig) -> Path:
@@ -129,11 +134,16 @@ def compare_main(job_path: str, overrides: Sequence[str], optimizers: Sequence[s
                  inner_steps: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                  lrs: Sequence[float] | None = None, at: Sequence[int] | None = None,
                  out: Path | None = None, single_process: bool = False, rerun: bool = False,
-                 collect_only: bool = False, command_line: Sequence[str] = ()) -> int:
+                 collect_only: bool = False, command_line: Sequence[str] = (),
+                 link: str = DEFAULT_LINK, reach: Sequence[float] = DEFAULT_REACH) -> int:
     """`sm-dist compare`: check everything, run or collect the grid, write compare.md and
     compare.png. 0 when every run finished, 1 when some failed (the files cover the others);
     bad input raises ConfigError or CompareError before anything is trained."""
     base = load_job(job_path, overrides)
+    try:
+        parse_link(link)
+    except SimulateError as err:
+        raise CompareError(str(err)) from None
     points = expand_grid(base, optimizers, inner_steps, depths, lrs)
     iterations = base.run.iterations
     check_list("--at", at)
@@ -155,7 +165,7 @@ def compare_main(job_path: str, overrides: Sequence[str], optimizers: Sequence[s
     written = write_compare(
         results, out, at=at, job_path=job_path, overrides=overrides,
         grid=grid_lines(base, optimizers, inner_steps, depths, lrs),
-        command_line=shlex.join(["sm-dist", *command_line]))
+        command_line=shlex.join(["sm-dist", *command_line]), link=link, reach=reach)
     print(f"sm-dist: comparison in {out}:")
     for path in written:
         print(f"  {path}")
@@ -171,19 +181,24 @@ def compare_main(job_path: str, overrides: Sequence[str], optimizers: Sequence[s
 
 
 def write_compare(results: Sequence[RunResult], out: Path, *, at: Sequence[int], job_path: str,
-                  overrides: Sequence[str], grid: Sequence[str], command_line: str
+                  overrides: Sequence[str], grid: Sequence[str], command_line: str,
+                  link: str = DEFAULT_LINK, reach: Sequence[float] = DEFAULT_REACH
                   ) -> list[Path]:
     """compare.md, and compare.png when a run finished, in `out`; the paths written."""
     out.mkdir(parents=True, exist_ok=True)
-    markdown = out / "compare.md"
-    markdown.write_text(compare_markdown(results, at=at, job_path=job_path, overrides=overrides,
-                                         grid=grid, command_line=command_line, out=out),
-                        encoding="utf-8")
-    written = [markdown]
     groups = group_results(results)
+    times, missing = pipeline_times(results, link)
+    text = compare_markdown(results, at=at, job_path=job_path, overrides=overrides, grid=grid,
+                            command_line=command_line, out=out)
+    if times:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(
+            time_section(groups, times, link, reach, missing))
+    markdown = out / "compare.md"
+    markdown.write_text(text, encoding="utf-8")
+    written = [markdown]
     if groups:
         order = list(dict.fromkeys(r.point.optimizer for r in results))
-        plot_compare(groups, order, out / "compare.png")
+        plot_compare(groups, order, out / "compare.png", times, link)
         written.append(out / "compare.png")
     return written
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from sm_dist.config.job import JobConfig
 from sm_dist.data.datasets import Dataset
 from sm_dist.pipeline.interface import Pipeline
-from sm_dist.pipeline.timeline import write_chrome_trace
+from sm_dist.pipeline.timeline import TraceWriter, write_chrome_trace
 from sm_dist.run.checkpoints import (
     ResumePoint,
     check_resumable,
@@ -58,6 +58,10 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
     def on_checkpoint(at: ResumePoint, states: list[dict]) -> None:
         save_checkpoint(out, at, states, job.run.keep_last)
 
+    actions = None
+    if not pipeline.measures_timeline:  # one action at a time: its costs, for simulate
+        actions = TraceWriter(out / "actions.json", pipeline.num_stages)
+        pipeline.action_sink = actions.write
     try:
         with monitor:
             records = train(job, pipeline, data, on_record, monitor.progress, on_checkpoint,
@@ -65,6 +69,8 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
         run_dir.save_model(pipeline.state_dicts())
     finally:
         run_dir.close()
+        if actions is not None:
+            actions.close()
         if pipeline.events:
             write_chrome_trace(out / "trace.json", pipeline.events, hosts)
     return records

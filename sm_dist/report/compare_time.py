@@ -1,0 +1,80 @@
+"""compare.md's pipeline-time section: every run replayed on one device per stage from its
+measured action costs (sm_dist.report.simulate), then time to reach chosen losses and the loss
+at equal time, per depth and N."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sm_dist.report.compare_tables import (
+    DepthGroup,
+    Row,
+    figure_rows,
+    loss_text,
+    markdown_table,
+    seconds_text,
+)
+from sm_dist.report.grid import RunResult
+from sm_dist.report.simulate import SimulateError, simulate_run
+
+Times = dict[Path, dict[int, float]]  # run directory -> iteration -> simulated seconds at its end
+
+
+def pipeline_times(results: Sequence[RunResult], link: str) -> tuple[Times, list[str]]:
+    """Each finished run's simulated end time of every iteration; and the runs left out (with
+    why: no measured costs)."""
+    times: Times = {}
+    missing = []
+    for result in results:
+        if result.run is None:
+            continue
+        try:
+            times[result.run.path] = simulate_run(result.run, link).end_times()
+        except SimulateError as err:
+            missing.append(f"{result.point.label}: {err}")
+    return times, missing
+
+
+def time_to_reach(row: Row, times: dict[int, float], loss: float) -> float | None:
+    """Simulated seconds until the first iteration whose training loss is at most `loss`."""
+    for record in row.run.records:
+        value = record.train_loss
+        if value is not None and value <= loss and record.iteration in times:
+            return times[record.iteration]
+    return None
+
+
+def loss_at_time(row: Row, times: dict[int, float], budget: float) -> float | None:
+    within = [r for r in row.run.records if times.get(r.iteration, float("inf")) <= budget]
+    return within[-1].train_loss if within else None
+
+
+def time_section(groups: Sequence[DepthGroup], times: Times, link: str,
+                 reach: Sequence[float], missing: Sequence[str]) -> list[str]:
+    lines = ["## Simulated pipeline time", "",
+             f"Simulated, not measured: each run's own schedule replayed on one device per "
+             f"stage (`sm-dist simulate RUN --link {link}`), every action taking the time the "
+             f"run measured for it one action at a time, every transfer the `{link}` link's "
+             "latency plus its bytes over its bandwidth. Per depth and N: the time of an "
+             "iteration, the time to reach each loss (`-`: not reached), and the loss after "
+             "the shortest run's total time.", ""]
+    for title, rows in figure_rows(groups):
+        shown = [row for row in rows if row.run.path in times]
+        if not shown:
+            continue
+        totals = [max(times[row.run.path].values()) for row in shown]
+        budget = min(totals)
+        header = ["optimizer", "time / iteration", "total",
+                  *[f"to loss {loss:g}" for loss in reach], f"loss @ {seconds_text(budget)}"]
+        table = []
+        for row, total in zip(shown, totals):
+            run_times = times[row.run.path]
+            cells = [row.name, seconds_text(total / len(run_times)), seconds_text(total)]
+            cells += [seconds_text(time_to_reach(row, run_times, loss)) for loss in reach]
+            cells.append(loss_text(loss_at_time(row, run_times, budget)))
+            table.append(cells)
+        lines += [f"### {title}", "", *markdown_table(header, table), ""]
+    if missing:
+        lines += ["Left out (no measured costs): " + "; ".join(missing), ""]
+    return lines
