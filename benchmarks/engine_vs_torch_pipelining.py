@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: one GPU per stage (needs len(balance) GPUs)")
+                        help="cuda: GPUs shared round-robin by the stage processes")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep our engine's run directory here (default: a temp dir)")
     return parser.parse_args()
@@ -116,7 +116,8 @@ def torch_rank(raw: dict[str, Any], warmup: int, iterations: int) -> dict[str, A
     job = job_from_dict(raw)
     torch.set_num_threads(job.run.threads)
     cuda = job.run.device == "cuda"
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    device = (torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+              if cuda else torch.device("cpu"))
     if cuda:
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)

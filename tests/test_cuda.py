@@ -50,3 +50,16 @@ def test_cuda_requested_without_a_gpu_is_bad_input(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "no CUDA device" in result.stderr and "run.device=cpu" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
+def test_four_stages_share_one_gpu_through_device_maps(tmp_path: Path) -> None:
+    """More stage processes than GPUs: they share them round-robin, tensors moving GPU to GPU
+    (here: the same one) through TensorPipe's device maps, with the single-process numbers."""
+    path = write_job(tmp_path / "job.yaml", cuda_job(4))
+    gpu = run_cli("train", str(path), "--no-live", "--out", "gpu", cwd=tmp_path)
+    assert gpu.returncode == 0, gpu.stderr
+    single = run_cli("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    for a, b in zip(records(tmp_path / "single"), records(tmp_path / "gpu")):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)

@@ -35,15 +35,19 @@ def torch_dtype(job: JobConfig) -> torch.dtype:
 
 
 def resolve_device(job: JobConfig, local_rank: int = 0) -> torch.device:
+    """The CPU, or GPU `local_rank` (round-robin when a node has more stage processes than
+    GPUs, so that several stages can share one)."""
     if job.run.device == "cuda":
         if not torch.cuda.is_available():
             raise JobSetupError("run.device is cuda but no CUDA device is visible here; "
                                 "set run.device=cpu or run on a machine with a GPU")
-        if local_rank >= torch.cuda.device_count():
-            raise JobSetupError(f"local rank {local_rank} has no GPU: only "
-                                f"{torch.cuda.device_count()} visible; start one process per GPU")
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", gpu_of(local_rank))
     return torch.device("cpu")
+
+
+def gpu_of(local_rank: int) -> int:
+    """The GPU a node's `local_rank`-th stage process uses."""
+    return local_rank % torch.cuda.device_count()
 
 
 def load_job_data(job: JobConfig) -> Dataset:

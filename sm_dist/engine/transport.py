@@ -107,12 +107,14 @@ class Transport:
             num_worker_threads=self.worker_threads, rpc_timeout=self.timeout,
             init_method="env://", _transports=transports)
         if self.device.type == "cuda":
-            # One GPU per stage: tensors sent to stage r land on that stage's GPU directly.
+            # Tensors sent to stage r land on that stage's GPU directly: the GPU of its local
+            # rank, round-robin over the node's GPUs (nodes alike).
             options.set_devices([self.device])
+            gpus = torch.cuda.device_count()
             for peer in range(self.info.world_size):
                 if peer != self.info.rank:
                     options.set_device_map(worker_name(peer), {
-                        self.device.index: peer % self.info.local_world_size})
+                        self.device.index: (peer % self.info.local_world_size) % gpus})
         rpc.init_rpc(worker_name(self.info.rank), rank=self.info.rank,
                      world_size=self.info.world_size, rpc_backend_options=options)
 

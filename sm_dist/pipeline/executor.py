@@ -14,6 +14,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from sm_dist.pipeline.actions import Action, ActionKind, Direction
@@ -163,6 +164,8 @@ class PlanRun:
         self.started = time.time()  # moved on when an input arrives: waiting is idle
         self.sent = 0  # bytes this action sends to its neighbours
         detail = self.executor.handler(action.kind)(self, action)
+        if self.stage.device.type == "cuda":  # kernels run asynchronously: time them whole
+            torch.cuda.synchronize(self.stage.device)
         self.result.events.append(TimelineEvent(self.stage.index, self.plan.iteration,
                                                 action.kind, action.index, self.started,
                                                 time.time(), detail, self.sent))
