@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,8 +60,58 @@ def call_value(rank: int, future: Future, hosts: dict[int, str]) -> Any:
     return value
 
 
-def wait_all(futures: dict[int, Future], hosts: dict[int, str]) -> dict[int, Any]:
-    """Every call's value; fails as soon as any one fails instead of waiting for the rest."""
+class Heartbeat:
+    """While the coordinator waits, every stage is pinged; one whose ping goes unanswered for
+    `timeout` seconds has stopped (a stopped or hung process answers nothing, even on the RPC
+    threads that serve pings while its executor works)."""
+
+    def __init__(self, ping: Callable[[int], Future], ranks: Sequence[int],
+                 hosts: dict[int, str], timeout: float) -> None:
+        self.ping, self.ranks, self.hosts, self.timeout = ping, list(ranks), hosts, timeout
+        self.interval = max(min(timeout / 4, 10.0), 0.5)
+        self._sent: dict[int, tuple[float, Future]] = {}
+
+    def check(self) -> None:
+        """Send the pings that are due; raise a StageError for a stage that is overdue."""
+        now = time.monotonic()
+        for rank in self.ranks:
+            sent = self._sent.get(rank)
+            if sent is None:
+                self._sent[rank] = (now, self.ping(rank))
+                continue
+            when, future = sent
+            if future.done():
+                try:
+                    future.wait()
+                except Exception as err:  # its connection broke, or the call timed out
+                    raise StageError(rank, rank, self.hosts.get(rank, ""),
+                                     f"stopped answering ({_first_line(err)})") from None
+                if now - when >= self.interval:
+                    self._sent[rank] = (now, self.ping(rank))
+            elif now - when > self.timeout:
+                raise StageError(rank, rank, self.hosts.get(rank, ""),
+                                 f"stopped answering: no reply to a heartbeat for "
+                                 f"{now - when:.0f}s (run.rpc_timeout {self.timeout:g}s)")
+
+    def blame(self, failure: StageError, grace: float) -> StageError:
+        """When `failure` may be a consequence (a stage that waited for a neighbour), the
+        stage that stopped answering, if one did within `grace` seconds; else `failure`."""
+        pings = {rank: self.ping(rank) for rank in self.ranks if rank != failure.rank}
+        deadline = time.monotonic() + grace
+        for rank, future in pings.items():
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not future.done():
+                return StageError(rank, rank, self.hosts.get(rank, ""),
+                                  f"stopped answering (stage {failure.stage} reported: "
+                                  f"{failure.message.splitlines()[0]})")
+        return failure
+
+
+def wait_all(futures: dict[int, Future], hosts: dict[int, str],
+             heartbeat: Heartbeat | None = None) -> dict[int, Any]:
+    """Every call's value; fails as soon as any one fails instead of waiting for the rest, and
+    (with a heartbeat) as soon as a stage stops answering."""
     finished = threading.Event()
     for future in futures.values():
         future.add_done_callback(lambda _: finished.set())
@@ -67,10 +119,17 @@ def wait_all(futures: dict[int, Future], hosts: dict[int, str]) -> dict[int, Any
         finished.clear()  # before looking, so a call finishing meanwhile wakes the wait
         for rank, future in futures.items():
             if future.done():
-                call_value(rank, future, hosts)  # raises if that call failed
+                try:
+                    call_value(rank, future, hosts)  # raises if that call failed
+                except StageError as err:
+                    if heartbeat is None:
+                        raise
+                    raise heartbeat.blame(err, min(heartbeat.timeout, 5.0)) from None
         if all(f.done() for f in futures.values()):
             return {rank: call_value(rank, f, hosts) for rank, f in futures.items()}
-        finished.wait(1.0)
+        if heartbeat is not None:
+            heartbeat.check()
+        finished.wait(0.5 if heartbeat is not None else 1.0)
 
 
 def _first_line(err: BaseException) -> str:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import socket
 import sys
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +13,7 @@ import torch
 
 from sm_dist.config.build import build_stage, build_stage_modules, load_job_data, resolve_device
 from sm_dist.config.job import JobConfig
+from sm_dist.engine import processes
 from sm_dist.engine.coordinator import RpcPipeline
 from sm_dist.engine.failures import StageError
 from sm_dist.engine.transport import RankInfo, Transport
@@ -25,44 +23,14 @@ from sm_dist.report.summary import finish_run
 from sm_dist.run.session import make_console, run_training
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
                  extra_args: Sequence[str] = ()) -> int:
-    """Start one process per stage on this machine through torch's launcher API (the code path
-    torchrun uses), each running `sm-dist train` as its rank; returns the job's exit code."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    num_stages = len(job.model.balance)
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=num_stages, run_id=f"sm-dist-{uuid.uuid4()}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-        monitor_interval=0.2, start_method="spawn")
+    """Start one process per stage on this machine, each running `sm-dist train` as its rank
+    (engine/processes.py); returns the job's exit code."""
     args = ["-m", "sm_dist", "train", job_path, *extra_args]
     for override in overrides:
         args += ["--set", override]
-    try:
-        elastic_launch(config, sys.executable)(*args)
-    except SignalException as err:  # the launcher has stopped the stage processes
-        print(f"sm-dist: error: stopped by {err.sigval.name}; the run directory keeps every "
-              "finished iteration", file=sys.stderr)
-        return EXIT_RUNTIME
-    except ChildFailedError as err:
-        for rank, failure in sorted(err.failures.items()):
-            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-                   else f"exited with code {failure.exitcode}")
-            print(f"sm-dist: error: stage {rank} (rank {rank}, pid {failure.pid}) {how}",
-                  file=sys.stderr)
-        codes = {f.exitcode for f in err.failures.values()}
-        return EXIT_BAD_INPUT if codes == {EXIT_BAD_INPUT} else EXIT_RUNTIME
-    return EXIT_OK
+    return processes.launch_local(len(job.model.balance), args, job.run.rpc_timeout)
 
 
 def run_rank(job: JobConfig, out: Path, live: bool | None, resume: bool) -> int:
@@ -85,7 +53,7 @@ def run_rank(job: JobConfig, out: Path, live: bool | None, resume: bool) -> int:
     stage = build_stage(job, info.rank, build_stage_modules(job)[info.rank], device)
     transport = Transport(info, timeout=job.run.rpc_timeout,
                           worker_threads=job.run.worker_threads, device=device,
-                          transport=job.run.rpc_transport)
+                          transport=job.run.rpc_transport, bind=job.run.bind)
     transport.start(StageWorker(stage, transport, info.rank))
     if info.rank != 0:
         transport.shutdown(graceful=True)  # serve the other stages until the coordinator ends
@@ -118,5 +86,10 @@ def coordinate(job: JobConfig, transport: Transport, out: Path, live: bool | Non
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_RUNTIME)  # a peer may be dead: a graceful RPC shutdown would wait for it
-    transport.shutdown(graceful=True)
+    try:  # every stage finishes its last plans; one that hangs is named, not waited for
+        transport.shutdown(graceful=True, timeout=job.run.rpc_timeout)
+    except RuntimeError as err:
+        print(f"sm-dist: error: the stages did not finish within run.rpc_timeout ({err}); "
+              "the run directory is complete", file=sys.stderr, flush=True)
+        os._exit(EXIT_RUNTIME)
     return EXIT_OK

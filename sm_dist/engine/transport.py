@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed.rpc as rpc
 from torch.futures import Future
 
-from sm_dist.engine.failures import RemoteFailure, call_value, wait_all
+from sm_dist.engine.failures import Heartbeat, RemoteFailure, call_value, wait_all
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -45,6 +48,57 @@ class RankInfo:
         return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
                    int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), env["MASTER_ADDR"],
                    int(env["MASTER_PORT"]))
+
+
+def _attempt_rendezvous(url: str, **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
+    """`smdist://`: the job's store (the launcher's or torchrun's agent's, at MASTER_ADDR:
+    MASTER_PORT; else rank 0 hosts it on that address alone), with every key prefixed by the
+    attempt, so that a restarted attempt never reads the keys of the one before it."""
+    import torch.distributed as dist
+
+    query = dict(part.split("=", 1) for part in urlparse(url).query.split("&") if part)
+    rank, world_size = int(query["rank"]), int(query["world_size"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    timeout = kwargs.get("timeout", timedelta(seconds=300))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or rank != 0:
+        store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    else:  # no agent: rank 0 hosts it, listening on MASTER_ADDR only
+        listener = socket.create_server((addr, port), family=_family(addr), backlog=128)
+        store = dist.TCPStore(addr, port, world_size, is_master=True, timeout=timeout,
+                              master_listen_fd=listener.detach(), wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    yield dist.PrefixStore(f"sm-dist/attempt-{attempt}", store), rank, world_size
+    raise RuntimeError("sm-dist's rendezvous cannot be repeated within one attempt")
+
+
+def _family(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def _register_rendezvous() -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.register_rendezvous_handler("smdist", _attempt_rendezvous)
+    except RuntimeError:  # registered already in this process
+        pass
+
+
+def listening_interface(bind: str | None, info: RankInfo) -> str:
+    """The network interface every socket of this process listens on: `run.bind`, else what
+    TP_SOCKET_IFNAME says, else loopback when the whole job is on this machine."""
+    name = bind or os.environ.get("TP_SOCKET_IFNAME")
+    if name is None:
+        if info.world_size != info.local_world_size:
+            raise TransportError("a job on several machines needs run.bind: the network "
+                                 "interface its stages may listen on (e.g. --set "
+                                 "run.bind=eth0); see docs/multi-node.md")
+        name = "lo"
+    known = [n for _, n in socket.if_nameindex()]
+    if name not in known:
+        raise TransportError(f"run.bind: no network interface {name!r} on this machine; "
+                             f"choose one of {', '.join(known)}")
+    return name
 
 
 def under_launcher() -> bool:
@@ -87,25 +141,31 @@ class Transport:
     """This process's RPC endpoint: one per stage, named stage<rank>, TensorPipe underneath."""
 
     def __init__(self, info: RankInfo, *, timeout: float, worker_threads: int,
-                 device: torch.device, transport: str = "uv") -> None:
+                 device: torch.device, transport: str = "uv", bind: str | None = None) -> None:
         self.info = info
+        self.bind = bind
         self.transport = transport
         self.timeout = timeout
         self.worker_threads = worker_threads
         self.device = device
         self.host = socket.gethostname()
         self.hosts: dict[int, str] = {}  # rank -> host, filled by the coordinator
+        self._heartbeat: Heartbeat | None = None
 
     def start(self, handler: Any) -> None:
         """Join the job; from now on other stages' calls reach `handler`."""
         global _HANDLER, _IDENTITY
         _HANDLER = handler
         _IDENTITY = (self.info.rank, self.info.rank, self.host)
+        # Every socket TensorPipe and gloo open listens on this interface alone.
+        interface = listening_interface(self.bind, self.info)
+        os.environ["TP_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"] = interface
+        _register_rendezvous()
         # shm reaches only this machine, so uv stays as the fallback for the others.
         transports = ["uv"] if self.transport == "uv" else ["shm", "uv"]
         options = rpc.TensorPipeRpcBackendOptions(
             num_worker_threads=self.worker_threads, rpc_timeout=self.timeout,
-            init_method="env://", _transports=transports)
+            init_method="smdist://", _transports=transports)
         if self.device.type == "cuda":
             # Tensors sent to stage r land on that stage's GPU directly: the GPU of its local
             # rank, round-robin over the node's GPUs (nodes alike).
@@ -141,10 +201,18 @@ class Transport:
         return self.result(rank, self.call_async(rank, method, *args))
 
     def results(self, futures: dict[int, Future]) -> dict[int, Any]:
-        """Every call's value; fails as soon as any one fails instead of waiting for the rest."""
-        return wait_all(futures, self.hosts)
+        """Every call's value; fails as soon as any one fails instead of waiting for the rest,
+        or as soon as a stage stops answering its heartbeat (within run.rpc_timeout)."""
+        if self._heartbeat is None:
+            self._heartbeat = Heartbeat(self._ping, range(self.info.world_size), self.hosts,
+                                        self.timeout)
+        return wait_all(futures, self.hosts, self._heartbeat)
 
-    def shutdown(self, graceful: bool = True) -> None:
-        """Leave the job; graceful waits for every stage to finish its outstanding work."""
-        rpc.shutdown(graceful=graceful)
+    def _ping(self, rank: int) -> Future:
+        return self.call_async(rank, "ping")
+
+    def shutdown(self, graceful: bool = True, timeout: float = 0) -> None:
+        """Leave the job; graceful waits for every stage to finish its outstanding work (for
+        at most `timeout` seconds; 0: as long as it takes)."""
+        rpc.shutdown(graceful=graceful, timeout=timeout)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -127,6 +128,10 @@ class StageWorker:
                 "device": str(self.transport.device),
                 "parameters": num_params(self.stage.module)}
 
+    def ping(self) -> int:
+        """The heartbeat: answered by the RPC threads, also while the executor works."""
+        return self.rank
+
     def deliver(self, key: Hashable, payload: Any) -> None:
         self.mailbox.put(key, payload)
 
@@ -141,10 +146,27 @@ class StageWorker:
     def _run(self) -> None:
         while True:
             with self._queued:
-                self._queued.wait_for(lambda: self._next_plan in self._queue)
+                while not self._queued.wait_for(lambda: self._next_plan in self._queue,
+                                                timeout=self.transport.timeout):
+                    self._check_coordinator()
                 plan, done = self._queue.pop(self._next_plan)
             done.set_result(self._execute(plan))
             self._next_plan += 1
+
+    def _check_coordinator(self) -> None:
+        """No plan for run.rpc_timeout: leave if the coordinator (rank 0) stopped answering,
+        rather than wait for it forever."""
+        if self.rank == 0:
+            return
+        try:
+            self.transport.call_async(0, "ping").wait()
+        except Exception as err:
+            text = str(err).strip().splitlines()
+            print(f"sm-dist: error: stage {self.stage.index} (rank {self.rank} on "
+                  f"{self.host}): the coordinator (rank 0) stopped answering "
+                  f"({text[0] if text else type(err).__name__}); leaving", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
 
     def _execute(self, plan: Plan) -> PlanResult | RemoteFailure:
         try:
