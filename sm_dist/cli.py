@@ -27,7 +27,13 @@ from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 from sm_dist.optim import registry
 from sm_dist.report.run_data import ReportError
 from sm_dist.run.checkpoints import CheckpointError, check_resumable
-from sm_dist.run.run_dir import RunDirError, check_run_dir, default_run_dir
+from sm_dist.run.run_dir import (
+    STOPPED_FILE,
+    RunDirError,
+    check_run_dir,
+    default_run_dir,
+    set_aside_run,
+)
 
 EPILOG = "Exit codes: 0 success, 2 bad input (job file, data, directories), 1 runtime failure."
 
@@ -65,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plain progress lines instead of the live monitor")
     live.add_argument("--live", dest="live", action="store_true",
                       help="the live monitor even when the output is not a terminal")
-    train_cmd.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                           help="continue RUN_DIR from its newest complete checkpoint "
-                                "(the same job; only run.iterations may grow)")
+    train_cmd.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
+                           help="continue RUN_DIR from its newest usable checkpoint (the same "
+                                "job; keys that do not change the numbers, and run.iterations, "
+                                "may change); auto: continue --out DIR if it has a checkpoint, "
+                                "else start it (the default under torchrun --max-restarts)")
 
     validate_cmd = commands.add_parser(
         "validate", help="check a job file without running it", epilog=EPILOG,
@@ -197,26 +205,50 @@ def _check_out(out: Path, job: JobConfig, resume: bool) -> None:
         check_run_dir(out)
 
 
+def _resolve_out(args: argparse.Namespace, job: JobConfig) -> tuple[Path, bool]:
+    """The run directory and whether the run continues it. `--resume auto` (the default in a
+    torchrun attempt that may be restarted) continues --out from its newest usable checkpoint,
+    or starts it afresh when it has none, setting aside what an attempt left there."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) if under_launcher() else 0
+    if args.resume == "auto" or (args.resume is None and restarts > 0):
+        if args.out is not None:
+            out = args.out
+        elif "TORCHELASTIC_RUN_ID" in os.environ:  # the same directory for every attempt
+            out = Path(job.run.runs_dir) / f"{job.name}-{os.environ['TORCHELASTIC_RUN_ID']}"
+        else:
+            raise RunDirError("--resume auto continues --out DIR: give --out")
+        if int(os.environ.get("RANK", "0")) != 0 or not (out / "config.yaml").is_file():
+            return out, False  # only rank 0, the coordinator, reads or writes the directory
+        try:
+            check_resumable(out, job)
+            return out, True
+        except CheckpointError as err:
+            if "no usable checkpoint" not in str(err):
+                raise
+        set_aside_run(out)
+        return out, False
+    if args.resume is not None:
+        if args.out is not None and args.out != Path(args.resume):
+            raise RunDirError("--resume continues RUN_DIR in place; leave out --out")
+        return Path(args.resume), True
+    return (args.out if args.out is not None else default_run_dir(job)), False
+
+
 def run_train(args: argparse.Namespace) -> int:
     from sm_dist.engine.launch import launch_local, run_rank
     from sm_dist.pipeline.local import LocalPipeline
     from sm_dist.report.summary import finish_run
     from sm_dist.run.session import make_console, run_training
+    from sm_dist.run.trainer import NonFiniteLoss
 
     job = load_job(args.job, args.overrides)
-    resume = args.resume is not None
-    if resume:
-        if args.out is not None and args.out != args.resume:
-            return _fail("--resume continues RUN_DIR in place; leave out --out", EXIT_BAD_INPUT)
-        args.out = args.resume
+    out, resume = _resolve_out(args, job)
     if under_launcher():  # a rank of a job started by torchrun or by launch_local below
-        out = args.out if args.out is not None else default_run_dir(job)
         if int(os.environ["RANK"]) == 0:
             _check_out(out, job, resume)
         return run_rank(job, out, args.live, resume)
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
-    out = args.out if args.out is not None else default_run_dir(job)
     _check_out(out, job, resume)
     device = resolve_device(job)
     # Check everything a rank would trip over before any process starts or anything is written.
@@ -231,8 +263,15 @@ def run_train(args: argparse.Namespace) -> int:
     header = (f"sm-dist: {job.name}: {len(job.model.balance)} stages in one process, "
               f"{job.optimizer.name}, {len(data.train_x)} training samples -> {out}")
     console = make_console(args.live)
-    run_training(job, pipeline, _to_device(data, device), out, header=header, live=args.live,
-                 console=console, resume=resume)
+    try:
+        run_training(job, pipeline, _to_device(data, device), out, header=header,
+                     live=args.live, console=console, resume=resume)
+    except NonFiniteLoss as err:
+        finish_run(out, console)
+        return _fail(f"{err}; see {out / STOPPED_FILE}", EXIT_RUNTIME)
+    except OSError as err:  # the disk filled up, or the directory went away
+        return _fail(f"cannot write the run directory {out}: {err.strerror or err}; it keeps "
+                     "every iteration written before", EXIT_RUNTIME)
     finish_run(out, console)
     return EXIT_OK
 

@@ -42,6 +42,9 @@ class RunConfig:
     # TensorPipe's transport between processes: uv (TCP), or shm on one machine, whose reactor
     # thread spins a CPU core per process (a loss when processes outnumber the cores).
     rpc_transport: str = field(default="uv", metadata={"choices": ("uv", "shm")})
+    # A loss that is not finite: stop after that iteration, keeping the last finite
+    # checkpoint (the run exits 1), or skip on (keep training).
+    on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
     # The network interface every socket of a stage listens on (e.g. eth0); null: loopback
     # when the job is on one machine (several need it set). The job's network must be trusted.
     bind: str | None = None

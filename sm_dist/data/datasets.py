@@ -221,9 +221,15 @@ def _load_idx_dataset(dataset: str, root: str) -> tuple[Tensor, Tensor, Tensor, 
 
     download = False
     if not _layout_present(raw_dir, processed_dir):
-        copied = dataset == "fashion_mnist" and _copy_system_fashion_mnist(
-            fashion_mnist_system_dir(), raw_dir
-        )
+        try:
+            copied = dataset == "fashion_mnist" and _copy_system_fashion_mnist(
+                fashion_mnist_system_dir(), raw_dir
+            )
+        except OSError as exc:  # data.root is not writable, or the disk is full
+            raise DataError(
+                f"cannot write the {DISPLAY_NAMES[dataset]} files into {raw_dir} "
+                f"({exc.strerror or exc}); set data.root to a writable directory"
+            ) from exc
         download = not copied
     try:
         train = cls(root, train=True, download=download)

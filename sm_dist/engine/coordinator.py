@@ -30,8 +30,7 @@ class _PendingPlans:
     def wait(self) -> list[PlanResult]:
         results = self.pipeline.transport.results(self.futures)
         ordered = [results[s] for s in range(self.pipeline.num_stages)]
-        for result in ordered:
-            self.pipeline.events.extend(result.events)
+        self.pipeline.events.add([e for result in ordered for e in result.events])
         return ordered
 
 

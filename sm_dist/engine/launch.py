@@ -20,7 +20,9 @@ from sm_dist.engine.transport import RankInfo, Transport
 from sm_dist.engine.worker import StageWorker
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 from sm_dist.report.summary import finish_run
+from sm_dist.run.run_dir import STOPPED_FILE
 from sm_dist.run.session import make_console, run_training
+from sm_dist.run.trainer import NonFiniteLoss
 
 
 def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
@@ -61,6 +63,15 @@ def run_rank(job: JobConfig, out: Path, live: bool | None, resume: bool) -> int:
     return coordinate(job, transport, out, live, resume)
 
 
+def _leave(message: str) -> None:
+    """Fail the job from rank 0 at once: a peer may be dead, and a graceful RPC shutdown would
+    wait for it."""
+    print(f"sm-dist: error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_RUNTIME)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through `finally`, which saves what is finished
 
@@ -78,14 +89,18 @@ def coordinate(job: JobConfig, transport: Transport, out: Path, live: bool | Non
                   f"{', '.join(sorted(set(hosts.values())))}, {job.optimizer.name}, "
                   f"{len(data.train_x)} training samples -> {out}")
         console = make_console(live)
-        run_training(job, pipeline, data, out, header=header, live=live, console=console,
-                     resume=resume, hosts=hosts)
+        try:
+            run_training(job, pipeline, data, out, header=header, live=live, console=console,
+                         resume=resume, hosts=hosts)
+        except NonFiniteLoss as err:
+            finish_run(out, console)
+            _leave(f"{err}; see {out / STOPPED_FILE}")
         finish_run(out, console)
     except StageError as err:
-        print(f"sm-dist: error: {err}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_RUNTIME)  # a peer may be dead: a graceful RPC shutdown would wait for it
+        _leave(str(err))
+    except OSError as err:  # the disk filled up, or the directory went away
+        _leave(f"cannot write the run directory {out}: {err.strerror or err}; it keeps every "
+               "iteration written before")
     try:  # every stage finishes its last plans; one that hangs is named, not waited for
         transport.shutdown(graceful=True, timeout=job.run.rpc_timeout)
     except RuntimeError as err:

@@ -56,7 +56,10 @@ def build_model_from_factory(spec: str) -> nn.Sequential:
         )
     if not callable(factory):
         raise TypeError(f"model factory {spec!r} is not callable")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:  # the user's code failed: say so, without a traceback of ours
+        raise ValueError(f"model factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Sequential):
         raise TypeError(
             f"model factory {spec!r} returned {type(model).__name__}, but pipeline stages are "

@@ -3,6 +3,7 @@ from the backward's Hessian-vector products, for N inner steps with no communica
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +146,15 @@ class SMStageRule(StageRule):
         """Apply d to the parameters and report."""
         assert self.solver is not None, "begin() first"
         solver, stage = self.solver, self.stage
-        step = self.step_to_apply(solver.d, solver.report().value)
+        report = solver.report()
+        stopped = report.stopped
+        if not math.isfinite(report.value) or report.value > 0:
+            # The model predicts the step raises the loss (it overflowed, or its curvature is
+            # wrong): never apply it; this stage keeps its parameters this iteration.
+            solver.d, solver.hd = torch.zeros_like(solver.d), torch.zeros_like(solver.hd)
+            report = solver.report()
+            stopped = "predicted increase: step not applied"
+        step = self.step_to_apply(solver.d, report.value)
         with torch.no_grad():
             for p, dp in zip(stage.params, unflatten(step, stage.params)):
                 p.add_(dp)
@@ -153,11 +162,10 @@ class SMStageRule(StageRule):
             self.next_step = 2.0 * solver.last_step
         products = sum(fn.products for fn in self.functions.values())
         self.psi_products += products - self._products_before  # the inner loop's
-        report = solver.report()
         self._report = StageReport(
             inner_steps=report.steps, local_loss=report.value,
             curvature_sent=self.max_curvature_sent, psi_products=products,
-            stopped=report.stopped, hvp_products=products)
+            stopped=stopped, hvp_products=products)
         self.solver = None
         return self._report
 

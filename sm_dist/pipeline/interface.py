@@ -12,7 +12,7 @@ from torch import Tensor
 from sm_dist.pipeline.actions import ActionKind, Schedule
 from sm_dist.pipeline.executor import Call, Plan, PlanResult
 from sm_dist.pipeline.schedule import forward_only_schedule, gpipe_schedule
-from sm_dist.pipeline.timeline import TimelineEvent
+from sm_dist.pipeline.timeline import EventLog, TimelineEvent
 
 Microbatches = list[tuple[Tensor, Tensor]]
 EVAL_CHUNK = 8192  # rows per forward-only evaluation chunk
@@ -87,7 +87,7 @@ class Pipeline:
     """
 
     num_stages: int
-    events: list[TimelineEvent]  # what each stage did when (empty in one process)
+    events: EventLog  # what each stage did when, recent iterations (empty in one process)
     # Whether `events` is a real pipeline's timeline (stages in parallel); a pipeline that runs
     # actions one at a time sends them to `action_sink` instead, as measured costs.
     measures_timeline = False
@@ -95,7 +95,7 @@ class Pipeline:
 
     def __init__(self, num_stages: int) -> None:
         self.num_stages = num_stages
-        self.events = []
+        self.events = EventLog()
         self._next_plan = 0
 
     def _dispatch(self, plans: list[Plan]) -> Pending[list[PlanResult]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,28 @@ class TimelineEvent:
     @property
     def label(self) -> str:
         return self.kind.value if self.index is None else f"{self.kind.value}{self.index}"
+
+
+class EventLog(list):
+    """The timeline events a pipeline has received, in arrival (iteration) order. Only the
+    recent ones are kept (`forget_before`): what utilisation and the monitor read; every event
+    also goes to `sink` (the streamed trace.json) as it arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0  # events forgotten from the front so far
+        self.sink: Callable[[list[TimelineEvent]], None] | None = None
+
+    def add(self, events: list[TimelineEvent]) -> None:
+        self.extend(events)
+        if self.sink is not None:
+            self.sink(events)
+
+    def forget_before(self, iteration: int) -> None:
+        """Drop the leading events of iterations before `iteration`."""
+        keep = next((k for k, e in enumerate(self) if e.iteration >= iteration), len(self))
+        del self[:keep]
+        self.dropped += keep
 
 
 def _covered(intervals: Iterable[tuple[float, float]], lo: float, hi: float) -> float:
@@ -155,20 +177,13 @@ class TraceWriter:
 
 
 def read_trace(path: Path) -> dict[str, Any]:
-    """A trace file as written by `TraceWriter` or `write_chrome_trace`, also when cut short."""
+    """A trace file as written by `TraceWriter` (or `chrome_trace`), also when cut short."""
     text = Path(path).read_text(encoding="utf-8")
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         complete = text[:text.rfind("}") + 1] if "}" in text else text
         return json.loads(complete + "\n]}")
-
-
-def write_chrome_trace(path: Path, events: Iterable[TimelineEvent],
-                       host_of_stage: dict[int, str] | None = None) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(chrome_trace(events, host_of_stage)))
-    tmp.replace(path)
 
 
 def events_from_trace(trace: dict[str, Any]) -> list[TimelineEvent]:

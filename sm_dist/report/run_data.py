@@ -11,8 +11,9 @@ from typing import Any
 
 import yaml
 
-from sm_dist.pipeline.timeline import events_from_trace
+from sm_dist.pipeline.timeline import events_from_trace, read_trace
 from sm_dist.run.metrics import IterationRecord, MetricsError, read_metrics
+from sm_dist.run.run_dir import STOPPED_FILE
 
 
 class ReportError(Exception):
@@ -28,6 +29,7 @@ class RunData:
     config: dict[str, Any]  # config.yaml, the resolved job
     records: list[IterationRecord]  # metrics.jsonl, one per finished iteration
     trace: dict[str, Any] | None  # trace.json (absent for --single-process runs)
+    stopped: str | None = None  # why the run stopped early (stopped.txt), if it did
 
 
 def load_run(path: str | Path) -> RunData:
@@ -45,7 +47,7 @@ def load_run(path: str | Path) -> RunData:
         records = read_metrics(path / "metrics.jsonl")
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         trace_path = path / "trace.json"
-        trace = json.loads(trace_path.read_text(encoding="utf-8")) if trace_path.is_file() else None
+        trace = read_trace(trace_path) if trace_path.is_file() else None
     except OSError as err:
         raise ReportError(f"cannot read {path}: {err}") from None
     except MetricsError as err:
@@ -63,7 +65,9 @@ def load_run(path: str | Path) -> RunData:
             events_from_trace(trace)
         except (KeyError, TypeError, ValueError) as err:
             raise ReportError(f"{path / 'trace.json'} is not an sm-dist trace ({err})") from None
-    return RunData(path, path.resolve().name, config, records, trace)
+    stopped_path = path / STOPPED_FILE
+    stopped = stopped_path.read_text(encoding="utf-8").strip() if stopped_path.is_file() else None
+    return RunData(path, path.resolve().name, config, records, trace, stopped)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[RunData]:

@@ -64,6 +64,7 @@ def summarize(run: RunData) -> dict[str, Any]:
     - `forward_passes`, `backward_passes`: pipeline passes over the batch in all
     - `mean_bubble_fraction`: the pipeline's idle share averaged over iterations (multi-process
       runs only; the first iteration's includes start-up)
+    - `stopped`: why the run stopped before its last iteration (a non-finite loss), or None
     - `mean_busy_fraction`, `mean_turnaround_idle`, `mean_update_idle`: per stage, averaged
       over the steady iterations (without the first, which includes start-up, and the last,
       which has no next input): the share of the iteration the stage computed, was idle
@@ -101,6 +102,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "forward_passes": last.forward_passes,
         "backward_passes": last.backward_passes,
         "mean_bubble_fraction": sum(bubbles) / len(bubbles) if bubbles else None,
+        "stopped": run.stopped,
         **{f"mean_{key}": _stage_means(records, key)
            for key in ("busy_fraction", "turnaround_idle", "update_idle")},
     }
@@ -283,4 +285,6 @@ def finish_run(out: Path, console: Console) -> None:
     utilisation = utilisation_text(summarize(run))
     if utilisation:
         print(utilisation)
+    if run.stopped:
+        console.print(f"stopped early: {run.stopped}", highlight=False, soft_wrap=True)
     console.print(f"results in {out}", highlight=False, soft_wrap=True)

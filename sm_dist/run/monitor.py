@@ -162,7 +162,9 @@ class LiveMonitor:
         return table
 
     def _sort_new_events(self) -> None:
-        new, self._seen = self.events[self._seen:], len(self.events)
+        dropped = getattr(self.events, "dropped", 0)  # an EventLog forgets its oldest
+        new = self.events[max(self._seen - dropped, 0):]
+        self._seen = dropped + len(self.events)
         for event in new:
             mine = self.recent[event.stage]
             mine.append(event)

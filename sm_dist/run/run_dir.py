@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ import torch
 
 from sm_dist.config.job import JobConfig, dump_job
 from sm_dist.run.metrics import IterationRecord, MetricsWriter, read_metrics, record_line
+
+STOPPED_FILE = "stopped.txt"  # why a run stopped before its last iteration, when it did
 
 
 class RunDirError(Exception):
@@ -37,6 +40,33 @@ def check_run_dir(path: Path) -> None:
                           "choose another --out, or move that directory away")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} exists and is not a directory; choose another --out")
+    check_writable(path, "--out")
+
+
+def set_aside_run(path: Path) -> None:
+    """Rename what an earlier attempt wrote (config.yaml, metrics.jsonl) to
+    `<name>.before-restart-<time>`, so that a run can start afresh there losing nothing."""
+    stamp = int(time.time())
+    for name in ("config.yaml", "metrics.jsonl"):
+        if (path / name).exists():
+            (path / name).rename(path / f"{name}.before-restart-{stamp}")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """That `path` (or the nearest directory above it that exists) can be written into: a
+    file is made there and removed, so that nothing is left and any reason (permissions, a
+    read-only or full file system) shows before a process starts."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot write into {existing} ({err.strerror or err}); "
+                          f"choose another {what}") from None
 
 
 class RunDirectory:

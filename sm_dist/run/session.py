@@ -10,17 +10,18 @@ from rich.console import Console
 from sm_dist.config.job import JobConfig
 from sm_dist.data.datasets import Dataset
 from sm_dist.pipeline.interface import Pipeline
-from sm_dist.pipeline.timeline import TraceWriter, write_chrome_trace
+from sm_dist.pipeline.timeline import TraceWriter
 from sm_dist.run.checkpoints import (
     ResumePoint,
     check_resumable,
+    complete_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
 from sm_dist.run.metrics import IterationRecord
 from sm_dist.run.monitor import LiveMonitor, PlainMonitor
-from sm_dist.run.run_dir import RunDirectory
-from sm_dist.run.trainer import train
+from sm_dist.run.run_dir import STOPPED_FILE, RunDirectory
+from sm_dist.run.trainer import NonFiniteLoss, train
 
 
 def use_live_monitor(live: bool | None) -> bool:
@@ -34,15 +35,16 @@ def make_console(live: bool | None) -> Console:
 
 def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *,
                  header: str, live: bool | None, console: Console, resume: bool = False,
-                 hosts: dict[int, str] | None = None) -> list[IterationRecord]:
+                 hosts: dict[int, str] | None = None) -> None:
     """Train and write the run directory (config, metrics, checkpoints, model, trace); the
     pipeline is ready to use. The summary and plots are the caller's (sm_dist.report)."""
     point: ResumePoint | None = None
     if resume:
-        checkpoint = check_resumable(out, job)
+        checkpoint, passed = check_resumable(out, job)
         point, states = load_checkpoint(checkpoint)
         pipeline.restore_checkpoint(states)
-        header += f" (resumed after iteration {point.iteration} from {checkpoint})"
+        header += f" (resumed after iteration {point.iteration} from {checkpoint}"
+        header += f"; passed over {'; '.join(passed)})" if passed else ")"
     run_dir = RunDirectory(out, job, resume_after=point.last_record if point else None)
     console.print(header, highlight=False, markup=False, soft_wrap=True)
     monitor = (LiveMonitor(job.name, job.run.iterations, pipeline.num_stages, pipeline.events,
@@ -58,19 +60,24 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
     def on_checkpoint(at: ResumePoint, states: list[dict]) -> None:
         save_checkpoint(out, at, states, job.run.keep_last)
 
-    actions = None
-    if not pipeline.measures_timeline:  # one action at a time: its costs, for simulate
-        actions = TraceWriter(out / "actions.json", pipeline.num_stages)
-        pipeline.action_sink = actions.write
+    if pipeline.measures_timeline:  # the stages' timeline, streamed
+        trace = TraceWriter(out / "trace.json", pipeline.num_stages, hosts)
+        pipeline.events.sink = trace.write
+    else:  # one action at a time: its costs, for simulate
+        trace = TraceWriter(out / "actions.json", pipeline.num_stages)
+        pipeline.action_sink = trace.write
     try:
         with monitor:
-            records = train(job, pipeline, data, on_record, monitor.progress, on_checkpoint,
-                            point)
+            try:
+                train(job, pipeline, data, on_record, monitor.progress, on_checkpoint, point,
+                      keep_records=False)  # they are in metrics.jsonl
+            except NonFiniteLoss as err:  # said in the run directory, then to the caller
+                kept = complete_checkpoints(out)
+                (out / STOPPED_FILE).write_text(
+                    f"{err}; the last finite checkpoint is "
+                    f"{kept[-1] if kept else 'none (none was written)'}\n", encoding="utf-8")
+                raise
         run_dir.save_model(pipeline.state_dicts())
     finally:
         run_dir.close()
-        if actions is not None:
-            actions.close()
-        if pipeline.events:
-            write_chrome_trace(out / "trace.json", pipeline.events, hosts)
-    return records
+        trace.close()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from sm_dist.config.build import build_optimizer
 from sm_dist.config.job import JobConfig
@@ -27,15 +30,52 @@ from sm_dist.run.metrics import Costs, IterationRecord
 OnCheckpoint = Callable[[ResumePoint, list[dict[str, Any]]], None]
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training stopped: the loss exploded or stopped being finite, or the parameters did
+    (run.on_nonfinite)."""
+
+    def __init__(self, iteration: int, what: str) -> None:
+        super().__init__(iteration, what)
+        self.iteration, self.what = iteration, what
+
+    def __str__(self) -> str:
+        return (f"{self.what} at iteration {self.iteration}: the optimizer diverged, so the "
+                "run stopped (run.on_nonfinite: stop)")
+
+
+EXPLODED = 1e4  # a training loss this many times the first is taken for a diverged run
+
+
+def exploded(loss: float, first: float | None) -> bool:
+    """Not finite, or more than EXPLODED times the run's first training loss."""
+    return not math.isfinite(loss) or (first is not None and math.isfinite(first)
+                                       and loss > EXPLODED * abs(first))
+
+
+def finite_states(states: list[dict[str, Any]]) -> bool:
+    """Whether every tensor of the stages' checkpoint states is finite."""
+    def finite(value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return not value.is_floating_point() or bool(torch.isfinite(value).all())
+        if isinstance(value, dict):
+            return all(finite(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return all(finite(v) for v in value)
+        return not isinstance(value, float) or math.isfinite(value)
+    return all(finite(state) for state in states)
+
+
 def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
           on_record: Callable[[IterationRecord], None],
           on_progress: Callable[[IterationRecord], None] | None = None,
           on_checkpoint: OnCheckpoint | None = None,
-          resume: ResumePoint | None = None) -> list[IterationRecord]:
+          resume: ResumePoint | None = None,
+          keep_records: bool = True) -> list[IterationRecord]:
     """Run the job's iterations (after `resume.iteration` when resuming; the stages' states
     must be restored already). `on_record` gets each iteration's complete record,
     `on_progress` the same record earlier, as soon as its result is in (without utilisation),
     and `on_checkpoint` the states every run.checkpoint_every iterations and at the end.
+    Returns every record (none with `keep_records` off: a long run writes them to disk).
 
     Iteration t+1 is submitted before t's result is read, so a distributed pipeline can start
     it as soon as stage 0 is free (an optimizer the coordinator steers cannot: its steps come
@@ -53,7 +93,8 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
             steering.load_state_dict(resume.steering)
         costs = copy.deepcopy(resume.costs)
         first, previous, offset = resume.iteration + 1, resume.last_record, resume.wall_time
-    records = RecordKeeper(pipeline, on_record)
+    records = RecordKeeper(pipeline, on_record, keep_records)
+    first_loss = resume.first_loss if resume is not None else None
     clock = Clock(offset)
 
     def checkpoint_and_submit(iteration: int, following: IterationRequest | None
@@ -96,13 +137,29 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
             clock.stamp(record, costs)
             if on_progress is not None:
                 on_progress(record)
-            if states is not None and on_checkpoint is not None:
-                point = ResumePoint(iteration, batches.state_after(iteration),
-                                    steering.state_dict() if steering else None,
-                                    copy.deepcopy(costs), record.wall_time, copy.copy(record))
-                on_checkpoint(point, states.wait())
+            if first_loss is None:
+                first_loss = record.train_loss
+            diverged = job.run.on_nonfinite == "stop" and exploded(record.train_loss, first_loss)
+            if states is not None and on_checkpoint is not None and not diverged:
+                stage_states = states.wait()
+                if job.run.on_nonfinite == "stop" and not finite_states(stage_states):
+                    diverged = True  # keep the last finite checkpoint
+                else:
+                    point = ResumePoint(iteration, batches.state_after(iteration),
+                                        steering.state_dict() if steering else None,
+                                        copy.deepcopy(costs), record.wall_time,
+                                        copy.copy(record), first_loss)
+                    on_checkpoint(point, stage_states)
             batches.forget(iteration)
             records.push(record)
+            if diverged:
+                what = ("the model is not finite after the update"
+                        if not exploded(record.train_loss, first_loss)
+                        else "the training loss is not finite"
+                        if not math.isfinite(record.train_loss)
+                        else f"the training loss {record.train_loss:.3g} is over {EXPLODED:g} "
+                             "times the first")
+                raise NonFiniteLoss(iteration, what)
             previous, current, pending = record, following, ahead  # type: ignore[assignment]
     finally:
         records.flush()  # also on failure: every finished iteration is kept
@@ -151,11 +208,11 @@ class RecordKeeper:
     """Finished records, each handed on one iteration late, when the next iteration's events
     complete its utilisation window."""
 
-    def __init__(self, pipeline: Pipeline, on_record: Callable[[IterationRecord], None]) -> None:
-        self.pipeline, self.on_record = pipeline, on_record
-        self.done: list[IterationRecord] = []
+    def __init__(self, pipeline: Pipeline, on_record: Callable[[IterationRecord], None],
+                 keep: bool = True) -> None:
+        self.pipeline, self.on_record, self.keep = pipeline, on_record, keep
+        self.done: list[IterationRecord] = []  # every record, when kept
         self._pending: IterationRecord | None = None
-        self._recent = 0  # index of the first event of iteration t − 1 or later
 
     def push(self, record: IterationRecord) -> None:
         self.flush()
@@ -165,18 +222,18 @@ class RecordKeeper:
         record, self._pending = self._pending, None
         if record is None:
             return
-        # Only iterations t − 1 .. t + 1 can overlap iteration t's window; events arrive in
-        # iteration order, so skipping older ones keeps this cost flat over a long run.
+        # Only iterations t − 1 .. t + 1 can overlap iteration t's window: older events are
+        # forgotten, which keeps the cost and the memory flat over a long run.
         events, t = self.pipeline.events, record.iteration
-        while self._recent < len(events) and events[self._recent].iteration < t - 1:
-            self._recent += 1
-        use = iteration_utilisation(events[self._recent:], t, self.pipeline.num_stages)
+        events.forget_before(t - 1)
+        use = iteration_utilisation(events, t, self.pipeline.num_stages)
         if use is not None:
             update(record, {"iteration_time": use.duration, "busy_fraction": use.busy_fraction,
                             "bubble_fraction": use.bubble_fraction,
                             "turnaround_idle": use.turnaround_idle,
                             "update_idle": use.update_idle})
-        self.done.append(record)
+        if self.keep:
+            self.done.append(record)
         self.on_record(record)
 
 

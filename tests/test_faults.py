@@ -1,0 +1,372 @@
+"""Fault injection: stopped, killed and interrupted processes, damaged checkpoints, a code-
+running checkpoint, a full disk, diverging runs, bad paths, and what listens where. Each case
+asserts the exit code, a message naming the right stage, no process left behind, valid metrics
+and, where it applies, an exact resume. `pytest -m faults` runs all of them; the quick ones are
+in the default run, the long ones are also marked slow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli, synthetic_job, write_job
+
+pytestmark = pytest.mark.faults
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def long_job(**run: Any) -> dict:
+    job = synthetic_job(run={"iterations": 3000, "eval_every": 0, "rpc_timeout": 6,
+                             "checkpoint_every": 2, **run})
+    job["data"]["synthetic"]["train_size"] = 64
+    return job
+
+
+def job_processes(marker: str) -> list[int]:
+    """The pids of sm-dist processes whose command line names `marker` (the run directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "sm_dist" in cmdline and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def pid_of_rank(rank: int, marker: str) -> int:
+    for pid in job_processes(marker):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"rank {rank} of {marker} not found")
+
+
+def start(tmp_path: Path, job: dict, out: str, *extra: str) -> subprocess.Popen:
+    path = write_job(tmp_path / f"{out}.yaml", job)
+    return subprocess.Popen([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
+                             "--out", str(tmp_path / out), *extra], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_iterations(proc: subprocess.Popen, out: Path, count: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError("the run did not get going")
+
+
+def assert_nothing_left(marker: str) -> None:
+    deadline = time.time() + 15
+    while job_processes(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not job_processes(marker), "stage processes were left behind"
+
+
+def assert_metrics_whole(out: Path) -> list[dict[str, Any]]:
+    kept = records(out)  # every line is whole JSON
+    assert [r["iteration"] for r in kept] == list(range(1, len(kept) + 1))
+    return kept
+
+
+# ------------------------------------------------------------------------------ signals
+@pytest.mark.parametrize("rank", [2, 0])
+def test_a_stopped_process_is_named_within_the_timeout(tmp_path: Path, rank: int) -> None:
+    """SIGSTOP: a stage (its neighbours wait for it) or the coordinator (the stages stop
+    hearing from it). Either way the job ends, names the stopped one and leaves no process."""
+    out = tmp_path / f"stop{rank}"
+    proc = start(tmp_path, long_job(), out.name)
+    try:
+        wait_for_iterations(proc, out, 3)
+        victim = pid_of_rank(rank, out.name)
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.time()
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert time.time() - stopped_at < 8 * 6  # a few rpc_timeouts at most, never a hang
+    assert f"stage {rank} (rank {rank}" in stderr.splitlines()[0 if rank else -1] or \
+        f"stage {rank} (rank {rank}" in stderr, stderr
+    assert "stopped" in stderr
+    assert_nothing_left(out.name)
+    assert_metrics_whole(out)
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_launcher_says_one_line_and_keeps_its_checkpoints(
+        tmp_path: Path, how: str) -> None:
+    out = tmp_path / f"int-{how}"
+    proc = start(tmp_path, long_job(), out.name)
+    try:
+        wait_for_iterations(proc, out, 5)
+        proc.send_signal(getattr(signal, how))
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [f"sm-dist: stopped by {how}; the run directory keeps every finished "
+                     "iteration and checkpoint"], stderr
+    assert_nothing_left(out.name)
+    kept = assert_metrics_whole(out)
+    assert len(kept) >= 5 and list((out / "checkpoints").glob("step-*/coordinator.pt"))
+
+
+def test_a_killed_launcher_takes_its_stages_with_it(tmp_path: Path) -> None:
+    out = tmp_path / "orphans"
+    proc = start(tmp_path, long_job(), out.name)
+    try:
+        wait_for_iterations(proc, out, 3)
+        proc.kill()  # SIGKILL: no handler of ours runs
+        proc.wait()
+    finally:
+        proc.kill()
+    assert_nothing_left(out.name)
+    assert_metrics_whole(out)
+
+
+# --------------------------------------------------------------------- checkpoints on disk
+@pytest.fixture
+def checkpointed(tmp_path: Path) -> tuple[Path, Path]:
+    """A finished 6-iteration single-process run with checkpoints at 4 and 6."""
+    job = synthetic_job(run={"iterations": 6, "checkpoint_every": 4, "keep_last": 0,
+                             "eval_every": 0})
+    path = write_job(tmp_path / "job.yaml", job)
+    result = run_cli("train", str(path), "--single-process", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return path, tmp_path / "run"
+
+
+@pytest.mark.parametrize("damage", ["missing stage", "torn stage", "torn coordinator"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(
+        tmp_path: Path, checkpointed: tuple[Path, Path], damage: str) -> None:
+    path, run = checkpointed
+    newest = run / "checkpoints" / "step-6"
+    if damage == "missing stage":
+        (newest / "stage-1.pt").unlink()
+    elif damage == "torn stage":
+        data = (newest / "stage-2.pt").read_bytes()
+        (newest / "stage-2.pt").write_bytes(data[: len(data) // 2])
+    else:
+        (newest / "coordinator.pt").write_bytes(b"\x80\x02not a checkpoint")
+    result = run_cli("train", str(path), "--single-process", "--no-live", "--resume", "run",
+                     "--set", "run.iterations=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resumed after iteration 4 from" in result.stdout
+    assert "passed over step-6:" in result.stdout
+    assert [r["iteration"] for r in records(run)] == list(range(1, 9))
+
+
+def test_loading_a_checkpoint_runs_no_code(tmp_path: Path,
+                                           checkpointed: tuple[Path, Path]) -> None:
+    """A coordinator.pt whose unpickling would touch a file: refused, nothing touched."""
+    path, run = checkpointed
+    flag = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {flag}",))
+
+    torch.save({"point": Exploit(), "num_stages": 3}, run / "checkpoints" / "step-6" /
+               "coordinator.pt")
+    result = run_cli("train", str(path), "--single-process", "--no-live", "--resume", "run",
+                     "--set", "run.iterations=8", cwd=tmp_path)
+    assert not flag.exists()
+    assert result.returncode == 0, result.stderr  # it falls back to step-4
+    assert "passed over step-6: coordinator.pt is not loadable" in result.stdout
+
+
+def test_resume_may_change_what_does_not_alter_the_numbers(
+        tmp_path: Path, checkpointed: tuple[Path, Path]) -> None:
+    path, run = checkpointed
+    result = run_cli("train", str(path), "--single-process", "--no-live", "--resume", "run",
+                     "--set", "run.iterations=8", "--set", "run.rpc_timeout=900",
+                     "--set", "run.eval_every=3", "--set", "run.threads=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    refused = run_cli("train", str(path), "--single-process", "--resume", "run",
+                      "--set", "run.iterations=9", "--set", "run.seed=4", cwd=tmp_path)
+    assert refused.returncode == 2 and "run.seed" in refused.stderr
+
+
+# ------------------------------------------------------------------------------ divergence
+@pytest.mark.parametrize("optimizer", [{"name": "sgd", "lr": 1e30}, {"name": "adam", "lr": 1e6},
+                                       {"name": "gd", "lr": 1e8}])
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(
+        tmp_path: Path, optimizer: dict) -> None:
+    job = synthetic_job(optimizer=optimizer, run={"iterations": 30, "checkpoint_every": 1,
+                                                  "eval_every": 0})
+    path = write_job(tmp_path / "job.yaml", job)
+    result = run_cli("train", str(path), "--single-process", "--no-live", "--out", "run",
+                     cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the optimizer diverged, so the run stopped" in result.stderr
+    run = tmp_path / "run"
+    assert "the last finite checkpoint is" in (run / "stopped.txt").read_text()
+    stopped_at = records(run)[-1]["iteration"]
+    assert stopped_at < 30 and not (run / "model.pt").exists()
+    for step in (run / "checkpoints").glob("step-*"):
+        for name in step.glob("stage-*.pt"):
+            state = torch.load(name, weights_only=True)["module"]
+            assert all(torch.isfinite(t).all() for t in state.values()), name
+    assert json.loads((run / "summary.json").read_text())["stopped"]
+
+
+def test_sm_never_applies_a_step_it_predicts_raises_the_loss() -> None:
+    """A stage whose local model's value at its step is positive keeps its parameters, so a
+    step size that sends other optimizers to infinity (inner_lr 1e6) leaves SM's loss finite."""
+    from sm_dist.config.build import build_local_pipeline, load_job_data
+    from sm_dist.config.job import job_from_dict
+    from sm_dist.run.trainer import train
+
+    job = job_from_dict(synthetic_job(optimizer={"name": "sm", "inner_solver": "gradient",
+                                                 "inner_lr": 1e6, "inner_steps": 2},
+                                      run={"iterations": 2, "eval_every": 0,
+                                           "on_nonfinite": "skip"}))
+    pipeline = build_local_pipeline(job, torch.device("cpu"))
+    before = [p.detach().clone() for stage in pipeline.stages for p in stage.params]
+    rs = train(job, pipeline, load_job_data(job), lambda r: None)
+    assert all(v is None or v <= 0 for r in rs for v in r.local_loss)
+    stopped = [s for r in rs for s in r.inner_stopped]
+    assert "predicted increase: step not applied" in stopped
+    after = [p.detach() for stage in pipeline.stages for p in stage.params]
+    assert any(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(math.isfinite(r.train_loss) for r in rs)
+
+
+# ------------------------------------------------------------------------------ file system
+def test_a_full_disk_ends_the_run_with_one_message(tmp_path: Path) -> None:
+    """Writes beyond a small file-size limit fail (as on a full disk): exit 1, one line, the
+    metrics written before kept whole."""
+    job = synthetic_job(run={"iterations": 400, "eval_every": 0})
+    path = write_job(tmp_path / "job.yaml", job)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    result = subprocess.run([sys.executable, "-m", "sm_dist", "train", str(path),
+                             "--single-process", "--no-live", "--out", "run"], cwd=tmp_path,
+                            env=ENV, capture_output=True, text=True, preexec_fn=limit,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sm-dist")]
+    assert len(errors) == 1 and "cannot write the run directory" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert metrics.endswith("\n") or metrics == ""
+    assert_metrics_whole(tmp_path / "run")
+
+
+@pytest.mark.parametrize("where", ["out", "root", "factory"])
+def test_bad_paths_and_factories_are_bad_input_before_any_process(
+        tmp_path: Path, where: str) -> None:
+    job = synthetic_job()
+    args = ["--out", "run"]
+    if where == "out":
+        args = ["--out", str(tmp_path / "job.yaml" / "run")]  # under a file
+    elif where == "root":
+        job["data"] = {"dataset": "fashion_mnist", "root": "/proc/no-such-root"}
+        job["model"] = {"mlp": {"widths": [784, 10]}, "balance": [1]}
+    else:
+        (tmp_path / "badfactory.py").write_text("def build():\n    raise KeyError('widths')\n")
+        job["model"] = {"factory": "badfactory:build", "balance": [1]}
+    path = write_job(tmp_path / "job.yaml", job)
+    result = run_cli("train", str(path), *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("sm-dist: error: "), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ listening
+def test_a_default_run_listens_on_loopback_only(tmp_path: Path) -> None:
+    """Every listening TCP socket of the launcher and its stage processes, read from
+    /proc/net/tcp and tcp6 through the processes' file descriptors, is on 127.0.0.0/8."""
+    out = tmp_path / "listen"
+    proc = start(tmp_path, long_job(), out.name)
+    try:
+        wait_for_iterations(proc, out, 3)
+        pids = [proc.pid, *job_processes(out.name)]
+        inodes = set()
+        for pid in pids:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        listening = []
+        for table in ("tcp", "tcp6"):
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
+                    listening.append((table, fields[1].split(":")[0]))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert listening, "found no listening socket: the probe is broken"
+    for table, address in listening:
+        if table == "tcp":
+            assert address.endswith("7F"), f"listens on {address} (not 127.x)"
+        else:
+            loopback6 = ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+            assert address in loopback6, address
+
+
+# ------------------------------------------------------------------------------ torchrun
+@pytest.mark.slow
+def test_torchrun_restarts_resume_a_killed_run_exactly(tmp_path: Path) -> None:
+    """torchrun --max-restarts 2; a stage is killed mid-run; the restarted attempt resumes
+    from the newest checkpoint; the finished metrics equal an uninterrupted run's, every
+    iteration once."""
+    job = synthetic_job(run={"iterations": 40, "checkpoint_every": 1, "eval_every": 0,
+                             "rpc_timeout": 30})
+    job["data"]["synthetic"]["train_size"] = 256
+    path = write_job(tmp_path / "job.yaml", job)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "3", "--max-restarts", "2", "-m", "sm_dist",
+                             "train", str(path), "--no-live", "--out", "restarted"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "restarted"
+    try:
+        wait_for_iterations(proc, out, 12)
+        os.kill(pid_of_rank(1, "restarted"), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    straight = run_cli("train", str(path), "--single-process", "--out", "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    a, b = records(tmp_path / "straight"), records(out)
+    assert [r["iteration"] for r in b] == list(range(1, 41))
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9)
+    assert list(out.glob("metrics.jsonl.before-resume-*"))
