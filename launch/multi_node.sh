@@ -25,12 +25,15 @@
 #   NPROC_PER_NODE  stage processes on this node (default: stages / NNODES, which must divide)
 #   RDZV_ID         rendezvous id, the same on every node of one job (default sm-dist)
 #   RDZV_BACKEND    torchrun rendezvous: c10d (default) or static (honours NODE_RANK exactly)
+#   BIND            the network interface the stages listen on (adds --set run.bind=BIND), e.g.
+#                   eth0 or ib0; needed on several nodes unless the job sets run.bind. The job's
+#                   network must be trusted: stages unpickle what their peers send.
 #   PYTHON          interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
 #   TORCHRUN        torchrun to use (default: next to $PYTHON, else torchrun on PATH)
 #
 # Example (2 nodes, a 4-stage job, 2 GPUs each):
-#   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/multi_node.sh JOB.yaml --set run.device=cuda
-#   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/multi_node.sh JOB.yaml --set run.device=cuda
+#   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 BIND=eth0 launch/multi_node.sh JOB.yaml --set run.device=cuda
+#   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 BIND=eth0 launch/multi_node.sh JOB.yaml --set run.device=cuda
 # Exit codes: those of sm-dist train (0 done, 2 bad input, 1 failure); 2 when the job or the
 # environment is unusable before anything starts.
 set -euo pipefail
@@ -75,6 +78,8 @@ if ((NNODES * nproc != stages)); then
   smd_die "world size NNODES * NPROC_PER_NODE = $NNODES * $nproc = $((NNODES * nproc)) does not match the job's $stages stages (len(model.balance)); start exactly one process per stage"
 fi
 
+bind=()
+[[ -n ${BIND:-} ]] && bind=(--set "run.bind=$BIND")
 smd_torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" \
   --nproc-per-node "$nproc" --rdzv-backend "$rdzv_backend" --rdzv-endpoint "$master_addr_port" \
-  --rdzv-id "$rdzv_id" -m sm_dist train "$job" "$@"
+  --rdzv-id "$rdzv_id" -m sm_dist train "$job" "$@" "${bind[@]}"

@@ -131,7 +131,8 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
                 "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
     nodes = [subprocess.Popen([*torchrun, "--node-rank", str(rank), "-m", "sm_dist", "train",
-                               str(path), "--no-live", "--out", "multi"],
+                               str(path), "--no-live", "--out", "multi",
+                               "--set", "run.bind=lo"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:

@@ -24,7 +24,7 @@ TIMEOUT = 120  # seconds any one launch may take before it is killed and the tes
 # What a launch reads from the environment: cleared so that the caller's shell cannot leak in.
 LAUNCH_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "RDZV_ID",
                "RDZV_BACKEND", "TORCHRUN", "SM_DIST_ROOT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-               "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+               "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "BIND")
 
 
 def launch_env(**extra: str) -> dict[str, str]:
@@ -187,7 +187,8 @@ def test_two_nodes_train_together(tmp_path: Path) -> None:
     nodes = [start(["bash", str(LAUNCH / "multi_node.sh"), str(job), "--out", str(run_dir),
                     "--no-live"],
                    launch_env(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=port, NPROC_PER_NODE="1", RDZV_ID="launch-test"),
+                              MASTER_PORT=port, NPROC_PER_NODE="1", RDZV_ID="launch-test",
+                              BIND="lo"),
                    tmp_path)
              for rank in (0, 1)]
     results = finish(nodes)
