@@ -4,13 +4,17 @@
 #
 # Environment read here:
 #   PYTHON    the interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
-#   TORCHRUN  the torchrun executable (default: the one next to $PYTHON, else torchrun on PATH,
-#             else "$PYTHON -m torch.distributed.run")
+#   TORCHRUN  a torchrun executable to use instead of "$PYTHON -m sm_dist.engine.torchrun"
+#             (torchrun's own agent and arguments, with the job's exit code and its one-line
+#             errors instead of torchrun's 1 and traceback)
 
 SMD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$SMD_ROOT/.venv/bin/python}
 # The sm_dist package next to these scripts, whichever Python runs it.
 export PYTHONPATH="$SMD_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# Ctrl-C while the job is checked, before torchrun takes over: one line.
+trap 'printf "launch: stopped by SIGINT before training started\n" >&2; exit 130' INT
 
 smd_die() {  # smd_die MESSAGE [EXIT_CODE]: print "launch: error: MESSAGE" and exit (default 2)
   printf 'launch: error: %s\n' "$1" >&2
@@ -53,22 +57,17 @@ smd_check_python() {
 }
 
 smd_torchrun() {  # smd_torchrun ARGS...: print and exec torchrun ARGS (see TORCHRUN above)
-  local py_dir
-  py_dir=$(dirname "$PYTHON")
   if [[ -n ${TORCHRUN:-} ]]; then
     smd_run "$TORCHRUN" "$@"
-  elif [[ -x $py_dir/torchrun ]]; then
-    smd_run "$py_dir/torchrun" "$@"
-  elif command -v torchrun >/dev/null 2>&1; then
-    smd_run torchrun "$@"
-  else
-    smd_run "$PYTHON" -m torch.distributed.run "$@"
+  else  # torchrun itself, passing the job's exit code through (2: bad input), no traceback
+    smd_run "$PYTHON" -m sm_dist.engine.torchrun "$@"
   fi
 }
 
 smd_overrides() {  # smd_overrides [TRAIN_ARGS...]: the values of every --set, NUL-terminated
   # Parsed with argparse, as sm-dist parses them: --set V, --set=V and unique prefixes.
   "$PYTHON" - "$@" <<'PY'
+import signal; signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: no traceback
 import argparse
 import sys
 
@@ -91,9 +90,10 @@ smd_num_stages() {  # smd_num_stages JOB [TRAIN_ARGS...]: check the job, print l
   for override in "${overrides[@]}"; do
     set_args+=(--set "$override")
   done
-  "$PYTHON" -m sm_dist validate "$job" "${set_args[@]}" >&2 \
+  "$PYTHON" -m sm_dist validate "$job" "${set_args[@]}" >/dev/null \
     || smd_die "the job does not validate (see above); nothing was started"
   "$PYTHON" - "$job" "${overrides[@]}" <<'PY'
+import signal; signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: no traceback
 import sys
 
 from sm_dist.config.job import load_job

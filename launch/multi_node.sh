@@ -29,7 +29,8 @@
 #                   eth0 or ib0; needed on several nodes unless the job sets run.bind. The job's
 #                   network must be trusted: stages unpickle what their peers send.
 #   PYTHON          interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
-#   TORCHRUN        torchrun to use (default: next to $PYTHON, else torchrun on PATH)
+#   TORCHRUN        a torchrun to use (default: $PYTHON -m sm_dist.engine.torchrun, torchrun
+#                   passing the job's exit code through)
 #
 # Example (2 nodes, a 4-stage job, 2 GPUs each):
 #   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 BIND=eth0 launch/multi_node.sh JOB.yaml --set run.device=cuda

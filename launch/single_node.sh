@@ -8,12 +8,14 @@
 # number of stages N = len(model.balance) (after those overrides), prints the command on one
 # line prefixed "launch:" (on stderr), then runs
 #   torchrun --standalone --nnodes 1 --nproc-per-node N -m sm_dist train JOB.yaml ARGS...
+# (torchrun as python -m sm_dist.engine.torchrun, which exits with the job's code).
 # Every argument after JOB.yaml goes to `sm-dist train` unchanged (--set, --out, --no-live).
 #
 # Environment:
-#   NPROC_PER_NODE  processes to start instead of N (sm-dist refuses a count other than N)
+#   NPROC_PER_NODE  processes to start: N (any other count is refused, exit 2)
 #   PYTHON          interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
-#   TORCHRUN        torchrun to use (default: next to $PYTHON, else torchrun on PATH)
+#   TORCHRUN        a torchrun to use (default: $PYTHON -m sm_dist.engine.torchrun, torchrun
+#                   passing the job's exit code through)
 #
 # Example:
 #   launch/single_node.sh configs/fashion/mlp4-sm.yaml --set run.iterations=5 --no-live
@@ -32,8 +34,7 @@ stages=$(smd_num_stages "$job" "$@")
 nproc=${NPROC_PER_NODE:-$stages}
 smd_require_count NPROC_PER_NODE "$nproc"
 if [[ $nproc -ne $stages ]]; then
-  printf 'launch: warning: NPROC_PER_NODE=%s but the job has %s stages; sm-dist will refuse\n' \
-    "$nproc" "$stages" >&2
+  smd_die "NPROC_PER_NODE=$nproc does not match the job's $stages stages (len(model.balance)); start exactly one process per stage (leave NPROC_PER_NODE unset)"
 fi
 
 smd_torchrun --standalone --nnodes 1 --nproc-per-node "$nproc" \

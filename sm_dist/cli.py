@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from sm_dist.config.build import (
-    JobSetupError,
-    build_optimizer,
-    build_stage,
-    build_stage_modules,
-    load_job_data,
-    resolve_device,
-)
+from sm_dist import __version__
+from sm_dist.config.build import JobSetupError, build_optimizer, prepare_job
 from sm_dist.config.job import ConfigError, JobConfig, load_job
-from sm_dist.data.datasets import DataError, Dataset
+from sm_dist.data.datasets import DataError
 from sm_dist.engine.transport import TransportError, under_launcher
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 from sm_dist.optim import registry
@@ -34,6 +26,7 @@ from sm_dist.run.run_dir import (
     default_run_dir,
     set_aside_run,
 )
+from sm_dist.run.tensorboard import TensorBoardMissing
 
 EPILOG = "Exit codes: 0 success, 2 bad input (job file, data, directories), 1 runtime failure."
 
@@ -52,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pipeline-parallel training with Surrogate Minimization (SM) and baselines, "
                     "one process per pipeline stage. Start with: sm-dist train "
                     "configs/quickstart.yaml")
+    parser.add_argument("--version", action="version", version=f"sm-dist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train_cmd = commands.add_parser(
@@ -187,14 +181,15 @@ def _compare_args(commands: Any) -> None:
                              help="train nothing: only collect the finished runs in --out")
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand's parser by name."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
 def _fail(message: str, code: int) -> int:
     print(f"sm-dist: error: {message}", file=sys.stderr)
     return code
-
-
-def _to_device(data: Dataset, device: torch.device) -> Dataset:
-    return replace(data, train_x=data.train_x.to(device), train_y=data.train_y.to(device),
-                   test_x=data.test_x.to(device), test_y=data.test_y.to(device))
 
 
 def _check_out(out: Path, job: JobConfig, resume: bool) -> None:
@@ -220,7 +215,7 @@ def _resolve_out(args: argparse.Namespace, job: JobConfig) -> tuple[Path, bool]:
         if int(os.environ.get("RANK", "0")) != 0 or not (out / "config.yaml").is_file():
             return out, False  # only rank 0, the coordinator, reads or writes the directory
         try:
-            check_resumable(out, job)
+            check_resumable(out, _with_epochs(job))
             return out, True
         except CheckpointError as err:
             if "no usable checkpoint" not in str(err):
@@ -235,45 +230,34 @@ def _resolve_out(args: argparse.Namespace, job: JobConfig) -> tuple[Path, bool]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from sm_dist.engine.launch import launch_local, run_rank
-    from sm_dist.pipeline.local import LocalPipeline
-    from sm_dist.report.summary import finish_run
-    from sm_dist.run.session import make_console, run_training
+    from sm_dist.api import TrainingFailed, train
+    from sm_dist.engine.launch import run_rank
     from sm_dist.run.trainer import NonFiniteLoss
 
     job = load_job(args.job, args.overrides)
     out, resume = _resolve_out(args, job)
-    if under_launcher():  # a rank of a job started by torchrun or by launch_local below
+    if under_launcher():  # a rank of a job started by torchrun or by sm_dist.train
         if int(os.environ["RANK"]) == 0:
-            _check_out(out, job, resume)
+            _check_out(out, _with_epochs(job), resume)
         return run_rank(job, out, args.live, resume)
-    if job.run.threads:
-        torch.set_num_threads(job.run.threads)
-    _check_out(out, job, resume)
-    device = resolve_device(job)
-    # Check everything a rank would trip over before any process starts or anything is written.
-    data = load_job_data(job)
-    modules = build_stage_modules(job)
-    if not args.single_process:
-        del data, modules
-        extra = {None: [], True: ["--live"], False: ["--no-live"]}[args.live]
-        extra += ["--resume", str(out)] if resume else ["--out", str(out)]
-        return launch_local(job, args.job, args.overrides, extra)
-    pipeline = LocalPipeline([build_stage(job, s, m, device) for s, m in enumerate(modules)])
-    header = (f"sm-dist: {job.name}: {len(job.model.balance)} stages in one process, "
-              f"{job.optimizer.name}, {len(data.train_x)} training samples -> {out}")
-    console = make_console(args.live)
     try:
-        run_training(job, pipeline, _to_device(data, device), out, header=header,
-                     live=args.live, console=console, resume=resume)
+        train(args.job, overrides=args.overrides, out=out, resume=resume,
+              single_process=args.single_process, live=args.live)
+    except TrainingFailed as err:
+        return err.exit_code  # the stages said why
     except NonFiniteLoss as err:
-        finish_run(out, console)
         return _fail(f"{err}; see {out / STOPPED_FILE}", EXIT_RUNTIME)
+    except BrokenPipeError:  # the reader of stdout left (`| head`): not the run directory
+        raise
     except OSError as err:  # the disk filled up, or the directory went away
         return _fail(f"cannot write the run directory {out}: {err.strerror or err}; it keeps "
                      "every iteration written before", EXIT_RUNTIME)
-    finish_run(out, console)
     return EXIT_OK
+
+
+def _with_epochs(job: JobConfig) -> JobConfig:
+    """The job with run.iterations from data.epochs (which needs the data's size)."""
+    return prepare_job(job)[0] if job.data.epochs is not None else job
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -299,7 +283,8 @@ def run_schedule(args: argparse.Namespace) -> int:
     print()
     # An optimizer the coordinator steers waits for each iteration's loss: no overlap.
     drawn = 1 if optimizer.steered else max(1, args.iterations)
-    print(render_grid(schedule, iterations=drawn))
+    # Cut to the terminal (80 columns when the output is not one).
+    print(render_grid(schedule, iterations=drawn, width=shutil.get_terminal_size().columns))
     note = optimizer.schedule_note()
     if note:
         print(f"\n{note}")
@@ -340,7 +325,11 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said with the subcommand's usage, not the top level's
+        command = _subparsers(parser)[args.command]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # the command line as given, for the files that record it
     # As under `python -m`: a model.factory module in the working directory can be imported.
     if os.getcwd() not in sys.path:
@@ -352,8 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         return _fail(str(err), EXIT_BAD_INPUT)
     except (DataError, JobSetupError, RunDirError, TransportError, CheckpointError,
-            ReportError) as err:
+            ReportError, TensorBoardMissing) as err:
         return _fail(str(err), EXIT_BAD_INPUT)
+    except BrokenPipeError:  # e.g. `sm-dist schedule JOB | head`: the reader has left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return _fail("interrupted; the run directory keeps every finished iteration",
                      EXIT_RUNTIME)

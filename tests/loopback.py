@@ -26,6 +26,9 @@ class LoopbackWorld:
         return LoopbackTransport(self, rank)
 
     def close(self) -> None:
+        for handler in self.handlers.values():  # a worker left running would find rank 0
+            if hasattr(handler, "close"):     # gone and end this process (os._exit)
+                handler.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -30,7 +30,8 @@ def checkpointed_job(optimizer: dict[str, Any]) -> dict[str, Any]:
     {"name": "gd_armijo"},  # the coordinator carries the step
     {"name": "ddg", "lr": 0.3},  # carries each stage's delayed gradients
     {"name": "sso", "inner_steps": 3},  # the coordinator carries the inner step size
-    {"name": "cgblock", "inner_steps": 2},  # stateless between iterations; costs carried
+    # stateless between iterations; costs carried (damped: plain CGBlock diverges on this job)
+    {"name": "cgblock", "inner_steps": 2, "cgblock_damping": 1.0},
     # carries the scale, the step held for acceptance and the accepted loss
     {"name": "sm_adaptive", "inner_steps": 3, "step_scale": 30.0, "trust_radius": 0.5},
 ])

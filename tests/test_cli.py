@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,7 +184,31 @@ def test_schedule_prints_the_grid(capsys: pytest.CaptureFixture[str]) -> None:
     assert "stage 0: F0 F1 F2 F3 B3 B2 B1 B0 L I10 A" in out
     assert "stage 3: F0 F1 F2 F3 B3 B2 B1 B0 L I10 W50 A" in out
     grid = [line for line in out.splitlines() if line.startswith("    ")]
-    assert len(grid) == 4 and "W50" in grid[3] and "W50" not in grid[0]
+    # Cut into blocks of the terminal's width (80 here), W50 named once per stage.
+    assert len(grid) % 4 == 0 and all(len(line) <= 80 for line in out.splitlines()[5:])
+    assert [sum(line.count("W50") for line in grid[s::4]) for s in range(4)] == [0, 1, 1, 1]
+
+
+def test_schedule_into_a_closed_pipe_is_quiet() -> None:
+    """`sm-dist schedule JOB | head -1`: no BrokenPipeError when the reader leaves."""
+    done = subprocess.run(
+        f"{sys.executable} -m sm_dist schedule configs/quickstart.yaml --iterations 400 | head -1",
+        shell=True, cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.startswith("quickstart: 4 stages")
+    assert done.stderr == ""
+
+
+def test_version_and_subcommand_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("sm-dist 0.")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "configs/quickstart.yaml", "--iterations", "5"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("usage: sm-dist train")
+    assert "unrecognized arguments: --iterations 5" in err
 
 
 def test_report_command_on_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -432,3 +432,17 @@ def test_compare_md_gives_simulated_pipeline_time(grid_dir: tuple[Path, str]) ->
                                  "pcie4").end_times().values())
         assert rows["sm (N=1)"]["total"] == seconds_text(total)
         assert set(rows) == {"sm (N=1)", next(r for r in rows if r.startswith("adam"))}
+
+
+def test_a_run_that_diverges_and_stops_is_a_result_not_a_failure(tmp_path: Path) -> None:
+    """run.on_nonfinite: stop ends a diverging run early (exit 1 and stopped.txt): compare
+    keeps it, shows it as diverged from that iteration and still exits 0."""
+    write_job(tmp_path / "job.yaml", synthetic_job(run={"iterations": 6, "eval_every": 0}))
+    result = run_cli("compare", "job.yaml", "--optimizers", "gd", "--lrs", "0.1,1e8",
+                     "--single-process", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gd-lr1e08  stopped: diverged at iteration 2" in result.stdout
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "## Diverged runs" in text and "- gd-lr1e08: stopped at iteration 2" in text
+    assert "## Failed runs" not in text
+    assert "gd (lr=0.1, best of 2)" in text

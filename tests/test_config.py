@@ -258,7 +258,7 @@ def test_unknown_dataset_lists_choices_and_suggests() -> None:
     errors = errors_of(example_raw(), ("data.dataset=fashionmnist",))
     assert errors == [
         "data.dataset: unknown value 'fashionmnist'; choose one of mnist, fashion_mnist, "
-        "synthetic (did you mean 'fashion_mnist'?)"
+        "synthetic, text (did you mean 'fashion_mnist'?)"
     ]
 
 
@@ -286,8 +286,9 @@ def test_missing_required_keys() -> None:
     raw = example_raw()
     del raw["name"], raw["data"]["dataset"], raw["model"]["balance"]
     errors = errors_of(raw)
-    assert [e.split(":")[0] for e in errors] == ["name", "model.balance", "data.dataset"]
-    assert all("missing required key" in e for e in errors)
+    assert [e.split(":")[0] for e in errors] == ["name", "model.balance", "data"]
+    assert all("missing required key" in e for e in errors[:2])
+    assert errors[2].startswith("data: neither of data.dataset and data.factory given")
     assert errors_of({})[1:] == [
         "model: missing required section; add a `model:` block",
         "data: missing required section; add a `data:` block",
@@ -314,7 +315,8 @@ def test_mlp_and_factory_are_exclusive() -> None:
     assert error.startswith("model: both of model.mlp and model.factory given")
     raw["model"] = {"balance": [1]}
     (error,) = errors_of(raw)
-    assert error.startswith("model: neither of model.mlp and model.factory given")
+    assert error.startswith("model: none of model.mlp, model.cnn, model.transformer and "
+                            "model.factory given")
 
 
 def test_factory_model() -> None:
@@ -439,7 +441,7 @@ def test_config_error_pickles() -> None:
 
 def test_schema_rules_are_readable_as_data() -> None:
     rules = {f.name: dict(f.metadata) for f in dataclasses.fields(DataConfig)}
-    assert rules["dataset"]["choices"] == ("mnist", "fashion_mnist", "synthetic")
+    assert rules["dataset"]["choices"] == ("mnist", "fashion_mnist", "synthetic", "text")
     assert rules["microbatches"]["min"] == 1
     betas = next(f for f in dataclasses.fields(OptimizerConfig) if f.name == "betas")
     assert betas.metadata["lt"] == 1 and betas.metadata["length"] == 2

@@ -161,6 +161,31 @@ def test_single_node_trains(tmp_path: Path) -> None:
     assert "results in" in out
 
 
+def test_single_node_refuses_a_world_size_other_than_the_stages(tmp_path: Path) -> None:
+    job = two_stage_job(tmp_path / "job.yaml")
+    code, out, err = run_script("single_node.sh", str(job), env=launch_env(NPROC_PER_NODE="3"),
+                                cwd=tmp_path)
+    assert code == 2, out + err
+    assert err.splitlines() == ["launch: error: NPROC_PER_NODE=3 does not match the job's 2 "
+                                "stages (len(model.balance)); start exactly one process per "
+                                "stage (leave NPROC_PER_NODE unset)"]
+
+
+def test_bad_input_in_the_ranks_exits_2_in_one_line(tmp_path: Path) -> None:
+    """An error only a rank can find (the data factory) under torchrun: its one line and exit
+    code 2, not torchrun's traceback and exit code 1."""
+    job = yaml.safe_load(two_stage_job(tmp_path / "job.yaml").read_text())
+    job["data"] = {"factory": "nosuchmodule:data", "microbatches": 2}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    code, out, err = run_script("single_node.sh", "job.yaml", "--no-live",
+                                env=launch_env(), cwd=tmp_path)
+    assert code == 2, out + err
+    errors = [line for line in err.splitlines() if not line.startswith("launch: ")]
+    assert errors == ["sm-dist: error: cannot import data factory 'nosuchmodule:data': "
+                      "ModuleNotFoundError: No module named 'nosuchmodule'; check that its "
+                      "module is on the Python path"], err
+
+
 def test_multi_node_names_a_missing_variable(tmp_path: Path) -> None:
     job = two_stage_job(tmp_path / "job.yaml")
     code, _, err = run_script("multi_node.sh", str(job),

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.axis import Axis
 from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 from rich.console import Console
 
@@ -26,9 +28,22 @@ from sm_dist.pipeline.timeline import (
     events_from_trace,
     iteration_utilisation,
 )
-from sm_dist.report.plots import default_timeline_iteration, plot_timeline
+from sm_dist.report import compare_plot, plots
+from sm_dist.report.compare_tables import DepthGroup, Row
+from sm_dist.report.plots import (
+    _bar_label,
+    default_timeline_iteration,
+    plot_timeline,
+)
 from sm_dist.report.run_data import ReportError, RunData, load_run, load_runs
-from sm_dist.report.summary import report_main, summarize, summary_table, summary_text, write_report
+from sm_dist.report.summary import (
+    report_main,
+    summarize,
+    summary_table,
+    summary_text,
+    utilisation_text,
+    write_report,
+)
 from sm_dist.run.metrics import IterationRecord
 from tests.conftest import run_cli, synthetic_job, write_job
 
@@ -106,9 +121,14 @@ def test_summary_equals_the_figures_of_metrics_jsonl(run_dirs: dict[str, Path]) 
         assert summary["forward_passes"] == records[-1]["forward_passes"] == ITERATIONS
         assert summary["backward_passes"] == records[-1]["backward_passes"] == ITERATIONS
         assert summary["wall_time"] == records[-1]["wall_time"]
+        steady = records[1:-1]  # without the first (start-up) and the last (no next input)
+        steps = [sum(r["inner_steps"][s] for r in steady) / len(steady) for s in range(3)]
+        assert summary["mean_inner_steps"] == pytest.approx(steps)
         if kind == "pipeline":
-            bubbles = [r["bubble_fraction"] for r in records]
+            bubbles = [r["bubble_fraction"] for r in steady]
             assert summary["mean_bubble_fraction"] == pytest.approx(sum(bubbles) / len(bubbles))
+            busy = [sum(r["busy_fraction"][s] for r in steady) / len(steady) for s in range(3)]
+            assert summary["mean_busy_fraction"] == pytest.approx(busy)
         else:
             assert summary["mean_bubble_fraction"] is None
 
@@ -260,3 +280,93 @@ def test_empty_run_data_plots_without_error(tmp_path: Path) -> None:
         {"iteration": 1, "train_loss": None, "train_acc": None, "wall_time": 0.1})], None)
     written = write_report([run], tmp_path / "out")
     assert len(written) == 4 and summarize(run)["best_train_loss"] is None
+
+
+# ------------------------------------------------------------------------------ readable plots
+def captured_figures(monkeypatch: pytest.MonkeyPatch, module: object) -> list[Figure]:
+    """The figures `module` saves from now on, drawn (so that their tick labels are set)."""
+    figures: list[Figure] = []
+
+    def keep(figure: Figure, path: str | Path) -> None:
+        figure.canvas.draw()
+        figures.append(figure)
+
+    monkeypatch.setattr(module, "save_figure", keep)
+    return figures
+
+
+def tick_labels(axis: Axis) -> list[str]:
+    return [t.get_text() for t in axis.get_majorticklabels() + axis.get_minorticklabels()
+            if t.get_text()]
+
+
+def short_forward_events() -> list[TimelineEvent]:
+    """One stage: a 5 µs forward, then 40 ms of backward and update."""
+    ms = 1e-3
+    return [TimelineEvent(0, 1, "F", 0, 0.0, 0.005 * ms), TimelineEvent(0, 1, "B", 0, 1 * ms,
+                                                                         20 * ms),
+            TimelineEvent(0, 1, "L", None, 20 * ms, 21 * ms),
+            TimelineEvent(0, 1, "I", 5, 21 * ms, 40 * ms, "5 steps"),
+            TimelineEvent(0, 1, "A", None, 40 * ms, 40.01 * ms)]
+
+
+def test_a_short_action_is_still_drawn(tmp_path: Path) -> None:
+    path = tmp_path / "short.png"
+    plot_timeline(short_forward_events(), 1, 1, path, "short")
+    # 5 µs of 40 ms is a tenth of a pixel: drawn at the minimum width, it shows.
+    assert colour_pixels(assert_png(path, min_pixels=100), FORWARD_COLOUR) > 20
+
+
+def test_bar_labels_are_whole_or_absent() -> None:
+    forward = TimelineEvent(0, 1, "F", 12, 0.0, 1.0)
+    fill = TimelineEvent(0, 1, "W", 40, 0.0, 1.0, "37 steps")
+    assert _bar_label(forward, 200) == "F12"
+    assert _bar_label(forward, 12) == ""  # no bare "12" any more
+    assert _bar_label(fill, 400) == "W 37 steps" and _bar_label(fill, 20) == "W"
+    assert _bar_label(fill, 3) == ""
+
+
+def test_the_legend_names_every_action_drawn(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    figures = captured_figures(monkeypatch, plots)
+    plot_timeline(two_stage_events(), 1, 2, tmp_path / "t.png", "hand-made")
+    (legend,) = [axes.get_legend() for axes in figures[0].axes if axes.get_legend()]
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert labels == ["F forward", "B backward", "L build local loss, I inner steps, "
+                      "A apply update", "W fill inner steps", "idle"]
+
+
+def test_log_axes_have_plain_tick_labels(monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    figures = captured_figures(monkeypatch, plots)
+    # Losses within one decade (1.6 to 2.4): the labels are on minor ticks.
+    records = [IterationRecord(k, loss, 0.5, wall_time=0.1 * k)
+               for k, loss in enumerate([2.4, 2.1, 1.9, 1.6], start=1)]
+    plots.plot_loss([RunData(tmp_path, "r", {}, records, None)], tmp_path / "a.png",
+                    tmp_path / "b.png")
+    for figure in figures:
+        labels = tick_labels(figure.axes[0].yaxis)
+        assert "2" in labels and not any("10^" in label or "times" in label
+                                         for label in labels), labels
+    # compare.png: its pipeline-passes axis is a log scale too (2 to 8 passes here).
+    figures = captured_figures(monkeypatch, compare_plot)
+    for k, record in enumerate(records, start=1):
+        record.forward_passes = record.backward_passes = k
+    row = Row("sm (N=3)", "sm", 3, RunData(tmp_path, "r", {}, records, None))
+    compare_plot.plot_compare([DepthGroup(None, "tiny", [], [row])], ["sm"], tmp_path / "c.png")
+    for axes in figures[0].axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            labels = tick_labels(axis)
+            assert not any("10^" in label or "times" in label for label in labels), labels
+    assert "2" in tick_labels(figures[0].axes[1].xaxis)
+
+
+def test_utilisation_text_fits_the_width() -> None:
+    busy = [0.5] * 16
+    summary = {"mean_busy_fraction": busy, "mean_bubble_fraction": 0.5,
+               "mean_turnaround_idle": [0.25] * 16, "mean_update_idle": [None] + [0.25] * 15}
+    text = utilisation_text(summary, 80)
+    assert text is not None and all(len(line) <= 80 for line in text.splitlines())
+    stage_lines = [line.split()[1:] for line in text.splitlines() if line.startswith("  stage")]
+    assert len(stage_lines) == 2 and sum(stage_lines, []) == [str(s) for s in range(16)]
+    assert utilisation_text(summary).count("\n") == 4  # no width: one block of four rows

@@ -73,9 +73,18 @@ def test_grid_fill_bubbles_over_two_iterations() -> None:
     assert grid.splitlines() == [
         "stage  0  1  2  3  4  5  6  7  8  9 10 11 12 13 14 15 16 17 18 19 20 21 22 23",
         "    0 F0 F1  .  .  .  . B1 B0  L I1  A F0 F1  .  .  .  .  .  . B1 B0  L I1  A",
-        "    1  . F0 F1  .  . B1 B0  L I1 W9 W9 W9  A F0 F1  .  .  . B1 B0  L I1  A  .",
-        "    2  .  . F0 F1 B1 B0  L I1 W9 W9 W9 W9 W9 W9  A F0 F1 B1 B0  L I1  A  .  .",
+        "    1  . F0 F1  .  . B1 B0  L I1 W9 -- --  A F0 F1  .  .  . B1 B0  L I1  A  .",
+        "    2  .  . F0 F1 B1 B0  L I1 W9 -- -- -- -- --  A F0 F1 B1 B0  L I1  A  .  .",
     ]
+    # Cut to a width: blocks of the slots that fit, each with its own slot numbers.
+    narrow = render_grid(gpipe_schedule(3, 2, sm_update(1, 9)), iterations=2, width=40)
+    assert narrow.split("\n\n")[1].splitlines() == [
+        "stage  8  9 10 11 12 13 14 15",
+        "    0  L I1  A F0 F1  .  .  .",
+        "    1 I1 W9 -- --  A F0 F1  .",
+        "    2 W9 -- -- -- -- --  A F0",
+    ]
+    assert all(len(line) <= 40 for line in narrow.splitlines())
 
 
 def test_validation_accepts_gpipe_and_rejects_broken_schedules() -> None:

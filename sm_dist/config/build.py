@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from sm_dist.config.job import JobConfig
+from sm_dist.data.batches import BatchStream
+from sm_dist.data.custom import call_factory, dataset_from, source_of, take_subsets
 from sm_dist.data.datasets import Dataset, load_dataset
 from sm_dist.math.losses import get_loss
-from sm_dist.models.build import (
-    build_mlp,
-    build_model_from_factory,
-    check_samplewise,
-    init_model,
-    split_stages,
-)
+from sm_dist.models.build import check_samplewise, init_model, split_stages
+from sm_dist.models.config import model_builder
 from sm_dist.optim import registry
 from sm_dist.optim.base import Optimizer
 from sm_dist.pipeline.local import LocalPipeline
@@ -51,25 +49,39 @@ def gpu_of(local_rank: int) -> int:
 
 
 def load_job_data(job: JobConfig) -> Dataset:
+    """The job's data set, or what its data.factory returns (checked), cut to the subsets."""
     d = job.data
-    return load_dataset(d.dataset, d.root, train_subset=d.train_subset, test_subset=d.test_subset,
-                        normalize=d.normalize, flatten=d.flatten, dtype=torch_dtype(job),
-                        synthetic=asdict(d.synthetic))
+    if d.factory is None:
+        assert d.dataset is not None  # the job's cross-checks: exactly one of the two
+        return load_dataset(d.dataset, d.root, train_subset=d.train_subset,
+                            test_subset=d.test_subset, normalize=d.normalize, flatten=d.flatten,
+                            dtype=torch_dtype(job), synthetic=asdict(d.synthetic),
+                            path=d.path, context=d.context, text_bytes=d.text_bytes)
+    data = dataset_from(call_factory(d.factory), source_of(d.factory), torch_dtype(job))
+    return take_subsets(data, d.train_subset, d.test_subset)
+
+
+def prepare_job(job: JobConfig) -> tuple[JobConfig, Dataset]:
+    """The job's data, and the job with run.iterations set from data.epochs when given."""
+    data = load_job_data(job)
+    if job.data.epochs is None:
+        return job, data
+    per_epoch = BatchStream.batches_in_epoch(len(data.train_x), job.data.batch)
+    run = dataclasses.replace(job.run, iterations=job.data.epochs * per_epoch)
+    return dataclasses.replace(job, run=run), data
+
+
+def epochs_text(job: JobConfig) -> str:
+    """', 3 epochs = 120 iterations' for a run whose length data.epochs sets, else ''."""
+    if job.data.epochs is None:
+        return ""
+    return f", {job.data.epochs} epochs = {job.run.iterations} iterations"
 
 
 def build_stage_modules(job: JobConfig) -> list[nn.Sequential]:
     """The model, initialised from run.seed, split by model.balance."""
     model_cfg = job.model
-    if model_cfg.mlp is not None:
-        mlp = model_cfg.mlp
-
-        def builder() -> nn.Sequential:
-            return build_mlp(mlp.widths, mlp.activation, mlp.bias)
-    else:
-        assert model_cfg.factory is not None
-
-        def builder() -> nn.Sequential:
-            return build_model_from_factory(model_cfg.factory)
+    builder = model_builder(model_cfg)
     try:
         model = init_model(builder, job.run.seed, torch_dtype(job))
         stages = split_stages(model, model_cfg.balance)

@@ -15,7 +15,16 @@ import yaml
 
 from sm_dist.config.schema import convert, describe_value, plural
 from sm_dist.data.config import DataConfig
-from sm_dist.models.config import MlpConfig, ModelConfig, num_layers
+from sm_dist.data.datasets import DATASETS
+from sm_dist.data.text import VOCAB
+from sm_dist.models.config import (
+    CnnConfig,
+    MlpConfig,
+    ModelConfig,
+    TransformerConfig,
+    builders_given,
+    model_errors,
+)
 from sm_dist.optim import registry
 from sm_dist.optim.registry import OptimizerConfig
 
@@ -31,6 +40,12 @@ class RunConfig:
     dtype: str = field(default="float64", metadata={"choices": ("float32", "float64")})
     device: str = field(default="cpu", metadata={"choices": ("cpu", "cuda")})
     eval_every: int = field(default=10, metadata={"min": 0})  # 0 = evaluate only at the end
+    # Also evaluate the whole training set this often (0: never), so that minibatch runs have
+    # a training curve that is not one minibatch's loss.
+    eval_train_every: int = field(default=0, metadata={"min": 0})
+    # TensorBoard event files in the run directory's tensorboard/ (the `tensorboard` extra);
+    # metrics.jsonl stays the record.
+    tensorboard: bool = False
     runs_dir: str = "runs"
     # Checkpoints every this many iterations (0: only at the end); keep the newest keep_last.
     checkpoint_every: int = field(default=0, metadata={"min": 0})
@@ -79,6 +94,11 @@ class ConfigError(Exception):
 
 def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
     """Read a YAML job file, apply `key.sub=value` overrides and return the validated job."""
+    return job_from_dict(read_job_file(path), overrides, source=f"file {os.fspath(path)}")
+
+
+def read_job_file(path: str | os.PathLike[str]) -> Any:
+    """A job file's YAML as plain data (validated by `job_from_dict`)."""
     source = f"file {os.fspath(path)}"
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -92,7 +112,7 @@ def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Job
         problem = getattr(exc, "problem", None) or "invalid YAML"
         error = f"{path}: YAML syntax error{where} ({problem}); fix the YAML there"
         raise ConfigError([error], source) from exc
-    return job_from_dict(raw, overrides, source=source)
+    return raw
 
 
 def job_from_dict(
@@ -197,19 +217,13 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
     """Checks that span fields; each runs only if the sections it reads were built cleanly."""
     model, data, optimizer = built.get("model"), built.get("data"), built.get("optimizer")
     if isinstance(model, ModelConfig):
-        if (model.mlp is None) == (model.factory is None):
-            given = "both" if model.mlp is not None else "neither"
-            errors.append(f"model: {given} of model.mlp and model.factory given; give exactly "
-                          "one (mlp: {widths: [...]} or factory: 'package.module:function')")
-        layers, balance = num_layers(model), model.balance
-        if layers is not None and sum(balance) != layers:
-            errors.append(f"model.balance: balance {balance} covers "
-                          f"{plural(sum(balance), 'layer')} but model.mlp.widths defines "
-                          f"{layers}; make the entries sum to {layers}")
-        if layers is not None and len(balance) > layers:
-            errors.append(f"model.balance: {plural(len(balance), 'stage')} but the model has "
-                          f"only {plural(layers, 'layer')}; use at most {layers} stages")
+        errors.extend(model_errors(model))  # exactly one builder, balance, shapes, heads
     if isinstance(data, DataConfig):
+        if (data.dataset is None) == (data.factory is None):
+            given = "both" if data.dataset is not None else "neither"
+            errors.append(f"data: {given} of data.dataset and data.factory given; give exactly "
+                          f"one (dataset: {' | '.join(DATASETS)}, or factory: "
+                          "'package.module:function' returning your tensors)")
         if isinstance(data.batch, int):
             sizes = {"data.batch": data.batch}
         else:  # a full batch is the whole training set: check it where its size is known here
@@ -223,17 +237,29 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
                           f"of {known[source]} samples ({source}); use at most {known[source]}")
     if isinstance(optimizer, OptimizerConfig):  # the name is valid: the section was built
         errors.extend(registry.get(optimizer.name).check_config(optimizer))
-    if isinstance(model, ModelConfig) and isinstance(data, DataConfig) and model.mlp is not None:
-        _check_mlp_fits_data(model.mlp, data, errors)
+    if (isinstance(model, ModelConfig) and isinstance(data, DataConfig)
+            and len(builders_given(model)) == 1 and data.dataset is not None):
+        # A data.factory's data, and a model.factory's network, are checked when loaded.
+        if model.mlp is not None:
+            _check_mlp_fits_data(model.mlp, data, errors)
+        elif model.cnn is not None:
+            _check_cnn_fits_data(model.cnn, data, errors)
+        elif model.transformer is not None:
+            _check_transformer_fits_data(model.transformer, data, errors)
 
 
 def _check_mlp_fits_data(mlp: MlpConfig, data: DataConfig, errors: list[str]) -> None:
+    """model.mlp's first and last widths against the data's samples and classes."""
+    if data.dataset == "text":
+        errors.append("model.mlp: data.dataset text gives token sequences, which an MLP "
+                      "cannot take; use model.transformer")
+        return
     if data.dataset == "synthetic":  # synthetic samples are vectors already; flatten is moot
         inputs, input_source = data.synthetic.features, "data.synthetic.features"
         outputs, output_source = data.synthetic.classes, "data.synthetic.classes"
     elif not data.flatten:
         errors.append(f"data.flatten: false, but model.mlp needs vectors, not {data.dataset} "
-                      "images; set data.flatten: true (or use model.factory)")
+                      "images; set data.flatten: true (or use model.cnn)")
         return
     else:
         inputs, input_source = 784, f"the flattened 28x28 {data.dataset} images"
@@ -244,3 +270,37 @@ def _check_mlp_fits_data(mlp: MlpConfig, data: DataConfig, errors: list[str]) ->
     if mlp.widths[-1] != outputs:
         errors.append(f"model.mlp.widths: last width {mlp.widths[-1]} does not match "
                       f"{output_source} ({outputs}); set model.mlp.widths[-1] to {outputs}")
+
+
+def _check_cnn_fits_data(cnn: CnnConfig, data: DataConfig, errors: list[str]) -> None:
+    """model.cnn takes (1, 28, 28) images of 10 classes from mnist and fashion_mnist."""
+    if data.dataset in ("synthetic", "text"):
+        errors.append(f"model.cnn: data.dataset {data.dataset} gives "
+                      f"{'vectors' if data.dataset == 'synthetic' else 'token sequences'}, not "
+                      "images; use mnist or fashion_mnist (or a data.factory giving images)")
+        return
+    if data.flatten:
+        errors.append(f"data.flatten: true, but model.cnn needs {data.dataset} images of shape "
+                      "(1, 28, 28), not vectors of 784; set data.flatten: false")
+    if cnn.input != [1, 28, 28]:
+        errors.append(f"model.cnn.input: {cnn.input} does not match the {data.dataset} images "
+                      "(1 channel of 28x28); set model.cnn.input to [1, 28, 28]")
+    if cnn.classes != 10:
+        errors.append(f"model.cnn.classes: {cnn.classes} does not match the 10 {data.dataset} "
+                      "classes; set model.cnn.classes to 10")
+
+
+def _check_transformer_fits_data(t: TransformerConfig, data: DataConfig,
+                                 errors: list[str]) -> None:
+    """model.transformer takes byte sequences of data.context tokens from data.dataset text."""
+    if data.dataset != "text":
+        errors.append(f"model.transformer: data.dataset {data.dataset} gives no token "
+                      "sequences; use data.dataset: text (or a data.factory giving tokens)")
+        return
+    if t.vocab != VOCAB:
+        errors.append(f"model.transformer.vocab: {t.vocab} does not match the {VOCAB} byte "
+                      f"values of data.dataset text; set model.transformer.vocab to {VOCAB}")
+    if t.context < data.context:
+        errors.append(f"model.transformer.context: {t.context} positions are fewer than the "
+                      f"{data.context} tokens of a sample (data.context); set "
+                      f"model.transformer.context to at least {data.context}")

@@ -133,7 +133,8 @@ def _check_rules(value: Any, rules: Mapping[str, Any], key: str, errors: list[st
 
 def choice_error(key: str, value: str, choices: Sequence[str]) -> str:
     """`key: unknown value ...; choose one of ...`, with the likeliest fix."""
-    close = difflib.get_close_matches(value, choices, n=1)
+    same_case = [choice for choice in choices if choice.lower() == str(value).lower()]
+    close = same_case or difflib.get_close_matches(str(value).lower(), choices, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}{hint}"
 

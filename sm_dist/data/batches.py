@@ -58,7 +58,18 @@ class BatchStream:
     @property
     def batches_per_epoch(self) -> int:
         """Number of batches in one pass over the data (the last one may be smaller)."""
-        return -(-self.num_samples // self.batch_size)
+        return self.batches_in_epoch(self.num_samples, self.batch_size)
+
+    @staticmethod
+    def batches_in_epoch(num_samples: int, batch: int | str) -> int:
+        """Batches of size `batch` ('full': one) in one pass over `num_samples` samples."""
+        return 1 if batch == "full" else -(-num_samples // min(int(batch), num_samples))
+
+    def epochs_done(self) -> float:
+        """Passes over the data so far, counting the current epoch's batches handed out."""
+        if self.full:
+            return float(self.epoch + int(self._started))
+        return self.epoch + self.position / self.num_samples
 
     def _draw_order(self) -> Tensor | None:
         """This epoch's sample order (None means stored order, with no index tensor needed)."""

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sm_dist.data.datasets import DATASETS, NORMALIZATIONS
+from sm_dist.data.text import DEFAULT_TEXT_BYTES
+
+FACTORY_PATTERN = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
 
 
 @dataclass(kw_only=True)
@@ -21,7 +24,11 @@ class SyntheticConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     """Which data set to load, how to preprocess it and how to cut it into (micro)batches."""
-    dataset: str = field(metadata={"choices": DATASETS})
+    dataset: str | None = field(default=None, metadata={"choices": DATASETS})
+    # Your own data: 'package.module:function' returning tensors or torch Datasets
+    # (sm_dist/data/custom.py); give it or `dataset`.
+    factory: str | None = field(default=None, metadata={
+        "pattern": FACTORY_PATTERN, "pattern_hint": "must look like 'package.module:function'"})
     root: str = "data/"
     train_subset: int | None = field(default=None, metadata={"min": 1})
     test_subset: int | None = field(default=None, metadata={"min": 1})
@@ -29,5 +36,13 @@ class DataConfig:
     flatten: bool = True
     batch: Literal["full"] | int = field(default="full", metadata={"min": 1})
     microbatches: int = field(default=1, metadata={"min": 1})
+    # Minibatch runs: this many passes over the training set (the run's iterations follow
+    # from it, and run.iterations is not used); null: run.iterations decides.
+    epochs: int | None = field(default=None, metadata={"min": 1})
     shuffle: bool = True
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # dataset: text — the file read byte by byte (null: the Python standard library's
+    # sources), tokens per sample, and the most bytes read (null: all).
+    path: str | None = None
+    context: int = field(default=64, metadata={"min": 1})
+    text_bytes: int | None = field(default=DEFAULT_TEXT_BYTES, metadata={"min": 1})

@@ -1,4 +1,5 @@
-"""In-memory datasets: MNIST, Fashion-MNIST (torchvision, Debian package) and synthetic data."""
+"""In-memory datasets: MNIST, Fashion-MNIST (torchvision, Debian package), synthetic data and
+byte-level text."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-DATASETS = ("mnist", "fashion_mnist", "synthetic")
+from sm_dist.data.text import DEFAULT_TEXT_BYTES, VOCAB, TextError, load_text
+
+DATASETS = ("mnist", "fashion_mnist", "synthetic", "text")
 NORMALIZATIONS = ("standard", "none")
 DISPLAY_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
@@ -38,7 +41,11 @@ class DataError(Exception):
 
 @dataclass
 class Dataset:
-    """A whole dataset held in memory: inputs, int64 labels, and the number of classes."""
+    """A whole dataset held in memory: inputs, int64 labels, and the number of classes.
+
+    A sample of `text` is a sequence: inputs (n, T) of int64 tokens, labels (n, T) the next
+    tokens, and num_classes the vocabulary.
+    """
 
     train_x: Tensor
     train_y: Tensor
@@ -63,12 +70,33 @@ def load_dataset(
     flatten: bool,
     dtype: torch.dtype,
     synthetic: dict[str, Any] | None = None,
+    path: str | None = None,
+    context: int = 64,
+    text_bytes: int | None = DEFAULT_TEXT_BYTES,
 ) -> Dataset:
-    """Load `dataset` fully into memory, normalised, optionally flattened, cut to the subsets."""
+    """Load `dataset` fully into memory, normalised, optionally flattened, cut to the subsets.
+
+    `path`, `context` and `text_bytes` are text's (its file, tokens per sample, bytes read);
+    normalisation and flattening do not apply to it.
+    """
     if normalize not in NORMALIZATIONS:
         raise DataError(
             f"unknown normalize {normalize!r}: choose one of {', '.join(NORMALIZATIONS)}"
         )
+    if dataset == "text":
+        try:
+            train_x, train_y, test_x, test_y = load_text(path, context, text_bytes)
+        except TextError as exc:
+            raise DataError(str(exc)) from exc
+        for subset, have, what in ((train_subset, len(train_x), "train_subset"),
+                                   (test_subset, len(test_x), "test_subset")):
+            if isinstance(subset, int) and subset > have:
+                raise DataError(f"data.{what}={subset} is more than the {have} contexts the "
+                                f"text holds (data.text_bytes={text_bytes}, data.context="
+                                f"{context}); use at most {have}, or raise data.text_bytes")
+        train_x, train_y = _take_subset(train_x, train_y, train_subset, "train_subset", dataset)
+        test_x, test_y = _take_subset(test_x, test_y, test_subset, "test_subset", dataset)
+        return Dataset(train_x, train_y, test_x, test_y, num_classes=VOCAB, name=dataset)
     if dataset == "synthetic":
         if synthetic is None:
             raise DataError(

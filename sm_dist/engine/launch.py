@@ -11,8 +11,15 @@ from pathlib import Path
 
 import torch
 
-from sm_dist.config.build import build_stage, build_stage_modules, load_job_data, resolve_device
+from sm_dist.config.build import (
+    build_stage,
+    build_stage_modules,
+    epochs_text,
+    prepare_job,
+    resolve_device,
+)
 from sm_dist.config.job import JobConfig
+from sm_dist.data.datasets import Dataset
 from sm_dist.engine import processes
 from sm_dist.engine.coordinator import RpcPipeline
 from sm_dist.engine.failures import StageError
@@ -41,6 +48,10 @@ def run_rank(job: JobConfig, out: Path, live: bool | None, resume: bool) -> int:
     # RPC's internal gloo group trips a deprecation warning in torch itself; not ours to fix.
     warnings.filterwarnings("ignore", message="You are using a Backend")
     info = RankInfo.from_env()
+    # Ctrl-C under torchrun reaches every rank at once: rank 0 saves what is finished and
+    # leaves (as on SIGTERM), the others just leave (a Python handler would wait for the RPC
+    # call they block in). The launcher says so, once.
+    signal.signal(signal.SIGINT, _terminate if info.rank == 0 else signal.SIG_DFL)
     num_stages = len(job.model.balance)
     if info.world_size != num_stages:
         if info.rank == 0:
@@ -53,6 +64,8 @@ def run_rank(job: JobConfig, out: Path, live: bool | None, resume: bool) -> int:
     torch.set_num_threads(threads)
     device = resolve_device(job, info.local_rank)
     stage = build_stage(job, info.rank, build_stage_modules(job)[info.rank], device)
+    # Bad data is bad input: found before RPC starts, so that the rank can simply exit 2.
+    prepared = prepare_job(job) if info.rank == 0 else None
     transport = Transport(info, timeout=job.run.rpc_timeout,
                           worker_threads=job.run.worker_threads, device=device,
                           transport=job.run.rpc_transport, bind=job.run.bind)
@@ -60,7 +73,8 @@ def run_rank(job: JobConfig, out: Path, live: bool | None, resume: bool) -> int:
     if info.rank != 0:
         transport.shutdown(graceful=True)  # serve the other stages until the coordinator ends
         return EXIT_OK
-    return coordinate(job, transport, out, live, resume)
+    assert prepared is not None
+    return coordinate(*prepared, transport, out, live, resume)
 
 
 def _leave(message: str) -> None:
@@ -73,21 +87,26 @@ def _leave(message: str) -> None:
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through `finally`, which saves what is finished
+    if not _terminating:  # once: a second signal (torchrun forwards Ctrl-C) must not cut
+        _terminating.append(signum)  # short the unwinding of the first
+        raise SystemExit(128 + signum)  # unwinds through `finally`, which saves what is done
 
 
-def coordinate(job: JobConfig, transport: Transport, out: Path, live: bool | None,
-               resume: bool) -> int:
-    """Rank 0: drive the training over RPC and write the run directory."""
+_terminating: list[int] = []
+
+
+def coordinate(job: JobConfig, data: Dataset, transport: Transport, out: Path,
+               live: bool | None, resume: bool) -> int:
+    """Rank 0: drive the training over RPC and write the run directory (`job` with
+    run.iterations set from data.epochs, see prepare_job)."""
     signal.signal(signal.SIGTERM, _terminate)
     num_stages = len(job.model.balance)
     try:
-        data = load_job_data(job)
         pipeline = RpcPipeline(transport, num_stages)
         hosts = {s: info["host"] for s, info in pipeline.stages.items()}
         header = (f"sm-dist: {job.name}: {num_stages} stage processes on "
                   f"{', '.join(sorted(set(hosts.values())))}, {job.optimizer.name}, "
-                  f"{len(data.train_x)} training samples -> {out}")
+                  f"{len(data.train_x)} training samples{epochs_text(job)} -> {out}")
         console = make_console(live)
         try:
             run_training(job, pipeline, data, out, header=header, live=live, console=console,
@@ -98,6 +117,9 @@ def coordinate(job: JobConfig, transport: Transport, out: Path, live: bool | Non
         finish_run(out, console)
     except StageError as err:
         _leave(str(err))
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os._exit(EXIT_RUNTIME)
     except OSError as err:  # the disk filled up, or the directory went away
         _leave(f"cannot write the run directory {out}: {err.strerror or err}; it keeps every "
                "iteration written before")

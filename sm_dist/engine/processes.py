@@ -23,8 +23,10 @@ from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 LAUNCHED = "SM_DIST_LAUNCHED"  # set in the children: the launcher reports for them
 # Lines a process writes when a neighbour dies under it: TensorPipe's and gloo's warnings,
 # C++'s last words. The failure itself is reported once, by stage and rank.
-NOISE = re.compile(r"^\[[WE] ?\d*.*(tensorpipe|TensorPipe|ProcessGroupGloo|socket\.cpp)|"
+NOISE = re.compile(r"^\[[WE] ?\d*.*(tensorpipe|TensorPipe|ProcessGroupGloo|socket\.cpp|"
+                   r"thread_pool\.cpp:\d+\] Exception in thread pool task: unknown)|"
                    r"^terminate called without an active exception|"
+                   r"^FATAL: exception not rethrown|"
                    r"^\s*$")
 GRACE = 10.0  # seconds a child may take to finish after the others are done or stopped
 
@@ -39,7 +41,8 @@ def _die_with_parent() -> None:
         pass  # not Linux: the launcher's own handlers stop the children
 
 
-def _forward(stream: IO[bytes], sink: IO[str]) -> None:
+def forward_without_noise(stream: IO[bytes], sink: IO[str]) -> None:
+    """Copy `stream` to `sink` line by line, less the NOISE lines."""
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
         if not NOISE.search(line):
@@ -72,7 +75,7 @@ class LocalJob:
                 [sys.executable, *args], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                 stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
             self.children.append(child)
-            pump = threading.Thread(target=_forward, args=(child.stderr, sys.stderr),
+            pump = threading.Thread(target=forward_without_noise, args=(child.stderr, sys.stderr),
                                     daemon=True)
             pump.start()
             self.pumps.append(pump)

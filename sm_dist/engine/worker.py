@@ -120,6 +120,7 @@ class StageWorker:
         self._queue: dict[int, tuple[Plan, Future]] = {}
         self._queued = threading.Condition()
         self._next_plan = 0
+        self._closed = False
         threading.Thread(target=self._run, name=f"stage{rank}-executor", daemon=True).start()
 
     # ------------------------------------------------------------------------ RPC surface
@@ -142,13 +143,22 @@ class StageWorker:
             self._queued.notify_all()
         return done
 
+    def close(self) -> None:
+        """Stop the executor thread (it would otherwise go on checking on the coordinator)."""
+        with self._queued:
+            self._closed = True
+            self._queued.notify_all()
+
     # --------------------------------------------------------------------------- executor
     def _run(self) -> None:
         while True:
             with self._queued:
-                while not self._queued.wait_for(lambda: self._next_plan in self._queue,
-                                                timeout=self.transport.timeout):
+                while not self._queued.wait_for(
+                        lambda: self._closed or self._next_plan in self._queue,
+                        timeout=self.transport.timeout):
                     self._check_coordinator()
+                if self._closed:
+                    return
                 plan, done = self._queue.pop(self._next_plan)
             done.set_result(self._execute(plan))
             self._next_plan += 1

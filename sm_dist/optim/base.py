@@ -48,6 +48,7 @@ class StageReport:
     hvp_products: int = 0
     tangents_started: int = 0  # CGBlock: tangent passes that carried this stage's own tangent
     backward_passes: int = 1  # 0 when the stage skipped the iteration's backward
+    grad_sq_norm: float | None = None  # ‖∂h/∂θ_s‖² of the step (torch optimizers)
 
 
 class StageRule:

@@ -3,12 +3,13 @@ people run on GPipe today), each stage stepping after its own last backward."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from sm_dist.optim.base import Optimizer, StepRule
+from sm_dist.optim.base import Optimizer, StageReport, StepRule
 from sm_dist.pipeline.actions import Action, ActionKind
 from sm_dist.pipeline.schedule import UpdateActions
 from sm_dist.pipeline.stage import Stage
@@ -23,6 +24,7 @@ class TorchOptimizerRule(StepRule):
         self.torch_optimizer = optimizer.build(stage.params)
 
     def step(self) -> None:
+        self._report = StageReport(grad_sq_norm=self.stage.grad_sq_norm())
         self.torch_optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
@@ -44,6 +46,13 @@ class TorchOptimizer(Optimizer):
 
     def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
         return lambda stage: [Action(ActionKind.APPLY)]
+
+    def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
+        """The gradient norm the step used, over every stage."""
+        squares = [r.grad_sq_norm for r in reports]
+        if any(square is None for square in squares):
+            return {}
+        return {"grad_norm": math.sqrt(sum(squares))}  # type: ignore[arg-type]
 
 
 class GD(TorchOptimizer):

@@ -58,8 +58,10 @@ class Plan:
 class PlanResult:
     stage: int
     losses: dict[int, float] = field(default_factory=dict)  # last stage: F j -> Σ ℓ / n
-    correct: dict[int, int] = field(default_factory=dict)
-    sums: dict[tuple[str, int], tuple[float, int, int]] = field(default_factory=dict)  # E, T
+    # Correct predictions per microbatch: a count, or for sequences the sum over samples of
+    # the share of tokens right (losses.py), so that correct / n is the accuracy either way.
+    correct: dict[int, float] = field(default_factory=dict)
+    sums: dict[tuple[str, int], tuple[float, float, int]] = field(default_factory=dict)  # E, T
     report: Any = None  # the rule's report of its last update
     events: list[TimelineEvent] = field(default_factory=list)
     value: Any = None  # the command's result

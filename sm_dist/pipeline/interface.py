@@ -25,7 +25,7 @@ class BatchResult:
     """What one forward pass measured: h at the iterate (Σ ℓ / n) and the correct predictions."""
 
     loss: float
-    correct: int
+    correct: float  # a count, or summed token shares for sequences (executor.PlanResult)
     samples: int
 
 
@@ -38,7 +38,8 @@ class IterationRequest:
     n: int  # samples in the batch: the loss is Σ ℓ / n
     same_batch: bool  # the same samples as the previous iteration (power-iteration warm start)
     schedule: Schedule  # every stage's actions (E chunks last, one per eval chunk)
-    eval_chunks: Microbatches | None = None  # evaluated after the update
+    eval_chunks: Microbatches | None = None  # evaluated after the update: test set first,
+    test_chunks: int = 0  # this many of them; the rest are the training set's
     last: bool = False  # no iteration follows: nothing to wait for, so no bubble to fill
     top: str = "loss"  # what the last stage computes (a rule may define its own, e.g. SSO's)
 
@@ -47,7 +48,8 @@ class IterationRequest:
 class IterationResult:
     batch: BatchResult
     reports: list[Any]  # one per stage: its rule's report
-    test: tuple[float, int, int] | None = None  # (Σ loss, correct, samples) after the update
+    test: tuple[float, float, int] | None = None  # (Σ loss, correct, samples) after the update
+    train: tuple[float, float, int] | None = None  # the same over the whole training set
 
 
 class Pending(Protocol[T]):  # type: ignore[misc]
@@ -72,6 +74,13 @@ class Then(Generic[T, U]):
 
     def wait(self) -> U:
         return self.then(self.pending.wait())
+
+
+def _totals(sums: list[tuple[float, float, int]]) -> tuple[float, float, int] | None:
+    """(Σ loss, correct, samples) over evaluation chunks; None for none."""
+    if not sums:
+        return None
+    return sum(e[0] for e in sums), sum(e[1] for e in sums), sum(e[2] for e in sums)
 
 
 def eval_chunks(x: Tensor, y: Tensor) -> Microbatches:
@@ -130,13 +139,10 @@ class Pipeline:
             last = results[-1]
             batch = BatchResult(sum(last.losses[j] for j in sorted(last.losses)),
                                 sum(last.correct.values()), request.n)
-            evals = [last.sums[key] for key in sorted(last.sums)
-                     if key[0] == ActionKind.EVALUATE.value]
-            test = None
-            if evals:
-                test = (sum(e[0] for e in evals), sum(e[1] for e in evals),
-                        sum(e[2] for e in evals))
-            return IterationResult(batch, [r.report for r in results], test)
+            evals = [last.sums[(ActionKind.EVALUATE.value, k)] for k in range(len(chunks))]
+            return IterationResult(batch, [r.report for r in results],
+                                   _totals(evals[:request.test_chunks]),
+                                   _totals(evals[request.test_chunks:]))
 
         return Then(pending, collect)
 

@@ -132,18 +132,27 @@ def validate_schedule(schedule: Schedule, num_microbatches: int) -> None:
 
 
 def render_grid(schedule: Schedule, durations: dict[str, int] | None = None,
-                iterations: int = 1) -> str:
-    """The schedule as a stage-by-time grid, one column per clock slot ('.' = idle); with
-    iterations > 1 the plan is drawn that many times back to back, as the engine runs it."""
+                iterations: int = 1, width: int | None = None) -> str:
+    """The schedule as a stage-by-time grid, one column per clock slot ('.' = idle; an action
+    of several slots is named in its first, '--' in the rest); with iterations > 1 the plan
+    is drawn that many times back to back, as the engine runs it. Given a `width` in
+    characters, the slots are cut into blocks that fit it, one under the other."""
     schedule = repeat_schedule(schedule, iterations)
     times = clock_cycles(schedule, durations)
-    width = max((end for stage in times for _, end in stage), default=0)
-    cells = [["." for _ in range(width)] for _ in schedule]
+    slots = max((end for stage in times for _, end in stage), default=0)
+    cells = [["." for _ in range(slots)] for _ in schedule]
     for s, actions in enumerate(schedule):
         for action, (start, end) in zip(actions, times[s]):
             for slot in range(start, end):
-                cells[s][slot] = str(action)
-    cell = max([len(c) for row in cells for c in row] + [2])
-    header = "stage " + " ".join(f"{t:>{cell}}" for t in range(width))
-    rows = [f"{s:>5} " + " ".join(f"{c:>{cell}}" for c in row) for s, row in enumerate(cells)]
-    return "\n".join([header, *rows])
+                cells[s][slot] = str(action) if slot == start else "--"
+    cell = max([len(c) for row in cells for c in row] + [2, len(str(slots - 1))])
+    fits = slots if width is None else max(1, (width - 6) // (cell + 1))
+    per_block = -(-slots // -(-slots // fits)) if slots else 1  # blocks of equal size
+    blocks = []
+    for first in range(0, slots, per_block) if slots else [0]:
+        columns = range(first, min(slots, first + per_block))
+        header = "stage " + " ".join(f"{t:>{cell}}" for t in columns)
+        rows = [f"{s:>5} " + " ".join(f"{row[t]:>{cell}}" for t in columns)
+                for s, row in enumerate(cells)]
+        blocks.append("\n".join([header, *rows]))
+    return "\n\n".join(blocks)

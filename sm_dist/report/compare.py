@@ -30,7 +30,7 @@ from sm_dist.report.grid import (
 from sm_dist.report.run_data import ReportError, load_run
 from sm_dist.report.simulate import SimulateError, parse_link
 from sm_dist.report.summary import summarize
-from sm_dist.run.run_dir import unique_dir
+from sm_dist.run.run_dir import STOPPED_FILE, unique_dir
 
 DEFAULT_LINK = "pcie4"  # the link compare's simulated pipeline time assumes
 DEFAULT_REACH = (0.5, 0.3, 0.1)  # the losses whose simulated time to reach compare.md gives
@@ -83,6 +83,10 @@ def train_point(point: GridPoint, out: Path, single_process: bool) -> RunResult:
         returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
                                     env=_child_env(), check=False).returncode
     result = RunResult(point, path, "failed", returncode=returncode, log=log)
+    if returncode == EXIT_RUNTIME and (path / STOPPED_FILE).is_file():
+        # It diverged and stopped (run.on_nonfinite: stop): a result, not a failure.
+        result.run, result.status = load_run(path), "stopped"
+        return result
     if returncode != 0:
         result.reason = f"sm-dist train exited with {returncode}"
         return result
@@ -99,6 +103,8 @@ def _outcome_text(result: RunResult) -> str:
     summary = summarize(result.run)
     loss, acc, wall = (summary["final_train_loss"], summary["final_test_acc"],
                        summary["wall_time"])
+    if result.run.stopped:
+        return f"{result.status}: diverged at iteration {result.run.records[-1].iteration}"
     text = f"{result.status}: final loss {'non-finite' if loss is None else format(loss, '#.4g')}"
     if acc is not None:
         text += f", test acc {100 * acc:.1f}%"

@@ -12,8 +12,8 @@ from matplotlib.ticker import MaxNLocator
 from sm_dist.report.compare_tables import DepthGroup, Row, figure_rows, pipeline_passes
 from sm_dist.report.plots import (
     FONT_SIZE,
-    PlainLogFormatter,
     new_figure,
+    plain_log_ticks,
     save_figure,
     series,
 )
@@ -70,9 +70,7 @@ def _panel(axes: Axes, rows: Sequence[Row], x_key: str, colours: dict[str, str],
                   ha="center", va="center", fontsize=FONT_SIZE, color="0.4")
         return
     axes.set_yscale("log")
-    axes.yaxis.set_major_formatter(PlainLogFormatter())
-    axes.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False,
-                                                     minor_thresholds=(2, 0.5)))
+    plain_log_ticks(axes.yaxis)
     axes.grid(True, which="major", alpha=0.3)
     axes.grid(True, which="minor", alpha=0.1)
 
@@ -105,6 +103,7 @@ def plot_compare(groups: Sequence[DepthGroup], optimizers: Sequence[str], path: 
         by_iteration.set_xlabel("iteration", fontsize=FONT_SIZE)
         if by_passes.lines:  # SSO makes ~100x the passes of SM: only a log scale shows both
             by_passes.set_xscale("log")
+            plain_log_ticks(by_passes.xaxis)
         by_passes.set_xlabel("pipeline passes (forward + backward), log scale", fontsize=FONT_SIZE)
         by_time.set_xlabel("wall time (s)", fontsize=FONT_SIZE)
         by_iteration.set_ylabel("training loss (log scale)", fontsize=FONT_SIZE)

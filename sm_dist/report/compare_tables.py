@@ -73,22 +73,30 @@ def seconds_text(value: float | None) -> str:
 
 
 def final_loss(run: RunData) -> float | None:
-    """The last iteration's training loss; None when it was not finite (written as null)."""
+    """The last iteration's training loss; None when it was not finite (written as null) or
+    the run stopped there because it diverged (run.on_nonfinite: stop)."""
     value = run.records[-1].train_loss
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+    if run.stopped or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
 
 
 def first_non_finite(run: RunData) -> int | None:
-    """The first iteration whose training loss was not finite (null in metrics.jsonl)."""
+    """The first iteration whose training loss was not finite (null in metrics.jsonl), or at
+    which the run stopped as diverged."""
     for record in run.records:
         value = record.train_loss
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
             return record.iteration
-    return None
+    return run.records[-1].iteration if run.stopped else None
 
 
 def loss_at(run: RunData, iteration: int) -> str:
-    """The training loss at `iteration` ("-" when the run has no such iteration)."""
+    """The training loss at `iteration` ("-" when the run has no such iteration, "non-finite"
+    from the iteration at which a diverged run stopped)."""
+    stop = first_non_finite(run) if run.stopped else None
+    if stop is not None and iteration >= stop:
+        return loss_text(None)
     for record in run.records:
         if record.iteration == iteration:
             return loss_text(record.train_loss)
@@ -371,11 +379,15 @@ def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_pat
         lines += ["## Learning-rate sweeps", ""]
         for group, name, sweep in sweeps:
             lines += [f"### {name}, {group.heading}", "", *_sweep_table(sweep), ""]
-    diverged = [(r, k) for r, run in done if (k := first_non_finite(run)) is not None]
+    diverged = [(r, run, k) for r, run in done if (k := first_non_finite(run)) is not None]
     if diverged:
-        lines += ["## Diverged runs", ""]
-        lines += [f"- {r.point.label}: the training loss was not finite from iteration {k}"
-                  for r, k in diverged]
+        lines += ["## Diverged runs", "", "A run stops at the first iteration whose training "
+                  "loss is not finite or more than 10^4 times its first (run.on_nonfinite: "
+                  "stop); the tables show `non-finite` from there on.", ""]
+        lines += [f"- {r.point.label}: " + (f"stopped at iteration {k}: {run.stopped}"
+                                            if run.stopped else
+                                            f"the training loss was not finite from iteration {k}")
+                  for r, run, k in diverged]
         lines.append("")
     failed = [r for r in results if r.run is None]
     if failed:

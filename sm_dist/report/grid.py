@@ -51,7 +51,7 @@ class RunResult:
 
     point: GridPoint
     path: Path  # the run directory
-    status: str  # "trained", "collected" or "failed"
+    status: str  # "trained", "collected", "stopped" (it diverged) or "failed"
     run: RunData | None = None  # the finished run (None when it failed)
     returncode: int | None = None  # of `sm-dist train`, when it ran
     log: Path | None = None  # its output, when it ran
@@ -100,7 +100,7 @@ def point_label(optimizer: str, depth: int | None, steps: int | InnerStepsConfig
     if steps is not None:
         parts.append(f"n{steps_text(steps)}")
     if lr is not None:
-        parts.append(f"lr{lr_text(lr)}")
+        parts.append(f"lr{lr_text(lr).replace('+', '')}")  # 1e+08 -> 1e08: a valid name
     return "-".join(parts)
 
 

@@ -9,12 +9,13 @@ from typing import Any
 # The figure and the Agg canvas are used directly rather than through pyplot: no global backend
 # to select, no display needed, and no figure registry that keeps figures alive.
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from sm_dist.pipeline.actions import IDLE_COLOUR, ActionKind
+from sm_dist.pipeline.actions import IDLE_COLOUR, INDEXED_KINDS, ActionKind
 from sm_dist.pipeline.timeline import (
     TimelineEvent,
     events_from_trace,
@@ -27,6 +28,7 @@ from sm_dist.run.metrics import IterationRecord
 DPI = 120
 FONT_SIZE = 10
 LANE_HEIGHT = 0.8
+MIN_BAR_PX = 2.5  # the narrowest bar the timeline draws, in pixels
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -79,6 +81,15 @@ class PlainLogFormatter(LogFormatter):
         return f"{x:g}" if super().__call__(x, pos) else ""
 
 
+def plain_log_ticks(axis: Axis) -> None:
+    """Plain numbers (0.9, 2, 30; not 9×10^-1 or 2×10^0) on a log-scale axis, set after its
+    scale (setting a scale resets the formatters). A short run's values often span less than a
+    decade, so the labels sit on the minor ticks, which matplotlib labels only when few are in
+    view."""
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def _loss_figure(runs: Sequence[RunData], x_key: str, x_label: str, path: str | Path) -> None:
     figure = new_figure(7.5, 4.5)
     axes = figure.add_subplot()
@@ -92,11 +103,7 @@ def _loss_figure(runs: Sequence[RunData], x_key: str, x_label: str, path: str | 
             axes.plot(xs, ys, color=colour, linestyle="--", marker="o", markersize=4,
                       linewidth=1.0, label=f"{run.name} (test)")
     axes.set_yscale("log")
-    # Plain numbers (0.9, not 9e-01): a short run's losses often span less than a decade, so the
-    # labels sit on the minor ticks, which matplotlib only labels when few are in view.
-    axes.yaxis.set_major_formatter(PlainLogFormatter())
-    axes.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False,
-                                                      minor_thresholds=(2, 0.5)))
+    plain_log_ticks(axes.yaxis)
     if x_key == "iteration":
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel(x_label, fontsize=FONT_SIZE)
@@ -156,21 +163,30 @@ def _text_fits(text: str, width_px: float) -> bool:
 
 
 def _bar_label(event: TimelineEvent, width_px: float) -> str:
-    """The text drawn inside a bar: the action (F0, B1, W) if it fits, else its index, else none."""
-    if event.kind.info.legend in ("forward", "backward"):
-        candidates = [event.label, str(event.index)]
-    else:  # an update's index is a step budget, not a microbatch: its letter says enough
-        candidates = [event.kind]
+    """The text drawn inside a bar, only where it fits whole: the action (F0, B1), or an
+    update's letter with the steps it took (W 37 steps) or alone; else none."""
+    if event.kind in INDEXED_KINDS:
+        candidates = [event.label]
+    else:  # an update's index is a step budget, not a microbatch: what it did says more
+        candidates = [f"{event.kind.value} {event.detail}"] if event.detail else []
+        candidates.append(event.kind.value)
     return next((text for text in candidates if _text_fits(text, width_px)), "")
 
 
-def _legend_groups() -> list[tuple[str, str, list[str]]]:
-    """(group, colour, letters) of the action kinds, in the order the legend shows them."""
+def _legend_entries(drawn: set[ActionKind]) -> list[tuple[str, str]]:
+    """(colour, label) per colour of the kinds drawn, each letter with its action's name
+    (F forward, L build local loss), in the order of ActionKind."""
     groups: dict[str, tuple[str, list[str]]] = {}
     for kind in ActionKind:
-        colour, letters = groups.setdefault(kind.info.legend, (kind.info.colour, []))
-        letters.append(kind.value)
-    return [(group, colour, letters) for group, (colour, letters) in groups.items()]
+        if kind in drawn:
+            colour, names = groups.setdefault(kind.info.legend, (kind.info.colour, []))
+            names.append(f"{kind.value} {kind.info.name}")
+    return [(colour, ", ".join(names)) for colour, names in groups.values()]
+
+
+def _short_bar_width(width_ms: float, px_per_ms: float) -> float:
+    """A bar's drawn width: at least MIN_BAR_PX, so that a microsecond forward still shows."""
+    return max(width_ms, MIN_BAR_PX / px_per_ms)
 
 
 def plot_timeline(events: Sequence[TimelineEvent] | dict[str, Any], iteration: int,
@@ -198,6 +214,7 @@ def plot_timeline(events: Sequence[TimelineEvent] | dict[str, Any], iteration: i
     figure.canvas.draw()  # fixes the axes' size in pixels, needed to decide which labels fit
     px_per_ms = axes.get_window_extent().width / window_ms
     other_iterations = False
+    drawn: set[ActionKind] = set()  # the legend names these
     for stage in range(num_stages):
         axes.broken_barh([(0, window_ms)], (stage - LANE_HEIGHT / 2, LANE_HEIGHT),
                          facecolors=IDLE_COLOUR, zorder=1)
@@ -208,9 +225,13 @@ def plot_timeline(events: Sequence[TimelineEvent] | dict[str, Any], iteration: i
         x, width = (start - lo) * 1e3, (end - start) * 1e3
         foreign = event.iteration != iteration
         other_iterations |= foreign
-        axes.broken_barh([(x, width)], (event.stage - LANE_HEIGHT / 2, LANE_HEIGHT),
+        drawn.add(event.kind)
+        # A white edge parts neighbouring bars, but it would cover a narrow bar entirely.
+        edge = 0.6 if width * px_per_ms > 3 * MIN_BAR_PX else 0.0
+        axes.broken_barh([(x, _short_bar_width(width, px_per_ms))],
+                         (event.stage - LANE_HEIGHT / 2, LANE_HEIGHT),
                          facecolors=event.kind.info.colour, edgecolors="white",
-                         linewidth=0.6, hatch="///" if foreign else None, zorder=2)
+                         linewidth=edge, hatch="///" if foreign else None, zorder=2)
         text = _bar_label(event, width * px_per_ms)
         if text:
             dark = event.kind.info.legend in ("forward", "update")
@@ -234,16 +255,17 @@ def plot_timeline(events: Sequence[TimelineEvent] | dict[str, Any], iteration: i
     for side in ("top", "right", "left"):
         axes.spines[side].set_visible(False)
 
-    drawn = {event.kind for event in events}
-    legend = [Patch(facecolor=colour, label=f"{group} ({', '.join(letters)})")
-              for group, colour, letters in _legend_groups()
-              if group != "tangent" or drawn & set(letters)]
+    legend = [Patch(facecolor=colour, label=label) for colour, label in _legend_entries(drawn)]
     legend.append(Patch(facecolor=IDLE_COLOUR, label="idle"))
     if other_iterations:
         legend.append(Patch(facecolor="#999999", edgecolor="white", hatch="///",
                             label="another iteration"))
+    # As many columns as the widest label leaves room for in the figure's width.
+    widest = max(len(patch.get_label()) for patch in legend)
+    room = figure.get_figwidth() * 72 / (0.6 * (FONT_SIZE - 1) * widest + 4 * FONT_SIZE)
     # Below the x label: half an inch down, whatever the number of lanes makes the axes' height.
     below = -0.55 * DPI / axes.get_window_extent().height
     axes.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, below),
-                ncol=len(legend), fontsize=FONT_SIZE - 1, frameon=False)
+                ncol=max(1, min(len(legend), int(room))), fontsize=FONT_SIZE - 1,
+                frameon=False)
     save_figure(figure, path)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
@@ -21,7 +22,7 @@ from sm_dist.report.plots import (
     plot_timeline,
 )
 from sm_dist.report.run_data import ReportError, RunData, load_run, load_runs
-from sm_dist.run.metrics import IterationRecord
+from sm_dist.run.metrics import STEADY_FIELDS, IterationRecord, steady_means
 from sm_dist.run.run_dir import unique_dir
 
 
@@ -61,15 +62,18 @@ def summarize(run: RunData) -> dict[str, Any]:
     - `best_train_loss`, `best_train_loss_iteration`: the lowest training loss and where
     - `final_test_loss`, `final_test_acc`, `final_test_iteration`: the last evaluation
     - `best_test_acc`, `best_test_acc_iteration`: the highest test accuracy and where
+    - `final_full_train_loss`, `final_full_train_acc`, `final_full_train_iteration`,
+      `best_full_train_loss`: the whole training set's evaluations (run.eval_train_every)
+    - `epochs`: passes over the training set (minibatch runs)
     - `forward_passes`, `backward_passes`: pipeline passes over the batch in all
-    - `mean_bubble_fraction`: the pipeline's idle share averaged over iterations (multi-process
-      runs only; the first iteration's includes start-up)
     - `stopped`: why the run stopped before its last iteration (a non-finite loss), or None
-    - `mean_busy_fraction`, `mean_turnaround_idle`, `mean_update_idle`: per stage, averaged
-      over the steady iterations (without the first, which includes start-up, and the last,
-      which has no next input): the share of the iteration the stage computed, was idle
-      between its last forward and first backward, and between its last backward and its
-      next forward (multi-process runs only)
+    - means over the steady iterations (`SteadyMeans`: without the first, which includes
+      start-up, and the last, which has no next input), as the live monitor shows them:
+      `mean_bubble_fraction`, the pipeline's idle share; per stage `mean_busy_fraction`,
+      `mean_turnaround_idle`, `mean_update_idle`, the share of the iteration the stage
+      computed, was idle between its last forward and first backward, and between its last
+      backward and its next forward (these four multi-process runs only); `mean_inner_steps`,
+      the inner steps each stage took (optimizers with an inner loop)
     """
     records, config = run.records, run.config
     balance = _section(config, "model").get("balance")
@@ -79,7 +83,10 @@ def summarize(run: RunData) -> dict[str, Any]:
     test_loss, test_at = _last(records, "test_loss")
     test_acc, _ = _last(records, "test_acc")
     best_acc, best_acc_at = _best(records, "test_acc", lowest=False)
-    bubbles = [r.bubble_fraction for r in records if r.bubble_fraction is not None]
+    full_loss, full_at = _last(records, "full_train_loss")
+    full_acc, _ = _last(records, "full_train_acc")
+    best_full, _ = _best(records, "full_train_loss", lowest=True)
+    means = steady_means(records)
     last = records[-1]
     return {
         "name": run.name,
@@ -99,42 +106,37 @@ def summarize(run: RunData) -> dict[str, Any]:
         "final_test_iteration": test_at,
         "best_test_acc": best_acc,
         "best_test_acc_iteration": best_acc_at,
+        "final_full_train_loss": full_loss,
+        "final_full_train_acc": full_acc,
+        "final_full_train_iteration": full_at,
+        "best_full_train_loss": best_full,
+        "epochs": last.epoch,
         "forward_passes": last.forward_passes,
         "backward_passes": last.backward_passes,
-        "mean_bubble_fraction": sum(bubbles) / len(bubbles) if bubbles else None,
         "stopped": run.stopped,
-        **{f"mean_{key}": _stage_means(records, key)
-           for key in ("busy_fraction", "turnaround_idle", "update_idle")},
+        **{f"mean_{key}": means[key] for key in STEADY_FIELDS},
     }
 
 
-def _stage_means(records: Sequence[IterationRecord], key: str) -> list[float | None] | None:
-    """Per-stage mean of a per-stage list over the steady iterations, None where unmeasured."""
-    steady = records[1:-1] if len(records) > 2 else records
-    rows = [getattr(r, key) for r in steady if isinstance(getattr(r, key), list)]
-    if not rows:
-        return None
-    columns = [[v for v in column if v is not None] for column in zip(*rows)]
-    return [sum(c) / len(c) if c else None for c in columns]
-
-
-def utilisation_text(summary: dict[str, Any]) -> str | None:
-    """The pipeline's busy and idle shares per stage, as printed at the end of a run."""
+def utilisation_text(summary: dict[str, Any], width: int | None = None) -> str | None:
+    """The pipeline's busy and idle shares per stage, as printed at the end of a run; with
+    `width`, the stages are split over several blocks so that no line is wider."""
     busy = summary.get("mean_busy_fraction")
     if not busy:
         return None
-
-    def row(values: list[float | None]) -> str:
-        return " ".join("   -" if v is None else f"{v:4.0%}" for v in values)
-
+    bubble = summary.get("mean_bubble_fraction")
+    rows = [("busy", busy), ("idle forward->back", summary.get("mean_turnaround_idle")),
+            ("idle back->forward", summary.get("mean_update_idle"))]
+    per_block = len(busy) if width is None else max(1, (width - 21) // 5)
     lines = [f"pipeline (means over steady iterations; bubble "
-             f"{summary['mean_bubble_fraction']:.0%}):",
-             f"  stage               {' '.join(f'{s:>4}' for s in range(len(busy)))}",
-             f"  busy                {row(busy)}"]
-    if summary.get("mean_turnaround_idle"):
-        lines.append(f"  idle forward->back  {row(summary['mean_turnaround_idle'])}")
-    if summary.get("mean_update_idle"):
-        lines.append(f"  idle back->forward  {row(summary['mean_update_idle'])}")
+             f"{'-' if bubble is None else format(bubble, '.0%')}):"]
+    for first in range(0, len(busy), per_block):
+        stages = range(first, min(first + per_block, len(busy)))
+        lines.append(f"  {'stage':<19}{''.join(f'{s:>5}' for s in stages)}")
+        for label, values in rows:
+            if values:
+                lines.append(f"  {label:<19}" + "".join(
+                    "    -" if values[s] is None else f"{values[s]:5.0%}" for s in stages))
     return "\n".join(lines)
 
 
@@ -142,6 +144,11 @@ def utilisation_text(summary: dict[str, Any]) -> str | None:
 COLUMNS = ("run", "optimizer", "stages", "iterations", "final loss", "best loss",
            "final test acc", "wall time", "passes F/B", "bubble")
 LEFT_ALIGNED = ("run", "optimizer")
+# The one-row-per-run table's headings on two lines: a row of short figures under one-word
+# headings fits in fewer columns.
+HEADINGS = {"final loss": "final\nloss", "best loss": "best\nloss",
+            "final test acc": "final\ntest acc", "wall time": "wall\ntime",
+            "passes F/B": "passes\nF/B"}
 
 
 def _cells(summary: dict[str, Any]) -> list[str]:
@@ -149,8 +156,11 @@ def _cells(summary: dict[str, Any]) -> list[str]:
     def number(value: Any, form: str) -> str:
         return "-" if value is None else format(value, form)
 
-    best = number(summary["best_train_loss"], ".4g")
-    if summary["best_train_loss_iteration"] is not None:
+    # Minibatch runs that evaluate the whole training set: its loss, not one minibatch's.
+    full = summary.get("final_full_train_loss") is not None
+    final = summary["final_full_train_loss"] if full else summary["final_train_loss"]
+    best = number(summary["best_full_train_loss" if full else "best_train_loss"], ".4g")
+    if not full and summary["best_train_loss_iteration"] is not None:
         best += f" @{summary['best_train_loss_iteration']}"
     passes = "-"
     if summary["forward_passes"] is not None:
@@ -159,34 +169,111 @@ def _cells(summary: dict[str, Any]) -> list[str]:
     bubble = summary["mean_bubble_fraction"]
     return [str(summary["name"]), str(summary["optimizer"] or "-"),
             number(summary["stages"], "d"), number(summary["iterations"], "d"),
-            number(summary["final_train_loss"], ".4g"), best,
+            number(final, ".4g"), best,
             "-" if test_acc is None else f"{100 * test_acc:.1f}%",
             "-" if summary["wall_time"] is None else f"{summary['wall_time']:.1f} s",
             passes, "-" if bubble is None else f"{100 * bubble:.0f}%"]
 
 
-def summary_table(runs: Sequence[RunData]) -> Table:
-    """One row per run, for a terminal."""
-    table = Table(title="runs", title_justify="left")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column in LEFT_ALIGNED else "right",
-                         no_wrap=column == "run")
-    for run in runs:
-        table.add_row(*_cells(summarize(run)))
+def _widths(rows: Sequence[Sequence[str]]) -> list[int]:
+    """Each column's width: its widest line of any cell (cells may hold several lines)."""
+    return [max(cell_len(line) for row in rows for line in row[i].split("\n"))
+            for i in range(len(rows[0]))]
+
+
+def _boxed(widths: list[int]) -> int:
+    """A rich table's width for these column widths: a space each side, a rule between."""
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def _plain(widths: list[int]) -> int:
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _transposed(rows: list[list[str]]) -> list[list[str]]:
+    """One column per run (headed by its name), one row per figure (headed by its column)."""
+    return [["", *(row[0] for row in rows)],
+            *([column, *(row[i] for row in rows)] for i, column in enumerate(COLUMNS) if i)]
+
+
+def _layout(rows: list[list[str]], width: int | None, frame: Callable[[list[int]], int],
+            wide: list[str]) -> str:
+    """The layout: "wide" (one row per run) when it fits in `width` (or no width is given),
+    else "columns" (one column per run) when that fits, else "blocks" (one key-value block per
+    run); `frame` gives a layout's width from its column widths. Only the blocks fold, and only
+    a name wider than the screen: a figure is never cut."""
+    if width is None or frame(_widths([wide, *rows])) <= width:
+        return "wide"
+    return "columns" if frame(_widths(_transposed(rows))) <= width else "blocks"
+
+
+def summary_table(runs: Sequence[RunData], width: int | None = None) -> Table:
+    """The runs as a rich table that fits in `width` columns (one row per run, one column per
+    run, or one key-value block per run; see `_layout`), for a terminal."""
+    rows = [_cells(summarize(run)) for run in runs]
+    headings = [HEADINGS.get(column, column) for column in COLUMNS]
+    layout = _layout(rows, width, _boxed, headings)
+    table = Table(title="runs", title_justify="left", show_header=layout != "blocks")
+    if layout == "wide":
+        for column, heading in zip(COLUMNS, headings):
+            table.add_column(heading, justify="left" if column in LEFT_ALIGNED else "right",
+                             no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+    elif layout == "columns":
+        transposed = _transposed(rows)
+        table.add_column("", no_wrap=True)
+        for name in transposed[0][1:]:
+            table.add_column(name, justify="right", no_wrap=True)
+        for row in transposed[1:]:
+            table.add_row(*row)
+    else:
+        table.add_column("", no_wrap=True, style="bold")
+        table.add_column("", overflow="fold")  # only a long name folds: figures are short
+        for row in rows:
+            for position, (column, cell) in enumerate(zip(COLUMNS, row)):
+                table.add_row(column, cell, end_section=position == len(COLUMNS) - 1)
     return table
 
 
-def summary_text(runs: Sequence[RunData]) -> str:
-    """The summary table as plain fixed-width text, for logs and pipes."""
-    rows = [list(COLUMNS)] + [_cells(summarize(run)) for run in runs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+def _plain_grid(rows: Sequence[Sequence[str]], left: set[int]) -> list[str]:
+    """Fixed-width lines with a rule under the first row; the columns in `left` flush left."""
+    widths = _widths(rows)
 
-    def line(row: list[str]) -> str:
-        return "  ".join(cell.ljust(width) if column in LEFT_ALIGNED else cell.rjust(width)
-                         for cell, width, column in zip(row, widths, COLUMNS)).rstrip()
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
 
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])]) + "\n"
+    return [line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])]
+
+
+def summary_text(runs: Sequence[RunData], width: int | None = None) -> str:
+    """The summary as plain fixed-width text, for logs and pipes, in the layout that fits in
+    `width` columns (see `_layout`; with no width, one row per run)."""
+    rows = [_cells(summarize(run)) for run in runs]
+    layout = _layout(rows, width, _plain, list(COLUMNS))
+    if layout == "wide":
+        lines = _plain_grid([list(COLUMNS), *rows],
+                            {i for i, column in enumerate(COLUMNS) if column in LEFT_ALIGNED})
+    elif layout == "columns":
+        lines = _plain_grid(_transposed(rows), {0})
+    else:
+        key = max(len(column) for column in COLUMNS)
+        lines = []
+        for row in rows:
+            lines += ([""] if lines else []) + [f"{column:<{key}}  {cell}"
+                                                for column, cell in zip(COLUMNS, row)]
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(runs: Sequence[RunData], console: Console) -> None:
+    """The summary in the layout that fits the console: a rich table on a terminal, plain
+    text elsewhere (box drawing in a log file or a pipe is noise)."""
+    if console.is_terminal:
+        console.print(summary_table(runs, console.width))
+    else:
+        console.print(summary_text(runs, console.width), markup=False, highlight=False,
+                      soft_wrap=True, end="")
 
 
 # ------------------------------------------------------------------------------ the report
@@ -264,27 +351,27 @@ def report_main(run_dirs: Sequence[str], out: str | None = None,
     except OSError as err:
         print(f"sm-dist: error: cannot write the report to {out_dir}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if console.is_terminal:
-        console.print(summary_table(runs))
-    else:  # box drawing in a log file or a pipe is noise: the plain table reads the same
-        console.print(summary_text(runs), markup=False, highlight=False, soft_wrap=True, end="")
-    console.print(f"sm-dist: report in {out_dir}:", markup=False, highlight=False)
+    print_summary(runs, console)
+    _say(console, f"sm-dist: report in {out_dir}:")
     for path in written:
-        console.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)
+        _say(console, f"  {path}")
     return EXIT_OK
+
+
+def _say(console: Console, text: str) -> None:
+    """A line as it is: on a terminal wrapped at spaces (a path moves to a line of its own
+    rather than breaking), elsewhere one line however long, for logs and greps."""
+    console.print(text, markup=False, highlight=False, soft_wrap=not console.is_terminal)
 
 
 def finish_run(out: Path, console: Console) -> None:
     """After training: summary.json, the plots, and the summary table with the run's path."""
     run = load_run(out)
     write_report([run], out)
-    if console.is_terminal:
-        console.print(summary_table([run]))
-    else:
-        print(summary_text([run]))
-    utilisation = utilisation_text(summarize(run))
+    print_summary([run], console)
+    utilisation = utilisation_text(summarize(run), console.width)
     if utilisation:
-        print(utilisation)
+        _say(console, utilisation)
     if run.stopped:
-        console.print(f"stopped early: {run.stopped}", highlight=False, soft_wrap=True)
-    console.print(f"results in {out}", highlight=False, soft_wrap=True)
+        _say(console, f"stopped early: {run.stopped}")
+    _say(console, f"results in {out}")

@@ -55,7 +55,8 @@ def step_dir(run_dir: Path, iteration: int) -> Path:
 RESUMABLE_CHANGES = frozenset({
     "run.iterations", "run.rpc_timeout", "run.threads", "run.eval_every",
     "run.checkpoint_every", "run.keep_last", "run.worker_threads", "run.rpc_transport",
-    "run.bind", "run.runs_dir", "run.on_nonfinite"})
+    "run.bind", "run.runs_dir", "run.on_nonfinite", "run.eval_train_every", "run.tensorboard",
+    "data.epochs"})
 
 
 def save_atomically(obj: Any, path: Path) -> None:
@@ -172,5 +173,7 @@ def check_resumable(run_dir: Path, job: JobConfig) -> tuple[Path, list[str]]:
     if done >= job.run.iterations:
         raise CheckpointError(f"{run_dir} has already run {done} iterations (run.iterations is "
                               f"{job.run.iterations}); to train on, raise it, e.g. "
-                              f"--set run.iterations={done + job.run.iterations}")
+                              f"--set run.iterations={done + job.run.iterations}"
+                              + (" (with data.epochs: raise data.epochs)"
+                                 if job.data.epochs else ""))
     return path, passed

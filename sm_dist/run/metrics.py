@@ -39,6 +39,11 @@ class IterationRecord:
     hvp_products: list[int] | None = None
     test_loss: float | None = None
     test_acc: float | None = None
+    # The whole training set after the update (run.eval_train_every), and the passes over it
+    # so far (minibatch runs).
+    full_train_loss: float | None = None
+    full_train_acc: float | None = None
+    epoch: float | None = None
     # Optimizers with an inner loop per stage (SM, CGBlock; SSO's steered loop), per stage.
     predicted_decrease: float | None = None  # the models' predicted change of h
     inner_steps: list[int] | None = None
@@ -94,6 +99,73 @@ class Costs:
 
     def add_products(self, per_stage: list[int]) -> None:
         self.hvp_products = [a + b for a, b in zip(self.hvp_products, per_stage, strict=True)]
+
+
+# What `SteadyMeans` averages: the engine's utilisation and the inner steps per stage.
+STEADY_FIELDS = ("bubble_fraction", "busy_fraction", "turnaround_idle", "update_idle",
+                 "inner_steps")
+
+
+class SteadyMeans:
+    """Means of STEADY_FIELDS over the steady iterations of the records added in order: all but
+    the first (it includes start-up) and the newest (the last has no next input, so its window
+    ends at its own last action and a fill-mode update takes only `min` steps); all of them
+    while there are fewer than three. The one definition that the summary, the report and the
+    live monitor use, so that the monitor's last frame shows the summary's figures."""
+
+    def __init__(self) -> None:
+        self._edges: list[IterationRecord] = []  # the first and the newest record
+        self._sums: dict[str, list[float]] = {}
+        self._counts: dict[str, list[int]] = {}
+        self.steady = 0  # records summed as steady
+
+    def add(self, record: IterationRecord) -> None:
+        if len(self._edges) == 2:  # the newest so far is steady now that one follows it
+            _accumulate(self._edges.pop(), self._sums, self._counts)
+            self.steady += 1
+        self._edges.append(record)
+
+    def means(self) -> dict[str, Any]:
+        """Per field: a float (bubble_fraction) or one float per stage, None where unmeasured."""
+        sums, counts = self._sums, self._counts
+        if not self.steady:  # fewer than three records: every one counts
+            sums, counts = {}, {}
+            for record in self._edges:
+                _accumulate(record, sums, counts)
+        means: dict[str, Any] = {}
+        for key in STEADY_FIELDS:
+            if key not in sums:
+                means[key] = None
+                continue
+            column = [s / c if c else None for s, c in zip(sums[key], counts[key])]
+            means[key] = column[0] if key == "bubble_fraction" else column
+        return means
+
+
+def _accumulate(record: IterationRecord, sums: dict[str, list[float]],
+                counts: dict[str, list[int]]) -> None:
+    """Add the record's STEADY_FIELDS to per-stage sums and counts (nulls left out)."""
+    for key in STEADY_FIELDS:
+        value = getattr(record, key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        total, count = sums.setdefault(key, []), counts.setdefault(key, [])
+        for stage, v in enumerate(values):
+            if stage == len(total):
+                total.append(0.0)
+                count.append(0)
+            if v is not None:
+                total[stage] += v
+                count[stage] += 1
+
+
+def steady_means(records: list[IterationRecord]) -> dict[str, Any]:
+    """`SteadyMeans` of a run's records."""
+    means = SteadyMeans()
+    for record in records:
+        means.add(record)
+    return means.means()
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
+from sm_dist.config.job import JobConfig
+from sm_dist.models.build import num_params
+from sm_dist.optim.registry import get as get_optimizer
+from sm_dist.optim.torch_optimizers import TorchOptimizer
+from sm_dist.pipeline.interface import Pipeline
 from sm_dist.pipeline.timeline import TimelineEvent
-from sm_dist.run.metrics import IterationRecord
+from sm_dist.run.metrics import IterationRecord, SteadyMeans
+
+MEANS_NOTE = "bubble, busy, inner steps: means over steady iterations (not the first or last)"
 
 
 def format_record(record: IterationRecord, iterations: int) -> str:
@@ -30,6 +39,11 @@ def format_record(record: IterationRecord, iterations: int) -> str:
         parts.append(f"step {record.step_size:.3g} ({record.line_search_trials} trials)")
     if record.test_acc is not None and record.test_loss is not None:
         parts.append(f"test_loss {record.test_loss:.4f} test_acc {record.test_acc:.3f}")
+    if record.full_train_loss is not None and record.full_train_acc is not None:
+        parts.append(f"full_train_loss {record.full_train_loss:.4f} "
+                     f"full_train_acc {record.full_train_acc:.3f}")
+    if record.epoch is not None:
+        parts.append(f"epoch {record.epoch:.2f}")
     parts.append(f"{record.wall_time:.1f}s")
     return "  ".join(parts)
 
@@ -76,8 +90,66 @@ class PlainMonitor:
         pass
 
 
-def _per_stage(values: list[Any] | None, stage: int) -> Any:
-    return None if values is None else values[stage]
+@dataclass(frozen=True)
+class StageInfo:
+    """Where one stage runs and how many parameters it holds."""
+
+    device: str
+    parameters: int
+    host: str = ""
+
+
+def stage_infos(pipeline: Pipeline) -> list[StageInfo]:
+    """Each stage's device and parameter count: the engine's stages described themselves when
+    they joined (RpcPipeline.stages), the single-process pipeline holds the stages themselves."""
+    stages = getattr(pipeline, "stages", None)  # both pipelines have it, in their own form
+    if isinstance(stages, dict):
+        return [StageInfo(str(stages[s]["device"]), int(stages[s]["parameters"]),
+                          str(stages[s].get("host", ""))) for s in sorted(stages)]
+    if isinstance(stages, list):
+        return [StageInfo(str(stage.device), num_params(stage.module)) for stage in stages]
+    return []
+
+
+class Packed:
+    """Items left to right, as many to a line as the console has room for; an item is never
+    split across lines unless it alone is wider than the console."""
+
+    def __init__(self, items: Sequence[Text], gap: int = 3) -> None:
+        self.items, self.gap = list(items), gap
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        line = Text()
+        for item in self.items:
+            if line.cell_len and line.cell_len + self.gap + item.cell_len > options.max_width:
+                yield line
+                line = Text()
+            if line.cell_len:
+                line.append(" " * self.gap)
+            line.append_text(item)
+        if line.cell_len:
+            yield line
+
+
+def run_header(header: str, stages: Sequence[StageInfo]) -> RenderableType:
+    """The line printed before training, wrapped at spaces, and each stage's device and
+    parameters (with its host when the stages run on several)."""
+    several = len({info.host for info in stages}) > 1
+    items = [Text(f"stage {s}: {info.host + ' ' if several else ''}{info.device}, "
+                  f"{info.parameters:,} parameters") for s, info in enumerate(stages)]
+    # "-> RUN_DIR" moves to a line of its own as a whole rather than leaving "->" behind.
+    before, arrow, after = header.partition(" -> ")
+    line = Packed([Text(before), Text(f"-> {after}")], gap=1) if arrow else Text(header)
+    return Group(line, Packed(items))
+
+
+def _steps_text(steps: float) -> str:
+    """A count of inner steps, or its mean to a tenth of a step."""
+    return f"{steps:.0f}" if steps == round(steps) else f"{steps:.1f}"
+
+
+def _at(values: list[Any] | None, stage: int) -> Any:
+    return None if values is None or stage >= len(values) else values[stage]
 
 
 class LiveMonitor:
@@ -85,25 +157,30 @@ class LiveMonitor:
 
     The training loop only stores what the stages already sent (iteration results and their
     timelines); drawing reads that state, so the monitor sends nothing to the stages and costs
-    the loop a few assignments per iteration.
+    the loop a few assignments per iteration. Bubble, busy shares and inner steps are means
+    over the steady iterations (`SteadyMeans`, as in summary.json), so that the last frame and
+    the summary printed after it agree.
     """
 
     def __init__(self, name: str, iterations: int, num_stages: int,
                  events: list[TimelineEvent], console: Console | None = None,
-                 refresh_per_second: float = 2.0) -> None:
+                 refresh_per_second: float = 2.0, learning_rate: float | None = None) -> None:
         self.name = name
         self.iterations = iterations
         self.num_stages = num_stages
         self.events = events  # the pipeline's own list, appended to as results arrive
+        self.learning_rate = learning_rate  # torch optimizers: their constant lr
         self._seen = 0  # events already sorted into `recent`
         # Each stage's events of its last two reported iterations: all stage_phase needs,
         # so a redraw costs the same in the thousandth iteration as in the first.
         self.recent: dict[int, list[TimelineEvent]] = {s: [] for s in range(num_stages)}
         self.console = console or Console()
         self.latest: IterationRecord | None = None
-        self.finished: IterationRecord | None = None  # the last with utilisation (one behind)
         self.test: IterationRecord | None = None
+        self.full_train: IterationRecord | None = None  # the last whole-training-set evaluation
         self.rejected = 0  # sm_adaptive: steps rejected so far
+        self.steady = SteadyMeans()  # of the finished records (one behind `latest`)
+        self.means: dict[str, Any] = self.steady.means()
         self._lock = threading.Lock()
         self.stopped = False  # training is over: no stage is doing anything any more
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -112,6 +189,15 @@ class LiveMonitor:
         self.task = self.bar.add_task(name, total=iterations)
         self.live = Live(self, console=self.console, refresh_per_second=refresh_per_second,
                          transient=False)
+
+    @classmethod
+    def for_job(cls, job: JobConfig, pipeline: Pipeline,
+                console: Console | None = None) -> LiveMonitor:
+        """The live view of `job` on `pipeline`; a torch optimizer's lr is constant, so the
+        job's value is the one every step used."""
+        torch_step = issubclass(get_optimizer(job.optimizer.name), TorchOptimizer)
+        return cls(job.name, job.run.iterations, pipeline.num_stages, pipeline.events, console,
+                   learning_rate=job.optimizer.lr if torch_step else None)
 
     def __enter__(self) -> LiveMonitor:
         self.live.start()
@@ -128,38 +214,58 @@ class LiveMonitor:
             self.rejected += bool(record.step_rejected)
             if record.test_acc is not None:
                 self.test = record
+            if record.full_train_loss is not None:
+                self.full_train = record
         self.bar.update(self.task, completed=record.iteration)
 
     def record(self, record: IterationRecord) -> None:
         with self._lock:
-            self.finished = record
+            self.steady.add(record)
+            self.means = self.steady.means()  # once per iteration, not once per redraw
 
     def __rich__(self) -> RenderableType:
         with self._lock:
-            latest, finished, test = self.latest, self.finished, self.test
-        return Group(self.bar, self._summary(latest, finished, test),
-                     self._stages(latest, finished))
+            latest, test, means = self.latest, self.test, self.means
+        parts: list[RenderableType] = [self.bar, Packed(self._summary(latest, test, means)),
+                                       self._stages(latest, means)]
+        if any(means[key] is not None for key in ("bubble_fraction", "inner_steps")):
+            parts.append(Text(MEANS_NOTE, style="dim"))
+        return Group(*parts)
 
-    def _summary(self, latest: IterationRecord | None, finished: IterationRecord | None,
-                 test: IterationRecord | None) -> Table:
-        table = Table.grid(padding=(0, 3))
-        row = []
-        if latest is not None:
-            row += [f"loss [bold]{latest.train_loss:.4f}[/]", f"acc {latest.train_acc:.3f}"]
+    def _summary(self, latest: IterationRecord | None, test: IterationRecord | None,
+                 means: dict[str, Any]) -> list[Text]:
+        """The figures of the whole pipeline, each an unbreakable item of the line."""
+        if latest is None:
+            return [Text("waiting for the first iteration")]
+        items = [Text.assemble("loss ", (f"{latest.train_loss:.4f}", "bold"))]
+        if latest.train_acc is not None:
+            items.append(Text(f"acc {latest.train_acc:.3f}"))
         if test is not None and test.test_acc is not None:
-            row.append(f"test acc {test.test_acc:.3f} (iter {test.iteration})")
-        if latest is not None and latest.decrease_ratio_prev is not None:
+            items.append(Text(f"test acc {test.test_acc:.3f} (iter {test.iteration})"))
+        whole = self.full_train
+        if whole is not None and whole.full_train_loss is not None:
+            items.append(Text(f"full-set loss {whole.full_train_loss:.4f} "
+                              f"(iter {whole.iteration})"))
+        if latest.epoch is not None:
+            items.append(Text(f"epoch {latest.epoch:.2f}"))
+        ratio = latest.decrease_ratio_prev
+        if ratio:  # the prediction is actual / ratio (0 only when nothing changed)
             actual = latest.actual_decrease_prev or 0.0
-            row.append(f"decrease actual/predicted {actual:+.2e}"
-                       f" / {actual / latest.decrease_ratio_prev:+.2e}")
-        elif latest is not None and latest.predicted_decrease is not None:
-            row.append(f"predicted decrease {latest.predicted_decrease:+.2e}")
-        if latest is not None and latest.step_scale is not None:
-            row.append(f"scale {latest.step_scale:.3g}, {self.rejected} rejected")
-        if finished is not None and finished.bubble_fraction is not None:
-            row.append(f"bubble {finished.bubble_fraction:.0%}")
-        table.add_row(*(row or ["waiting for the first iteration"]))
-        return table
+            items.append(Text(f"decrease actual/predicted {actual:+.2e} / {actual / ratio:+.2e}"))
+        elif latest.predicted_decrease is not None:
+            items.append(Text(f"predicted decrease {latest.predicted_decrease:+.2e}"))
+        if latest.step_scale is not None:
+            items.append(Text(f"scale {latest.step_scale:.3g}, {self.rejected} rejected"))
+        if latest.step_size is not None:
+            items.append(Text(f"step {latest.step_size:.3g} "
+                              f"({latest.line_search_trials} trials)"))
+        if latest.grad_norm is not None:
+            items.append(Text(f"grad norm {latest.grad_norm:.3e}"))
+        if self.learning_rate is not None:
+            items.append(Text(f"lr {self.learning_rate:g}"))
+        if means["bubble_fraction"] is not None:
+            items.append(Text(f"bubble {means['bubble_fraction']:.0%}"))
+        return items
 
     def _sort_new_events(self) -> None:
         dropped = getattr(self.events, "dropped", 0)  # an EventLog forgets its oldest
@@ -171,21 +277,33 @@ class LiveMonitor:
             if mine[0].iteration < event.iteration - 1:
                 self.recent[event.stage] = [e for e in mine if e.iteration >= event.iteration - 1]
 
-    def _stages(self, latest: IterationRecord | None, finished: IterationRecord | None) -> Table:
+    def _stages(self, latest: IterationRecord | None, means: dict[str, Any]) -> Table:
+        """One row per stage, with the columns the optimizer's records fill."""
+        def has(values: list[Any] | None) -> bool:
+            return values is not None and any(v is not None for v in values)
+
+        steps = means["inner_steps"] or (latest.inner_steps if latest else None)
+        local = latest.local_loss if latest else None
+        curvature = latest.curvature if latest else None
+        columns: list[tuple[str, list[Any] | None, Callable[[Any], str]]] = []
+        if has(steps):
+            columns.append(("inner steps", steps, _steps_text))
+        if has(local):
+            columns.append(("local loss", local, lambda v: f"{v:+.3e}"))
+        if has(curvature):
+            columns.append(("curvature sent", curvature, lambda v: f"{v:.3e}"))
+        columns.append(("busy", means["busy_fraction"], lambda v: f"{v:.0%}"))
         table = Table(box=None, pad_edge=False, header_style="bold")
-        for column in ("stage", "phase", "inner steps", "local loss", "curvature sent", "busy"):
-            table.add_column(column, justify="left" if column == "phase" else "right")
+        table.add_column("stage", justify="right")
+        table.add_column("phase")
+        for heading, _, _ in columns:
+            table.add_column(heading, justify="right")
         now = time.time()
         self._sort_new_events()
         for s in range(self.num_stages):
-            steps = _per_stage(latest.inner_steps if latest else None, s)
-            value = _per_stage(latest.local_loss if latest else None, s)
-            curvature = _per_stage(latest.curvature if latest else None, s)
-            busy = _per_stage(finished.busy_fraction if finished else None, s)
             phase = "done" if self.stopped else stage_phase(self.recent[s], s, now)
-            table.add_row(str(s), phase if self.events else "-",
-                          "-" if steps is None else str(steps),
-                          "-" if value is None else f"{value:+.3e}",
-                          "-" if curvature is None else f"{curvature:.3e}",
-                          "-" if busy is None else f"{busy:.0%}")
+            row = [str(s), phase if self.events else "-"]
+            row += ["-" if (value := _at(values, s)) is None else form(value)
+                    for _, values, form in columns]
+            table.add_row(*row)
         return table

@@ -19,8 +19,9 @@ from sm_dist.run.checkpoints import (
     save_checkpoint,
 )
 from sm_dist.run.metrics import IterationRecord
-from sm_dist.run.monitor import LiveMonitor, PlainMonitor
+from sm_dist.run.monitor import LiveMonitor, PlainMonitor, run_header, stage_infos
 from sm_dist.run.run_dir import STOPPED_FILE, RunDirectory
+from sm_dist.run.tensorboard import TensorBoardSink
 from sm_dist.run.trainer import NonFiniteLoss, train
 
 
@@ -46,15 +47,19 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
         header += f" (resumed after iteration {point.iteration} from {checkpoint}"
         header += f"; passed over {'; '.join(passed)})" if passed else ")"
     run_dir = RunDirectory(out, job, resume_after=point.last_record if point else None)
-    console.print(header, highlight=False, markup=False, soft_wrap=True)
-    monitor = (LiveMonitor(job.name, job.run.iterations, pipeline.num_stages, pipeline.events,
-                           console) if use_live_monitor(live)
+    console.print(run_header(header, stage_infos(pipeline)))
+    monitor = (LiveMonitor.for_job(job, pipeline, console) if use_live_monitor(live)
                else PlainMonitor(job.run.iterations))
     if point is not None:
         monitor.progress(point.last_record)
 
+    board = (TensorBoardSink(out, point.iteration if point else None)
+             if job.run.tensorboard else None)
+
     def on_record(record: IterationRecord) -> None:
         run_dir.write_record(record)
+        if board is not None:
+            board.write(record)
         monitor.record(record)
 
     def on_checkpoint(at: ResumePoint, states: list[dict]) -> None:
@@ -81,3 +86,5 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
     finally:
         run_dir.close()
         trace.close()
+        if board is not None:
+            board.close()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sm_dist.config.build import build_optimizer
 from sm_dist.config.job import JobConfig
@@ -119,15 +120,16 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
                              max(r.tangents_started for r in result.reports))
             costs.add_products([r.hvp_products for r in result.reports])
             record = base_record(iteration, result, optimizer)
+            record.epoch = batches.epochs_after(iteration)
             if steering is not None:
                 steered = steering.step(pipeline, iteration, current.microbatches, current.n,
                                         result.batch.loss)
                 costs.add_passes(steered.forward_passes, steered.backward_passes)
                 update(record, steered.record)
-                if batches.evaluates(iteration):
-                    loss_sum, correct = pipeline.evaluate(iteration, data.test_x, data.test_y)
-                    update(record, {"test_loss": loss_sum / len(data.test_x),
-                                    "test_acc": correct / len(data.test_x)})
+                for prefix, x, y in batches.evaluations(iteration):
+                    loss_sum, correct = pipeline.evaluate(iteration, x, y)
+                    update(record, {f"{prefix}_loss": loss_sum / len(x),
+                                    f"{prefix}_acc": correct / len(x)})
                 states, ahead = checkpoint_and_submit(iteration, following)
             if (record.actual_decrease_prev is None and previous is not None
                     and current.same_batch and previous.predicted_decrease):
@@ -177,10 +179,20 @@ class BatchRequests:
         self.stream = BatchStream(data.train_x, data.train_y, job.data.batch,
                                   shuffle=job.data.shuffle, seed=job.run.seed)
         self._states: dict[int, dict[str, Any]] = {}
+        self._epochs: dict[int, float | None] = {}
 
-    def evaluates(self, iteration: int) -> bool:
-        every = self.job.run.eval_every
-        return iteration == self.job.run.iterations or bool(every and iteration % every == 0)
+    def evaluations(self, iteration: int) -> list[tuple[str, Tensor, Tensor]]:
+        """The sets evaluated after `iteration`'s update, each with its record fields' prefix:
+        the test set every run.eval_every iterations (a data set without one: never), the
+        training set every run.eval_train_every; both after the last iteration."""
+        def due(every: int) -> bool:
+            return iteration == self.job.run.iterations or bool(every and iteration % every == 0)
+        sets = []
+        if len(self.data.test_x) and due(self.job.run.eval_every):
+            sets.append(("test", self.data.test_x, self.data.test_y))
+        if self.job.run.eval_train_every and due(self.job.run.eval_train_every):
+            sets.append(("full_train", self.data.train_x, self.data.train_y))
+        return sets
 
     def request(self, iteration: int) -> IterationRequest:
         x, y, same_batch = self.stream.next_batch()
@@ -188,20 +200,26 @@ class BatchRequests:
         last = iteration == self.job.run.iterations
         # An epoch's last minibatch may hold fewer samples than there are microbatches.
         microbatches = split_microbatches(x, y, min(self.job.data.microbatches, len(x)))
-        chunks = (eval_chunks(self.data.test_x, self.data.test_y)
-                  if self.evaluate_in_pass and self.evaluates(iteration) else None)
+        sets = self.evaluations(iteration) if self.evaluate_in_pass else []
+        chunks = [chunk for _, ex, ey in sets for chunk in eval_chunks(ex, ey)]
+        test_chunks = len(eval_chunks(*sets[0][1:])) if sets and sets[0][0] == "test" else 0
         schedule = gpipe_schedule(self.optimizer.num_stages, len(microbatches),
                                   self.optimizer.update_actions(len(microbatches), last),
-                                  len(chunks or ()))
-        return IterationRequest(iteration, microbatches, len(x), same_batch, schedule, chunks,
-                                last)
+                                  len(chunks))
+        self._epochs[iteration] = None if self.stream.full else self.stream.epochs_done()
+        return IterationRequest(iteration, microbatches, len(x), same_batch, schedule,
+                                chunks or None, test_chunks, last)
+
+    def epochs_after(self, iteration: int) -> float | None:
+        """Passes over the training set once `iteration`'s minibatch is taken (None: full)."""
+        return self._epochs[iteration]
 
     def state_after(self, iteration: int) -> dict[str, Any]:
         return self._states[iteration]
 
     def forget(self, iteration: int) -> None:
         for done in [k for k in self._states if k <= iteration]:
-            del self._states[done]
+            del self._states[done], self._epochs[done]
 
 
 class RecordKeeper:
@@ -272,4 +290,7 @@ def base_record(iteration: int, result: IterationResult,
     if result.test is not None:
         loss_sum, correct, count = result.test
         record.test_loss, record.test_acc = loss_sum / count, correct / count
+    if result.train is not None:
+        loss_sum, correct, count = result.train
+        record.full_train_loss, record.full_train_acc = loss_sum / count, correct / count
     return record
