@@ -5,7 +5,8 @@
 #   2. benchmarks/hvp_cost.py on the GPU (one local-loss product against a forward+backward);
 #   3. the engine against torch.distributed.pipelining's ScheduleGPipe on the GPU;
 #   4. one measured SM run on the GPU, four stages, and the simulator calibrated on it
-#      (simulate from its own trace against its measured iteration time).
+#      (simulate from its own trace against its measured iteration time);
+#   5. each stage's peak CUDA memory under SM (graphs kept, recompute) against Adam.
 # Figures go to stdout and to $OUT/gpu-figures.txt (OUT defaults to runs/gpu-check).
 # Usage: ./benchmarks/gpu_check.sh   (after ./launch/setup.sh)
 set -euo pipefail
@@ -36,4 +37,6 @@ print(f"measured iteration time (median of iterations 2..{len(records) - 1}): "
       f"{statistics.median(steady) * 1e3:.2f} ms")
 PY
 $PY -m sm_dist simulate "$OUT/sm-gpu" --link none --iterations 2:11
+echo "== 5. peak memory per stage on the GPU: SM against Adam"
+$PY benchmarks/memory_per_stage.py --device cuda --iterations 3
 echo "== done"

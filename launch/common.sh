@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared by the launch scripts (sourced, not run): finding Python and torchrun, reading the
-# number of stages from a job file, checking numbers, printing and running a command.
+# number of stages and replicas from a job file, checking numbers, printing and running a
+# command.
 #
 # Environment read here:
 #   PYTHON    the interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
@@ -81,7 +82,7 @@ sys.stdout.write("".join(f"{override}\0" for override in known.overrides))
 PY
 }
 
-smd_num_stages() {  # smd_num_stages JOB [TRAIN_ARGS...]: check the job, print len(model.balance)
+smd_job_shape() {  # smd_job_shape JOB [TRAIN_ARGS...]: check the job, print "STAGES REPLICAS"
   local job=$1 overrides=() set_args=() override
   shift
   mapfile -d '' -t overrides < <(smd_overrides "$@")
@@ -99,7 +100,7 @@ import sys
 from sm_dist.config.job import load_job
 
 job = load_job(sys.argv[1], sys.argv[2:])
-print(len(job.model.balance))
+print(len(job.model.balance), job.model.replicas)
 PY
 }
 

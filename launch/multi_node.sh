@@ -5,7 +5,9 @@
 #        launch/multi_node.sh --help
 #
 # Each node starts NPROC_PER_NODE stage processes; together the NNODES nodes must start exactly
-# one process per stage (NNODES * NPROC_PER_NODE = len(model.balance)). The node whose processes
+# one process per stage and replica (NNODES * NPROC_PER_NODE = len(model.balance) x
+# model.replicas; ranks are stage-major, rank = stage x replicas + replica, so with
+# NPROC_PER_NODE a multiple of the replicas a stage's replicas share a node). The node whose processes
 # get ranks 0.. holds stage 0 and the coordinator, and writes the run directory (--out is a path
 # on that node). With the c10d rendezvous torchrun ignores --node-rank and numbers the nodes in
 # the order of their host names (then process ids): node order on a cluster with ordered names
@@ -22,7 +24,8 @@
 #   NODE_RANK       this node's index, 0 .. NNODES-1 (required)
 #   MASTER_ADDR     address of node 0, reachable from every node (required)
 #   MASTER_PORT     rendezvous port on MASTER_ADDR (default 29500)
-#   NPROC_PER_NODE  stage processes on this node (default: stages / NNODES, which must divide)
+#   NPROC_PER_NODE  stage processes on this node (default: stages x replicas / NNODES, which
+#                   must divide)
 #   RDZV_ID         rendezvous id, the same on every node of one job (default sm-dist)
 #   RDZV_BACKEND    torchrun rendezvous: c10d (default) or static (honours NODE_RANK exactly)
 #   BIND            the network interface the stages listen on (adds --set run.bind=BIND), e.g.
@@ -66,17 +69,24 @@ if ((NODE_RANK >= NNODES)); then
 fi
 
 smd_check_python
-stages=$(smd_num_stages "$job" "$@")
+shape=$(smd_job_shape "$job" "$@")
+read -r stages replicas <<<"$shape"
+world=$((stages * replicas))
+if ((replicas == 1)); then
+  what="$stages stages (len(model.balance)); start exactly one process per stage"
+else
+  what="$stages stages x $replicas replicas = $world processes (len(model.balance) x model.replicas)"
+fi
 if [[ -n ${NPROC_PER_NODE:-} ]]; then
   smd_require_count NPROC_PER_NODE "$NPROC_PER_NODE"
   nproc=$NPROC_PER_NODE
-elif ((stages % NNODES == 0)); then
-  nproc=$((stages / NNODES))
+elif ((world % NNODES == 0)); then
+  nproc=$((world / NNODES))
 else
-  smd_die "the job has $stages stages, which NNODES=$NNODES nodes cannot share evenly; use a node count that divides $stages, or set NPROC_PER_NODE"
+  smd_die "the job's $what cannot be shared evenly by NNODES=$NNODES nodes; use a node count that divides $world, or set NPROC_PER_NODE"
 fi
-if ((NNODES * nproc != stages)); then
-  smd_die "world size NNODES * NPROC_PER_NODE = $NNODES * $nproc = $((NNODES * nproc)) does not match the job's $stages stages (len(model.balance)); start exactly one process per stage"
+if ((NNODES * nproc != world)); then
+  smd_die "world size NNODES * NPROC_PER_NODE = $NNODES * $nproc = $((NNODES * nproc)) does not match the job's $what"
 fi
 
 bind=()

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Train a job on this machine under torchrun, one process per pipeline stage.
+# Train a job on this machine under torchrun, one process per pipeline stage and replica.
 #
 # Usage: launch/single_node.sh JOB.yaml [sm-dist train args...]
 #        launch/single_node.sh --help
 #
 # Checks the job (`sm-dist validate`, with the --set overrides among the arguments), reads its
-# number of stages N = len(model.balance) (after those overrides), prints the command on one
-# line prefixed "launch:" (on stderr), then runs
+# world size N = stages x replicas = len(model.balance) x model.replicas (after those
+# overrides), prints the command on one line prefixed "launch:" (on stderr), then runs
 #   torchrun --standalone --nnodes 1 --nproc-per-node N -m sm_dist train JOB.yaml ARGS...
 # (torchrun as python -m sm_dist.engine.torchrun, which exits with the job's code).
 # Every argument after JOB.yaml goes to `sm-dist train` unchanged (--set, --out, --no-live).
@@ -30,11 +30,16 @@ job=$1
 shift
 
 smd_check_python
-stages=$(smd_num_stages "$job" "$@")
-nproc=${NPROC_PER_NODE:-$stages}
+shape=$(smd_job_shape "$job" "$@")
+read -r stages replicas <<<"$shape"
+world=$((stages * replicas))
+nproc=${NPROC_PER_NODE:-$world}
 smd_require_count NPROC_PER_NODE "$nproc"
-if [[ $nproc -ne $stages ]]; then
-  smd_die "NPROC_PER_NODE=$nproc does not match the job's $stages stages (len(model.balance)); start exactly one process per stage (leave NPROC_PER_NODE unset)"
+if [[ $nproc -ne $world ]]; then
+  if ((replicas == 1)); then
+    smd_die "NPROC_PER_NODE=$nproc does not match the job's $stages stages (len(model.balance)); start exactly one process per stage (leave NPROC_PER_NODE unset)"
+  fi
+  smd_die "NPROC_PER_NODE=$nproc does not match the job's $stages stages x $replicas replicas = $world processes (len(model.balance) x model.replicas); leave NPROC_PER_NODE unset"
 fi
 
 smd_torchrun --standalone --nnodes 1 --nproc-per-node "$nproc" \

@@ -204,8 +204,11 @@ def _train_engine(job: JobLike, config: JobConfig, overrides: Sequence[str], out
     """One process per stage on this machine, each reading the job file (or its copy)."""
     extra = {None: [], True: ["--live"], False: ["--no-live"]}[live]
     extra += ["--resume", str(out)] if resume else ["--out", str(out)]
-    console.print(f"sm-dist: {config.name}: starting {len(config.model.balance)} stage "
-                  "processes ...", highlight=False, markup=False, soft_wrap=True)
+    stages, replicas = len(config.model.balance), config.model.replicas
+    what = (f"{stages} stage processes" if replicas == 1 else
+            f"{stages} stages x {replicas} replicas = {stages * replicas} processes")
+    console.print(f"sm-dist: {config.name}: starting {what} ...", highlight=False,
+                  markup=False, soft_wrap=True)
     payload = Path(tempfile.mkdtemp(prefix="sm-dist-"))  # private: mode 0700
     try:
         if isinstance(job, (str, os.PathLike)) and model is None and data is None:

@@ -446,3 +446,28 @@ def test_a_run_that_diverges_and_stops_is_a_result_not_a_failure(tmp_path: Path)
     assert "## Diverged runs" in text and "- gd-lr1e08: stopped at iteration 2" in text
     assert "## Failed runs" not in text
     assert "gd (lr=0.1, best of 2)" in text
+
+
+
+def test_loss_at_equal_time_is_at_the_shortest_run_that_went_the_distance(
+        tmp_path: Path) -> None:
+    """A run that diverged and stopped ends soonest; the equal-time column must not use its
+    few seconds as everyone's budget."""
+    from sm_dist.report.compare_tables import DepthGroup, Row
+    from sm_dist.report.compare_time import time_section
+    from sm_dist.report.run_data import RunData
+    from sm_dist.run.metrics import IterationRecord
+
+    def run(name: str, losses: list[float], stopped: str | None) -> RunData:
+        records = [IterationRecord(k + 1, loss) for k, loss in enumerate(losses)]
+        return RunData(tmp_path / name, name, {}, records, None, stopped)
+
+    long, short = run("long", [2.0, 1.0, 0.5, 0.25], None), run("short", [2.0, 50.0], "diverged")
+    group = DepthGroup(None, "tiny", [], rows=[Row("gd", "gd", None, long),
+                                               Row("cgblock", "cgblock", None, short)])
+    times = {long.path: {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}, short.path: {1: 1.0, 2: 2.0}}
+    lines = time_section([group], times, "none", [0.5], [])
+    header = next(line for line in lines if line.startswith("| optimizer"))
+    assert header.endswith("loss @ 4.00 s |"), header  # gd's whole run, not cgblock's 2 s
+    gd = next(line for line in lines if line.startswith("| gd"))
+    assert gd.split("|")[-2].strip() == "0.2500"

@@ -118,7 +118,7 @@ def test_a_stopped_process_is_named_within_the_timeout(tmp_path: Path, rank: int
     assert_metrics_whole(out)
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("how", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_an_interrupted_launcher_says_one_line_and_keeps_its_checkpoints(
         tmp_path: Path, how: str) -> None:
     out = tmp_path / f"int-{how}"

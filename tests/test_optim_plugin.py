@@ -83,6 +83,7 @@ def test_a_registered_optimizer_trains_in_one_process_as_written() -> None:
     assert "sign_gd" in registry.NAMES and registry.names_sweeping("lr")[-1] == "sign_gd"
 
 
+@pytest.mark.slow  # the default run has the single-process plugin tests
 def test_an_optimizer_named_by_its_module_trains_through_the_engine(tmp_path: Path) -> None:
     """Every stage process imports the optimizer from the job file's 'module:Class' name."""
     path = write_job(tmp_path / "job.yaml", toy_job(SPEC))

@@ -36,12 +36,12 @@ from sm_dist.report.plots import (
     plot_timeline,
 )
 from sm_dist.report.run_data import ReportError, RunData, load_run, load_runs
+from sm_dist.report.stage_figures import utilisation_text
 from sm_dist.report.summary import (
     report_main,
     summarize,
     summary_table,
     summary_text,
-    utilisation_text,
     write_report,
 )
 from sm_dist.run.metrics import IterationRecord

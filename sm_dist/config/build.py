@@ -9,7 +9,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from sm_dist.config.job import JobConfig
+from sm_dist.config.job import JobConfig, replica_batch_errors
 from sm_dist.data.batches import BatchStream
 from sm_dist.data.custom import call_factory, dataset_from, source_of, take_subsets
 from sm_dist.data.datasets import Dataset, load_dataset
@@ -64,6 +64,11 @@ def load_job_data(job: JobConfig) -> Dataset:
 def prepare_job(job: JobConfig) -> tuple[JobConfig, Dataset]:
     """The job's data, and the job with run.iterations set from data.epochs when given."""
     data = load_job_data(job)
+    if job.model.replicas > 1:  # now that the training set's size is known
+        problems = replica_batch_errors(job.model.replicas, job.data,
+                                        {"the training set": len(data.train_x)})
+        if problems:
+            raise JobSetupError(problems[0])
     if job.data.epochs is None:
         return job, data
     per_epoch = BatchStream.batches_in_epoch(len(data.train_x), job.data.batch)

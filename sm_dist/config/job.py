@@ -237,6 +237,14 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
                           f"of {known[source]} samples ({source}); use at most {known[source]}")
     if isinstance(optimizer, OptimizerConfig):  # the name is valid: the section was built
         errors.extend(registry.get(optimizer.name).check_config(optimizer))
+    if isinstance(model, ModelConfig) and model.replicas > 1:
+        if isinstance(data, DataConfig):
+            errors.extend(replica_batch_errors(model.replicas, data, _known_sizes(data)))
+        if (isinstance(optimizer, OptimizerConfig) and optimizer.replica_mode != "exact"
+                and not registry.get(optimizer.name).can_average_steps):
+            errors.append(f"optimizer.replica_mode: {optimizer.replica_mode} is for sm only; "
+                          f"{optimizer.name}'s replicas sum their gradients (set "
+                          "optimizer.replica_mode: exact)")
     if (isinstance(model, ModelConfig) and isinstance(data, DataConfig)
             and len(builders_given(model)) == 1 and data.dataset is not None):
         # A data.factory's data, and a model.factory's network, are checked when loaded.
@@ -246,6 +254,44 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
             _check_cnn_fits_data(model.cnn, data, errors)
         elif model.transformer is not None:
             _check_transformer_fits_data(model.transformer, data, errors)
+
+
+def _known_sizes(data: DataConfig) -> dict[str, int]:
+    """The training-set sizes the job file gives (train_subset, a synthetic set's size)."""
+    sizes = {"data.train_subset": data.train_subset}
+    if data.dataset == "synthetic":
+        sizes["data.synthetic.train_size"] = data.synthetic.train_size
+    return {source: size for source, size in sizes.items() if size is not None}
+
+
+def replica_batch_errors(replicas: int, data: DataConfig, train_sizes: dict[str, int]
+                         ) -> list[str]:
+    """Whether every batch splits evenly over the replicas, with a sample of every microbatch
+    for each (the training set's size from `train_sizes`, its sources by key, where known)."""
+    train = min(train_sizes.values(), default=None)
+    source = min(train_sizes, key=lambda name: train_sizes[name], default="")
+    batch = data.batch if isinstance(data.batch, int) else None
+    if batch is not None and train is not None and batch >= train:
+        batch = None  # a batch at least the training set is the full batch
+    sizes: list[tuple[int, str]] = []
+    if batch is not None:
+        sizes.append((batch, f"data.batch {batch}"))
+        if train is not None and train % batch:
+            sizes.append((train % batch, f"the last batch of an epoch ({train} samples of "
+                          f"{source}, in batches of {batch}, leave {train % batch})"))
+    elif train is not None:
+        sizes.append((train, f"the full batch of {train} samples ({source})"))
+    errors = []
+    for size, what in sizes:
+        if size % replicas:
+            errors.append(f"model.replicas: {what} does not split evenly over {replicas} "
+                          f"replicas; make every batch a multiple of {replicas} (or change "
+                          "model.replicas)")
+        elif size // min(data.microbatches, size) < replicas:
+            errors.append(f"data.microbatches: {data.microbatches} microbatches of {what} "
+                          f"hold fewer than {replicas} samples each, one per replica; use at "
+                          f"most {size // replicas} microbatches")
+    return errors
 
 
 def _check_mlp_fits_data(mlp: MlpConfig, data: DataConfig, errors: list[str]) -> None:

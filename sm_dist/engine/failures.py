@@ -12,17 +12,29 @@ from typing import Any
 
 from torch.futures import Future
 
+from sm_dist.engine.layout import SINGLE, Layout
+
 
 class StageError(RuntimeError):
-    """A stage failed or stopped answering: says which stage, on which rank and host."""
+    """A stage failed or stopped answering: says which stage (and replica), on which rank and
+    host."""
 
-    def __init__(self, stage: int, rank: int, host: str, message: str) -> None:
-        super().__init__(stage, rank, host, message)  # all args, so that it pickles
+    def __init__(self, stage: int, rank: int, host: str, message: str,
+                 replica: int | None = None) -> None:
+        super().__init__(stage, rank, host, message, replica)  # all args, so that it pickles
         self.stage, self.rank, self.host, self.message = stage, rank, host, message
+        self.replica = replica
 
     def __str__(self) -> str:
         where = f"rank {self.rank}" + (f" on {self.host}" if self.host else "")
-        return f"stage {self.stage} ({where}): {self.message}"
+        replica = "" if self.replica is None else f" replica {self.replica}"
+        return f"stage {self.stage}{replica} ({where}): {self.message}"
+
+
+def rank_error(layout: Layout, rank: int, hosts: dict[int, str], message: str) -> StageError:
+    """A StageError for `rank`, named by its stage (and replica, where there are replicas)."""
+    replica = layout.replica_of(rank) if layout.replicas > 1 else None
+    return StageError(layout.stage_of(rank), rank, hosts.get(rank, ""), message, replica)
 
 
 @dataclass
@@ -34,27 +46,30 @@ class RemoteFailure:
     host: str
     error: str
     traceback: str
+    replica: int | None = None  # with model.replicas > 1
 
     @classmethod
-    def capture(cls, stage: int, rank: int, host: str) -> RemoteFailure:
+    def capture(cls, stage: int, rank: int, host: str,
+                replica: int | None = None) -> RemoteFailure:
         """The exception being handled, as raised on this stage."""
         exc = sys.exc_info()[1]
         error = ("unknown error" if exc is None else
                  traceback.format_exception_only(type(exc), exc)[0].strip().splitlines()[0])
-        return cls(stage, rank, host, error, traceback.format_exc())
+        return cls(stage, rank, host, error, traceback.format_exc(), replica)
 
     def to_error(self) -> StageError:
-        return StageError(self.stage, self.rank, self.host, f"{self.error}\n{self.traceback}")
+        return StageError(self.stage, self.rank, self.host, f"{self.error}\n{self.traceback}",
+                          self.replica)
 
 
-def call_value(rank: int, future: Future, hosts: dict[int, str]) -> Any:
-    """The value of a finished call to stage `rank`, or a StageError naming that stage: its
-    own failure, or its having stopped answering (the connection broke, the call timed out)."""
+def call_value(rank: int, future: Future, hosts: dict[int, str],
+               layout: Layout = SINGLE) -> Any:
+    """The value of a finished call to `rank`, or a StageError naming its stage: its own
+    failure, or its having stopped answering (the connection broke, the call timed out)."""
     try:
         value = future.wait()
     except Exception as err:
-        raise StageError(rank, rank, hosts.get(rank, ""),
-                         f"stopped answering ({_first_line(err)})") from None
+        raise rank_error(layout, rank, hosts, f"stopped answering ({_first_line(err)})") from None
     if isinstance(value, RemoteFailure):
         raise value.to_error()
     return value
@@ -66,8 +81,9 @@ class Heartbeat:
     threads that serve pings while its executor works)."""
 
     def __init__(self, ping: Callable[[int], Future], ranks: Sequence[int],
-                 hosts: dict[int, str], timeout: float) -> None:
+                 hosts: dict[int, str], timeout: float, layout: Layout = SINGLE) -> None:
         self.ping, self.ranks, self.hosts, self.timeout = ping, list(ranks), hosts, timeout
+        self.layout = layout
         self.interval = max(min(timeout / 4, 10.0), 0.5)
         self._sent: dict[int, tuple[float, Future]] = {}
 
@@ -84,32 +100,40 @@ class Heartbeat:
                 try:
                     future.wait()
                 except Exception as err:  # its connection broke, or the call timed out
-                    raise StageError(rank, rank, self.hosts.get(rank, ""),
+                    raise rank_error(self.layout, rank, self.hosts,
                                      f"stopped answering ({_first_line(err)})") from None
                 if now - when >= self.interval:
                     self._sent[rank] = (now, self.ping(rank))
             elif now - when > self.timeout:
-                raise StageError(rank, rank, self.hosts.get(rank, ""),
+                raise rank_error(self.layout, rank, self.hosts,
                                  f"stopped answering: no reply to a heartbeat for "
                                  f"{now - when:.0f}s (run.rpc_timeout {self.timeout:g}s)")
 
     def blame(self, failure: StageError, grace: float) -> StageError:
-        """When `failure` may be a consequence (a stage that waited for a neighbour), the
-        stage that stopped answering, if one did within `grace` seconds; else `failure`."""
+        """When `failure` may be a consequence (a stage that waited for a neighbour, a
+        replica whose all-reduce lost its peer), the stage that stopped answering or whose
+        connection broke, if one did within `grace` seconds; else `failure`."""
         pings = {rank: self.ping(rank) for rank in self.ranks if rank != failure.rank}
         deadline = time.monotonic() + grace
+        reporter = f"stage {failure.stage}" + (
+            "" if failure.replica is None else f" replica {failure.replica}")
         for rank, future in pings.items():
             while not future.done() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not future.done():
-                return StageError(rank, rank, self.hosts.get(rank, ""),
-                                  f"stopped answering (stage {failure.stage} reported: "
-                                  f"{failure.message.splitlines()[0]})")
+            why = None if future.done() else "stopped answering"
+            if why is None:
+                try:
+                    future.wait()
+                except Exception as err:  # a dead process: its connection is gone
+                    why = f"stopped answering ({_first_line(err)})"
+            if why is not None:
+                return rank_error(self.layout, rank, self.hosts, f"{why} ({reporter} "
+                                  f"reported: {failure.message.splitlines()[0]})")
         return failure
 
 
 def wait_all(futures: dict[int, Future], hosts: dict[int, str],
-             heartbeat: Heartbeat | None = None) -> dict[int, Any]:
+             heartbeat: Heartbeat | None = None, layout: Layout = SINGLE) -> dict[int, Any]:
     """Every call's value; fails as soon as any one fails instead of waiting for the rest, and
     (with a heartbeat) as soon as a stage stops answering."""
     finished = threading.Event()
@@ -120,13 +144,13 @@ def wait_all(futures: dict[int, Future], hosts: dict[int, str],
         for rank, future in futures.items():
             if future.done():
                 try:
-                    call_value(rank, future, hosts)  # raises if that call failed
+                    call_value(rank, future, hosts, layout)  # raises if that call failed
                 except StageError as err:
                     if heartbeat is None:
                         raise
                     raise heartbeat.blame(err, min(heartbeat.timeout, 5.0)) from None
         if all(f.done() for f in futures.values()):
-            return {rank: call_value(rank, f, hosts) for rank, f in futures.items()}
+            return {rank: call_value(rank, f, hosts, layout) for rank, f in futures.items()}
         if heartbeat is not None:
             heartbeat.check()
         finished.wait(0.5 if heartbeat is not None else 1.0)

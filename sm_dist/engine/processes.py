@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import IO
 
+from sm_dist.engine.layout import Layout
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 
 LAUNCHED = "SM_DIST_LAUNCHED"  # set in the children: the launcher reports for them
@@ -53,7 +54,7 @@ def forward_without_noise(stream: IO[bytes], sink: IO[str]) -> None:
 class LocalJob:
     """The stage processes of one job on this machine, and the store they meet at."""
 
-    def __init__(self, num_stages: int, args: Sequence[str], timeout: float) -> None:
+    def __init__(self, num_ranks: int, args: Sequence[str], timeout: float) -> None:
         import torch.distributed as dist
 
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -64,13 +65,13 @@ class LocalJob:
                                    master_listen_fd=self.listener.fileno(),
                                    timeout=timedelta(seconds=timeout))
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": str(num_stages), "LOCAL_WORLD_SIZE": str(num_stages),
+               "WORLD_SIZE": str(num_ranks), "LOCAL_WORLD_SIZE": str(num_ranks),
                "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True",
                "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_RUN_ID": str(uuid.uuid4()),
                "TP_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", LAUNCHED: "1"}
         self.children: list[subprocess.Popen] = []
         self.pumps: list[threading.Thread] = []
-        for rank in range(num_stages):
+        for rank in range(num_ranks):
             child = subprocess.Popen(
                 [sys.executable, *args], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                 stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
@@ -118,10 +119,11 @@ def _how(code: int) -> str:
     return f"exited with code {code}"
 
 
-def launch_local(num_stages: int, args: Sequence[str], timeout: float) -> int:
-    """Run `python ARGS` as every rank of a `num_stages`-process job on this machine; the
-    job's exit code: 0, 2 when every failed rank exited 2 (bad input), else 1."""
-    job = LocalJob(num_stages, args, timeout)
+def launch_local(layout: Layout, args: Sequence[str], timeout: float) -> int:
+    """Run `python ARGS` as every rank of a job of `layout` (stages x replicas processes) on
+    this machine; the job's exit code: 0, 2 when every failed rank exited 2 (bad input), else
+    1. Ranks are named by stage (and replica) in what it says."""
+    job = LocalJob(layout.world_size, args, timeout)
     interrupted: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
@@ -154,20 +156,20 @@ def launch_local(num_stages: int, args: Sequence[str], timeout: float) -> int:
               "and checkpoint", file=sys.stderr)
         return EXIT_RUNTIME
     for rank in stopped:  # the likely cause: its neighbours waited for it and gave up
-        print(f"sm-dist: error: stage {rank} (rank {rank}, pid {job.children[rank].pid}) was "
-              "stopped and answered nothing", file=sys.stderr)
+        print(f"sm-dist: error: {layout.name(rank)} (rank {rank}, pid "
+              f"{job.children[rank].pid}) was stopped and answered nothing", file=sys.stderr)
     if failed:
         for rank, code in failed:
             # A runtime failure has said why itself (rank 0's names the stage, a stage's
             # names the coordinator); one caused by a stopped stage is its consequence.
             if code != EXIT_RUNTIME or (rank != 0 and not stopped):
-                print(f"sm-dist: error: stage {rank} (rank {rank}, pid "
+                print(f"sm-dist: error: {layout.name(rank)} (rank {rank}, pid "
                       f"{job.children[rank].pid}) {_how(code)}", file=sys.stderr)
         return EXIT_BAD_INPUT if {code for _, code in failed} == {EXIT_BAD_INPUT} \
             else EXIT_RUNTIME
     late = [(rank, child.returncode) for rank, child in enumerate(job.children)
             if child.returncode not in (EXIT_OK, None)]
     for rank, code in late:  # killed after rank 0 finished: did not leave in time
-        print(f"sm-dist: warning: stage {rank} (rank {rank}) {_how(code)} after the run "
-              "finished", file=sys.stderr)
+        print(f"sm-dist: warning: {layout.name(rank)} (rank {rank}) {_how(code)} after the "
+              "run finished", file=sys.stderr)
     return EXIT_OK

@@ -19,6 +19,7 @@ import torch.distributed.rpc as rpc
 from torch.futures import Future
 
 from sm_dist.engine.failures import Heartbeat, RemoteFailure, call_value, wait_all
+from sm_dist.engine.layout import SINGLE, Layout
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -67,7 +68,9 @@ def _attempt_rendezvous(url: str, **kwargs: Any) -> Iterator[tuple[Any, int, int
         store = dist.TCPStore(addr, port, world_size, is_master=True, timeout=timeout,
                               master_listen_fd=listener.detach(), wait_for_workers=False)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    yield dist.PrefixStore(f"sm-dist/attempt-{attempt}", store), rank, world_size
+    prefixed = dist.PrefixStore(f"sm-dist/attempt-{attempt}", store)
+    _STORES.append(prefixed)  # the stage groups' collectives meet here too
+    yield prefixed, rank, world_size
     raise RuntimeError("sm-dist's rendezvous cannot be repeated within one attempt")
 
 
@@ -110,9 +113,11 @@ def worker_name(rank: int) -> str:
     return f"stage{rank}"
 
 
-# The object that remote calls in this process are dispatched to, and who this process is.
+# The object that remote calls in this process are dispatched to, and who this process is:
+# (stage, rank, host, replica or None).
 _HANDLER: Any = None
-_IDENTITY: tuple[int, int, str] = (-1, -1, "")
+_IDENTITY: tuple[int, int, str, int | None] = (-1, -1, "", None)
+_STORES: list[Any] = []  # the store this attempt's rendezvous gave RPC
 
 
 def current_failure() -> RemoteFailure:
@@ -141,8 +146,10 @@ class Transport:
     """This process's RPC endpoint: one per stage, named stage<rank>, TensorPipe underneath."""
 
     def __init__(self, info: RankInfo, *, timeout: float, worker_threads: int,
-                 device: torch.device, transport: str = "uv", bind: str | None = None) -> None:
+                 device: torch.device, transport: str = "uv", bind: str | None = None,
+                 layout: Layout = SINGLE) -> None:
         self.info = info
+        self.layout = layout  # which stage and replica each rank holds
         self.bind = bind
         self.transport = transport
         self.timeout = timeout
@@ -156,7 +163,9 @@ class Transport:
         """Join the job; from now on other stages' calls reach `handler`."""
         global _HANDLER, _IDENTITY
         _HANDLER = handler
-        _IDENTITY = (self.info.rank, self.info.rank, self.host)
+        rank, layout = self.info.rank, self.layout
+        _IDENTITY = (layout.stage_of(rank), rank, self.host,
+                     layout.replica_of(rank) if layout.replicas > 1 else None)
         # Every socket TensorPipe and gloo open listens on this interface alone.
         interface = listening_interface(self.bind, self.info)
         os.environ["TP_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"] = interface
@@ -195,7 +204,7 @@ class Transport:
 
     def result(self, rank: int, future: Future) -> Any:
         """The value of a call to `rank`, or a StageError naming that stage."""
-        return call_value(rank, future, self.hosts)
+        return call_value(rank, future, self.hosts, self.layout)
 
     def call(self, rank: int, method: str, *args: Any) -> Any:
         return self.result(rank, self.call_async(rank, method, *args))
@@ -205,11 +214,17 @@ class Transport:
         or as soon as a stage stops answering its heartbeat (within run.rpc_timeout)."""
         if self._heartbeat is None:
             self._heartbeat = Heartbeat(self._ping, range(self.info.world_size), self.hosts,
-                                        self.timeout)
-        return wait_all(futures, self.hosts, self._heartbeat)
+                                        self.timeout, self.layout)
+        return wait_all(futures, self.hosts, self._heartbeat, self.layout)
 
     def _ping(self, rank: int) -> Future:
         return self.call_async(rank, "ping")
+
+    def store(self) -> Any:
+        """The store RPC met at (after `start`), for the stage groups' rendezvous."""
+        if not _STORES:
+            raise TransportError("the stage groups need RPC started first")
+        return _STORES[-1]
 
     def shutdown(self, graceful: bool = True, timeout: float = 0) -> None:
         """Leave the job; graceful waits for every stage to finish its outstanding work (for

@@ -13,8 +13,10 @@ from typing import Any, Protocol
 from torch.futures import Future
 
 from sm_dist.engine.failures import RemoteFailure
+from sm_dist.engine.layout import SINGLE, Layout
 from sm_dist.models.build import num_params
-from sm_dist.pipeline.executor import MailKey, Plan, PlanResult, StageExecutor
+from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.executor import Handler, MailKey, Plan, PlanResult, PlanRun, StageExecutor
 from sm_dist.pipeline.stage import Stage
 
 
@@ -73,19 +75,27 @@ class RpcChannel:
     """A stage's tensors to and from its neighbours: sent as `deliver` calls to their workers,
     received from this worker's mailbox (with the RPC timeout as the deadline)."""
 
-    def __init__(self, transport: WorkerTransport, mailbox: Mailbox, rank: int) -> None:
+    def __init__(self, transport: WorkerTransport, mailbox: Mailbox, rank: int,
+                 layout: Layout = SINGLE) -> None:
         self.transport = transport
         self.mailbox = mailbox
+        # The neighbours are the stages above and below in this replica's own pipeline.
+        self.layout, self.replica = layout, layout.replica_of(rank)
         self._sends: list[Future] = []
         # Fill steps run on a thread of the lowest CPU priority: where stage processes share
         # cores (more stages than cores) they take only time no other stage wants.
         self._filler = ThreadPoolExecutor(1, f"stage{rank}-fill", _lowest_priority)
 
     def receive(self, key: MailKey, source: int, what: str) -> Any:
+        if self.layout.replicas > 1:  # name the neighbour's replica and its real rank
+            rank = self.layout.rank(source, self.replica)
+            what = what.replace(f"stage {source} (rank {source})",
+                                f"{self.layout.name(rank)} (rank {rank})")
         return self.mailbox.take(key, self.transport.timeout, what)
 
     def send(self, stage: int, key: MailKey, payload: Any) -> None:
-        self._sends.append(self.transport.call_async(stage, "deliver", key, payload))
+        rank = self.layout.rank(stage, self.replica)
+        self._sends.append(self.transport.call_async(rank, "deliver", key, payload))
 
     def flush(self) -> None:
         for future in self._sends:  # a neighbour that died shows up here at the latest
@@ -101,6 +111,27 @@ class RpcChannel:
         return self._filler.submit(step).result()
 
 
+class ReplicaExecutor(StageExecutor):
+    """A replica's executor: after a pass's last backward the stage's gradient is summed over
+    its replicas (the rule's `after_backward`), before any update or command reads it."""
+
+    def handler(self, kind: ActionKind) -> Handler:
+        perform = super().handler(kind)
+        if kind is not ActionKind.BACKWARD:
+            return perform
+
+        def backward_then_reduce(run: PlanRun, action: Action) -> str:
+            detail = perform(run, action)
+            later = run.plan.actions[run.position + 1:]
+            if not any(a.kind is ActionKind.BACKWARD for a in later):
+                reduce = getattr(run.stage.hooks, "after_backward", None)
+                if reduce is not None:
+                    reduce()
+            return detail
+
+        return backward_then_reduce
+
+
 class StageWorker:
     """Holds one Stage and runs plans on it, one at a time, in plan order.
 
@@ -110,22 +141,37 @@ class StageWorker:
     """
 
     def __init__(self, stage: Stage, transport: WorkerTransport, rank: int,
-                 host: str | None = None) -> None:
+                 host: str | None = None, layout: Layout = SINGLE) -> None:
         self.stage = stage
         self.transport = transport
         self.rank = rank
+        self.layout = layout
+        self.replica = layout.replica_of(rank) if layout.replicas > 1 else None
         self.host = host or socket.gethostname()
         self.mailbox = Mailbox()
-        self.executor = StageExecutor(stage, RpcChannel(transport, self.mailbox, rank))
+        channel = RpcChannel(transport, self.mailbox, rank, layout)
+        executor = ReplicaExecutor if layout.replicas > 1 else StageExecutor
+        self.executor = executor(stage, channel)
+        # With replicas, the coordinator's first call (describe) waits for the stage group.
+        self._ready = threading.Event()
+        if layout.replicas == 1:
+            self._ready.set()
         self._queue: dict[int, tuple[Plan, Future]] = {}
         self._queued = threading.Condition()
         self._next_plan = 0
         self._closed = False
         threading.Thread(target=self._run, name=f"stage{rank}-executor", daemon=True).start()
 
+    def attach_group(self, reducer: Any) -> None:
+        """The stage's replicas as the rule's reducer; from now on the stage takes plans."""
+        self.stage.hooks.reducer = reducer  # type: ignore[attr-defined]
+        self._ready.set()
+
     # ------------------------------------------------------------------------ RPC surface
     def describe(self) -> dict[str, Any]:
-        return {"stage": self.stage.index, "host": self.host,
+        if not self._ready.wait(self.transport.timeout):
+            raise RuntimeError("the stage group did not form within run.rpc_timeout")
+        return {"stage": self.stage.index, "replica": self.replica or 0, "host": self.host,
                 "device": str(self.transport.device),
                 "parameters": num_params(self.stage.module)}
 
@@ -172,7 +218,7 @@ class StageWorker:
             self.transport.call_async(0, "ping").wait()
         except Exception as err:
             text = str(err).strip().splitlines()
-            print(f"sm-dist: error: stage {self.stage.index} (rank {self.rank} on "
+            print(f"sm-dist: error: {self.layout.name(self.rank)} (rank {self.rank} on "
                   f"{self.host}): the coordinator (rank 0) stopped answering "
                   f"({text[0] if text else type(err).__name__}); leaving", file=sys.stderr,
                   flush=True)
@@ -182,4 +228,4 @@ class StageWorker:
         try:
             return self.executor.run(plan)
         except Exception:
-            return RemoteFailure.capture(self.stage.index, self.rank, self.host)
+            return RemoteFailure.capture(self.stage.index, self.rank, self.host, self.replica)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from sm_dist.math.stage_function import StageFunction, per_sample
+from sm_dist.math.stage_function import RecomputedStageFunction, StageFunction
+from sm_dist.math.stage_function import flatten as flatten  # the optimizers' import
 
-
-def flatten(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+# A microbatch's Ψ: its retained graph, or rebuilt for each product (optimizer.recompute).
+PartFunction = StageFunction | RecomputedStageFunction
 
 
 def unflatten(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -31,14 +32,17 @@ class LocalLoss:
     StageFunction with its per-sample δ; `grad` is g_θ = ∂h/∂θ_s, flat.
     """
 
-    def __init__(self, parts: list[tuple[StageFunction, Tensor | None]], grad: Tensor,
-                 rho: float) -> None:
+    def __init__(self, parts: list[tuple[PartFunction, Tensor | None]], grad: Tensor,
+                 rho: float, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         for fn, delta in parts:
             if (delta is None) == fn.with_input:
                 raise ValueError("δ must be given exactly for stage functions with an input")
         self.parts = parts
         self.grad = grad
         self.rho = rho
+        # Applied to every product: with replicas of the stage, the sum over all their samples
+        # (then every scalar the solvers derive from products is the same on each replica).
+        self.reduce = reduce
         self.products = 0  # applications of 𝓗
 
     @property
@@ -50,12 +54,8 @@ class LocalLoss:
         self.products += 1
         result = torch.zeros_like(v)
         for fn, delta in self.parts:
-            a, b = fn.hvp_theta(unflatten(v, fn.params))
-            result += flatten(b)
-            if delta is not None:
-                assert a is not None
-                result += flatten(fn.hvp_z_theta_part(a / per_sample(delta, a)))
-        return result
+            result += fn.local_hvp(unflatten(v, fn.params), delta)
+        return result if self.reduce is None else self.reduce(result)
 
     def value(self, d: Tensor, hd: Tensor) -> float:
         """L_s(d), given hd = 𝓗d (tracked by the solvers so that a value costs no product)."""

@@ -82,6 +82,16 @@ class StageFunction:
         assert self.grad_z is not None, "built without input derivatives"
         return list(self._diff([self.grad_z], [u], self.params))
 
+    def local_hvp(self, w: list[Tensor], delta: Tensor | None) -> Tensor:
+        """This microbatch's share of SM's 𝓗w, flat: H_θθ w + H_θz Δ⁻¹ H_zθ w (the second
+        term for stages with an input, whose per-sample δ is `delta`)."""
+        a, b = self.hvp_theta(w)
+        out = flatten(b)
+        if delta is not None:
+            assert a is not None
+            out += flatten(self.hvp_z_theta_part(a / per_sample(delta, a)))
+        return out
+
     # Tangent passes (CGBlock, spec §6): with c = 0, Ψ's second derivatives are exactly the
     # terms ⟨g, f⟩ adds to the network's Hessian, so a Hessian-vector product of the whole
     # network is a forward of tangents (Jacobian products) and a backward that adds these terms.
@@ -125,6 +135,37 @@ class StageFunction:
         """H_zz u, the z block alone (what the power iteration needs)."""
         assert self.grad_z is not None, "built without input derivatives"
         return self._diff([self.grad_z], [u], [self.z])[0]
+
+
+class RecomputedStageFunction:
+    """Ψ of one microbatch kept as its input and (g, c) alone, not as a graph: each product
+    rebuilds the stage's forward and Ψ's first derivatives (`optimizer.recompute`), so that
+    one microbatch's graph is alive at a time instead of all of them. The forward must be
+    deterministic (no dropout) for the rebuilt Ψ to be the one the backward built."""
+
+    def __init__(self, module: nn.Module, fn: StageFunction, g: Tensor, c: Tensor) -> None:
+        self.module = module
+        self.params = fn.params
+        self.with_input = fn.with_input
+        self.z_in = fn.z.detach()
+        self.g, self.c = g, c
+        self.products = fn.products  # the backward's (power iteration) count on
+
+    def built(self) -> StageFunction:
+        """Ψ rebuilt at the parameters' current values (θ_t: the inner loop leaves them)."""
+        return StageFunction.build(self.module, self.z_in, self.g, self.c,
+                                   with_input=self.with_input)
+
+    def local_hvp(self, w: list[Tensor], delta: Tensor | None) -> Tensor:
+        fn = self.built()
+        out = fn.local_hvp(w, delta)
+        self.products += fn.products
+        return out
+
+
+def flatten(tensors: list[Tensor]) -> Tensor:
+    """Tensors as one flat vector (the local loss's d, 𝓗v and g_θ)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def trainable_parameters(module: nn.Module) -> list[Tensor]:

@@ -67,6 +67,9 @@ class ModelConfig:
         "pattern": FACTORY_PATTERN, "pattern_hint": "must look like 'package.module:function'"})
     # Layers per stage; its length is the number of pipeline stages.
     balance: list[int] = field(metadata={"min_len": 1, "min": 1, "example": "[1, 1]"})
+    # Data-parallel copies of the whole pipeline: the job runs stages x replicas processes,
+    # each replica on an even share of every batch.
+    replicas: int = field(default=1, metadata={"min": 1})
 
 
 def builders_given(model: ModelConfig) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sm_dist.math.losses import TopOfPipeline, evaluate_loss, top_of_pipeline
+from sm_dist.math.reduction import ALONE, Reducer
 from sm_dist.math.stage_function import StageFunction
 from sm_dist.optim.options import OptimizerOptions, check_inner_steps
 from sm_dist.pipeline.actions import Action, ActionKind
@@ -56,6 +57,8 @@ class StageRule:
     handlers for the optimizer's own update actions. The defaults are plain backprop."""
 
     keeps: ClassVar[BackwardKeeps] = BackwardKeeps.GRADIENT
+    # The stage's replicas (model.replicas): the engine sets their group; alone, none.
+    reducer: Reducer = ALONE
 
     def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
         self.optimizer = optimizer
@@ -128,6 +131,12 @@ class StageRule:
         """The functions that perform this optimizer's update actions on this stage."""
         return {}
 
+    def after_backward(self) -> None:
+        """After a pass's last backward, with replicas: ∂h/∂θ_s summed over them in place
+        (DDP's semantics), so that every replica steps as one pipeline on the whole batch."""
+        if self.reducer.size > 1:
+            reduce_gradients(self.stage.params, self.reducer)
+
     def report(self) -> StageReport:
         return self._report
 
@@ -179,6 +188,8 @@ class Optimizer:
     update_kinds: ClassVar[tuple[ActionKind, ...]] = ()  # the actions of its update phase
     sweep: ClassVar[str | None] = None  # what `compare` sweeps: "inner_steps", "lr" or None
     steered: ClassVar[bool] = False  # the coordinator steers it (see `steering`)
+    # optimizer.replica_mode: average_steps is open to it (its replicas can step on their own)
+    can_average_steps: ClassVar[bool] = False
 
     def __init__(self, config: OptimizerOptions, num_stages: int) -> None:
         self.config = config
@@ -221,6 +232,21 @@ def apply_update(run: PlanRun, action: Action) -> str:
     rule.step()
     run.stage.end_iteration()
     return ""
+
+
+def reduce_gradients(params: list[Tensor], reducer: Reducer) -> None:
+    """Every p.grad summed over the replicas, with one all-reduce (a gradient no backward set
+    counts as zeros there and stays unset: the replicas all skipped the same backward)."""
+    grads = [p.grad for p in params]
+    if all(g is None for g in grads):
+        return
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                      for p, g in zip(params, grads)])
+    total, offset = reducer.all_reduce_sum(flat), 0
+    for p, g in zip(params, grads):
+        if g is not None:
+            g.copy_(total[offset:offset + p.numel()].view_as(g))
+        offset += p.numel()
 
 
 def inner_loop_fields(reports: list[StageReport]) -> dict[str, Any]:

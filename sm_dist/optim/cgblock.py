@@ -167,6 +167,9 @@ class BlockCGRule(StageRule):
             return ""
         assert self.solver is not None
         self._started += 1
+        # H_ss v_s sums over samples: over every replica's share of the batch (they stop CG
+        # together, since every scalar of CG then comes from the same reduced vectors).
+        product = self.reducer.all_reduce_sum(product)
         if self.damping:
             product = product.add(self.solver.p, alpha=self.damping)
         self.solver.advance(product)

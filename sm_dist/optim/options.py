@@ -38,6 +38,10 @@ class OptimizerOptions:
     betas: list[float] = field(
         default_factory=lambda: [0.9, 0.999], metadata={"length": 2, "min": 0, "lt": 1})
     eps: float = field(default=1e-8, metadata={"gt": 0})
+    # With model.replicas > 1: exact (the replicas sum every gradient and product: one
+    # pipeline's iterates), or average_steps (SM: each replica minimises its own local loss
+    # and the replicas average the steps, one all-reduce per iteration).
+    replica_mode: str = field(default="exact", metadata={"choices": ("exact", "average_steps")})
 
     def armijo_rule(self) -> ArmijoRule:
         """The sufficient-decrease rule of every Armijo search (spec's c and β)."""

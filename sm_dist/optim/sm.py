@@ -4,6 +4,7 @@ from the backward's Hessian-vector products, for N inner steps with no communica
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,9 @@ from sm_dist.math.curvature import (
     power_iteration,
     reduce_eigenvalues,
 )
-from sm_dist.math.local_loss import LocalLoss, flatten, unflatten
+from sm_dist.math.local_loss import LocalLoss, PartFunction, flatten, unflatten
 from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
-from sm_dist.math.stage_function import StageFunction
+from sm_dist.math.stage_function import RecomputedStageFunction, StageFunction
 from sm_dist.optim.base import (
     BackwardKeeps,
     Optimizer,
@@ -47,6 +48,9 @@ class SMOptions(OptimizerOptions):
     rho: float = field(default=0.0, metadata={"min": 0})
     power_iterations: int = field(default=10, metadata={"min": 1})
     power_warm_start: bool = True
+    # Rebuild each microbatch's Ψ for every product instead of keeping all their graphs
+    # through the update (memory for time; docs/performance.md has the measurements).
+    recompute: bool = False
 
 
 def sm_update_actions(stage: int, steps: int, fill_up_to: int = 0) -> list[Action]:
@@ -67,6 +71,7 @@ class SMStageRule(StageRule):
     def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
         super().__init__(optimizer, stage)
         self.options: SMOptions = optimizer.config  # type: ignore[assignment]
+        self.functions: dict[int, PartFunction] = {}  # type: ignore[assignment]
         self.deltas: dict[int, Tensor] = {}  # per microbatch: the δ of its samples
         self.eigenvalues: dict[int, Tensor] = {}  # curvature: batch, until the last backward
         self.max_curvature_sent: float | None = None
@@ -82,17 +87,27 @@ class SMStageRule(StageRule):
         assert c_out is not None, "SM needs the curvature from the stage above"
         fn = self.keep_function(j, entry, g_out, c_out)
         if self.stage.is_first:
+            self._maybe_release_graph(j, g_out, c_out)
             return None, None
         g_in = fn.gradients()[0]
         lam = self._eigenvalues(j, fn, same_batch)
+        self._maybe_release_graph(j, g_out, c_out)
         if self.options.curvature == "batch":
             self.eigenvalues[j] = lam
             return g_in, None
         return g_in, self._damp(j, reduce_eigenvalues(lam, self.options.curvature))
 
+    def _maybe_release_graph(self, j: int, g_out: Tensor, c_out: Tensor) -> None:
+        """With `recompute`, keep microbatch j's Ψ as its input and (g, c) from here on."""
+        fn = self.functions[j]
+        if self.options.recompute and isinstance(fn, StageFunction):
+            self.functions[j] = RecomputedStageFunction(self.stage.module, fn, g_out, c_out)
+
     def release_held(self) -> dict[int, Tensor]:
-        """With `curvature: batch`, the c_in of every microbatch from the batch's largest λ."""
+        """With `curvature: batch`, the c_in of every microbatch from the batch's largest λ
+        (over every replica's share of the batch)."""
         lam_max = torch.stack([lam.max() for lam in self.eigenvalues.values()]).max()
+        lam_max = self.reducer.all_reduce_max(lam_max.reshape(1))[0]
         return {j: self._damp(j, lam_max.expand_as(lam).clone())
                 for j, lam in self.eigenvalues.items()}
 
@@ -101,15 +116,34 @@ class SMStageRule(StageRule):
         start = self.power_vectors.get(j)
         if not (self.options.power_warm_start and same_batch and start is not None
                 and start.shape == fn.grad_z.shape):
-            start = initial_vectors(fn.grad_z, self.stage.generator)
+            start = self._random_start(fn.grad_z)
         products = fn.products
         lam, vectors = power_iteration(fn.hvp_zz, start, self.options.power_iterations)
         self.psi_products += fn.products - products
         self.power_vectors[j] = vectors
         return lam
 
+    def _random_start(self, like: Tensor) -> Tensor:
+        """Random unit rows for a power iteration; with replicas, this replica's rows of the
+        ones the whole microbatch gets (every replica draws them all from the stage's seed,
+        as one pipeline does), so that each sample starts where it would in one pipeline."""
+        reducer = self.reducer
+        if reducer.size == 1:
+            return initial_vectors(like, self.stage.generator)
+        count = torch.tensor([float(like.shape[0])], dtype=torch.float64, device=like.device)
+        rows = int(reducer.all_reduce_sum(count)[0])
+        whole = initial_vectors(like.new_empty((rows, *like.shape[1:])), self.stage.generator)
+        # The parts torch.tensor_split gives (engine/replicas.py): the first rows % size one
+        # row longer.
+        size, r = reducer.size, reducer.index
+        offset = r * (rows // size) + min(r, rows % size)
+        return whole[offset:offset + like.shape[0]]
+
     def _damp(self, j: int, lam: Tensor) -> Tensor:
         cfg = self.options
+        if cfg.curvature == "microbatch" and self.reducer.size > 1 and lam.numel():
+            # The largest λ of the whole microbatch j, over every replica's part of it.
+            lam = self.reducer.all_reduce_max(lam.max().reshape(1)).expand_as(lam).clone()
         c, delta = damped_curvature(lam, delta_rel=cfg.delta_rel, delta_abs=cfg.delta_abs,
                                     delta_floor=cfg.delta_floor)
         self.deltas[j] = delta
@@ -124,7 +158,9 @@ class SMStageRule(StageRule):
         parts = [(self.functions[j], None if stage.is_first else self.deltas[j])
                  for j in sorted(self.functions)]
         grad = flatten([p.grad for p in stage.params])
-        loss = LocalLoss(parts, grad, cfg.rho)
+        if self.averages_steps:  # this replica's own loss: its share of the batch as a batch
+            grad = grad * self.reducer.size
+        loss = LocalLoss(parts, grad, cfg.rho, self._product_reduction())
         self._products_before = sum(fn.products for fn, _ in parts)
         self.solver = self.make_solver(loss)
 
@@ -170,8 +206,40 @@ class SMStageRule(StageRule):
         return self._report
 
     def step_to_apply(self, d: Tensor, model_value: float) -> Tensor:
-        """The change of θ_s for the inner loop's solution d (the paper: d itself)."""
+        """The change of θ_s for the inner loop's solution d (the paper: d itself; with
+        replica_mode average_steps, the mean of the replicas' d)."""
+        if self.averages_steps:
+            return self.reducer.all_reduce_sum(d) / self.reducer.size
         return d
+
+    # --------------------------------------------------------------------------- replicas
+    @property
+    def averages_steps(self) -> bool:
+        """Replicas that each minimise their own local loss and average the steps."""
+        return self.reducer.size > 1 and self.options.replica_mode == "average_steps"
+
+    def _product_reduction(self) -> Callable[[Tensor], Tensor] | None:
+        """What every 𝓗 product goes through: alone nothing; exact, the sum over the
+        replicas (one all-reduce per inner step); average_steps, its share scaled up."""
+        size = self.reducer.size
+        if size == 1:
+            return None
+        if self.averages_steps:
+            return lambda product: product * size
+        return self.reducer.all_reduce_sum
+
+    def after_backward(self) -> None:
+        if not self.averages_steps:  # average_steps keeps each replica's own gradient
+            super().after_backward()
+
+    def _next_input_arrived(self, run: PlanRun) -> bool:
+        """Fill mode: whether the next input is there; in exact mode on any replica, so that
+        every replica takes the same fill steps (each of them is an all-reduce)."""
+        arrived = run.next_input_arrived()
+        if self.reducer.size == 1 or self.averages_steps:
+            return arrived
+        flag = torch.tensor([1.0 if arrived else 0.0], device=self.stage.device)
+        return bool(self.reducer.all_reduce_sum(flag)[0] > 0)
 
     def handlers(self) -> dict[ActionKind, Handler]:
         return {K.BUILD: self._build, K.INNER: self._inner, K.FILL: self._fill,
@@ -190,7 +258,7 @@ class SMStageRule(StageRule):
         limit): the stage would be idle otherwise (spec §5)."""
         assert action.index is not None
         taken = 0
-        while taken < action.index and not run.next_input_arrived():
+        while taken < action.index and not self._next_input_arrived(run):
             if run.channel.fill_step(lambda: self.step(1)) == 0:
                 break  # the solver has converged or stopped
             taken += 1
@@ -221,6 +289,7 @@ class SM(Optimizer):
     rule = SMStageRule
     update_kinds = (K.BUILD, K.INNER, K.FILL, K.APPLY)
     sweep = "inner_steps"
+    can_average_steps = True
 
     @classmethod
     def check_config(cls, config: OptimizerOptions) -> list[str]:

@@ -166,7 +166,12 @@ class SMAdaptiveRule(SMStageRule):
 
     # ---------------------------------------------------------------------- decision
     def _decide(self, same_batch: bool) -> Decision:
-        """Top of the pipeline: accept or reject the step this forward pass measured."""
+        """Top of the pipeline: accept or reject the step this forward pass measured (with
+        replicas, from the whole batch's loss, so that every replica decides the same)."""
+        if self.reducer.size > 1:
+            total = self.reducer.all_reduce_sum(torch.tensor(
+                [self._loss, float(self._correct)], dtype=torch.float64, device=self.stage.device))
+            self._loss, self._correct = float(total[0]), float(total[1])
         loss, acc = self._loss, self._correct / max(self._samples, 1)
         if not (self.pending and same_batch and self.accepted_loss is not None):
             self._accept(loss, acc)  # nothing to judge: the first step, or a new batch
@@ -297,6 +302,7 @@ class SMAdaptive(SM):
                "full batch")
     Options = SMAdaptiveOptions
     rule = SMAdaptiveRule
+    can_average_steps = False  # one accept-or-reject decision needs one model of the step
 
     def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
         minimum, fill = self.inner_step_counts(last)

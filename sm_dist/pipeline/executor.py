@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sm_dist.pipeline.actions import Action, ActionKind, Direction
+from sm_dist.pipeline.memory import MemoryReading
 from sm_dist.pipeline.schedule import next_input
 from sm_dist.pipeline.stage import Stage
 from sm_dist.pipeline.timeline import TimelineEvent
@@ -63,6 +64,7 @@ class PlanResult:
     correct: dict[int, float] = field(default_factory=dict)
     sums: dict[tuple[str, int], tuple[float, float, int]] = field(default_factory=dict)  # E, T
     report: Any = None  # the rule's report of its last update
+    memory: MemoryReading | None = None  # the stage process's memory after the plan
     events: list[TimelineEvent] = field(default_factory=list)
     value: Any = None  # the command's result
 
@@ -175,6 +177,7 @@ class PlanRun:
     def finish(self) -> PlanResult:
         self.channel.flush()
         self.result.report = self.stage.hooks.report()
+        self.result.memory = self.stage.memory.reading()
         if self.plan.command is not None:
             self.result.value = self.plan.command.apply(self.stage)
         return self.result

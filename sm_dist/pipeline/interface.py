@@ -11,6 +11,7 @@ from torch import Tensor
 
 from sm_dist.pipeline.actions import ActionKind, Schedule
 from sm_dist.pipeline.executor import Call, Plan, PlanResult
+from sm_dist.pipeline.memory import MemoryReading
 from sm_dist.pipeline.schedule import forward_only_schedule, gpipe_schedule
 from sm_dist.pipeline.timeline import EventLog, TimelineEvent
 
@@ -50,6 +51,7 @@ class IterationResult:
     reports: list[Any]  # one per stage: its rule's report
     test: tuple[float, float, int] | None = None  # (Σ loss, correct, samples) after the update
     train: tuple[float, float, int] | None = None  # the same over the whole training set
+    memory: list[MemoryReading | None] | None = None  # per stage, after the pass
 
 
 class Pending(Protocol[T]):  # type: ignore[misc]
@@ -100,6 +102,8 @@ class Pipeline:
     # Whether `events` is a real pipeline's timeline (stages in parallel); a pipeline that runs
     # actions one at a time sends them to `action_sink` instead, as measured costs.
     measures_timeline = False
+    # Whether every stage runs in this one process (then one memory figure covers them all).
+    shares_process = False
     action_sink: Callable[[list[TimelineEvent]], None] | None = None
 
     def __init__(self, num_stages: int) -> None:
@@ -142,7 +146,8 @@ class Pipeline:
             evals = [last.sums[(ActionKind.EVALUATE.value, k)] for k in range(len(chunks))]
             return IterationResult(batch, [r.report for r in results],
                                    _totals(evals[:request.test_chunks]),
-                                   _totals(evals[request.test_chunks:]))
+                                   _totals(evals[request.test_chunks:]),
+                                   [r.memory for r in results])
 
         return Then(pending, collect)
 
@@ -183,6 +188,10 @@ class Pipeline:
     def evaluate(self, iteration: int, x: Tensor, y: Tensor) -> tuple[float, int]:
         """Summed loss and correct predictions over a data set, forward-only, in chunks."""
         return self.forward_pass(iteration, ActionKind.EVALUATE, eval_chunks(x, y))
+
+    def start_memory_measurement(self) -> None:
+        """Every stage's memory peak from now on (training starts)."""
+        self.command(Call("start_memory_measurement")).wait()
 
     def grad_sq_norm(self) -> float:
         return sum(self.command(Call("grad_sq_norm")).wait())

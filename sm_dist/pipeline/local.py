@@ -48,6 +48,8 @@ class LocalPipeline(Pipeline):
     across stages is fixed too (it does not depend on timing). With no bubbles in one
     process, fill steps take none."""
 
+    shares_process = True
+
     def __init__(self, stages: list[Stage]) -> None:
         super().__init__(len(stages))
         self.stages = stages

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from sm_dist.math.losses import LossSpec, TopOfPipeline
 from sm_dist.math.stage_function import trainable_parameters
 from sm_dist.pipeline.actions import ActionKind
+from sm_dist.pipeline.memory import MemoryProbe
 
 
 def to_cpu(value: Any) -> Any:
@@ -84,6 +85,7 @@ class Stage:
         self.stash: dict[int, MicrobatchStash] = {}
         self.generator = torch.Generator().manual_seed(seed * 1000 + index)
         self.rule: StageHooks | None = None  # set by the optimizer (sm_dist.optim)
+        self.memory = MemoryProbe(self.device)
 
     @property
     def hooks(self) -> StageHooks:
@@ -148,6 +150,10 @@ class Stage:
         self.load_state_dict(state["module"])
         self.hooks.load_state_dict(state["rule"])
         self.generator.set_state(state["generator"])
+
+    def start_memory_measurement(self) -> None:
+        """Training starts: peaks from here on are its own (see pipeline/memory.py)."""
+        self.memory.start()
 
     def grad_sq_norm(self) -> float:
         return sum(float((p.grad * p.grad).sum()) for p in self.params if p.grad is not None)

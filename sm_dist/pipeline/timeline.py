@@ -25,6 +25,7 @@ class TimelineEvent:
     end: float
     detail: str = ""  # e.g. the inner steps an update slice took
     sent: int = 0  # bytes the action sent to its neighbours
+    replica: int = 0  # which of the stage's data-parallel replicas (model.replicas)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ActionKind):
@@ -97,9 +98,30 @@ def iteration_utilisation(events: Sequence[TimelineEvent], iteration: int,
     if window is None:
         return None
     lo, hi = window
-    own = [e for e in events if e.iteration == iteration]
     duration = max(hi - lo, 1e-12)
-    busy, turnaround, update = [], [], []
+    # With replicas, each (stage, replica) is measured on its own and the stage gets the mean.
+    replicas = 1 + max((e.replica for e in events), default=0)
+    parts = [_utilisation([e for e in events if e.replica == r], iteration, num_stages,
+                          lo, hi, duration) for r in range(replicas)]
+    if replicas == 1:
+        busy, turnaround, update = parts[0]
+    else:
+        busy = [sum(p[0][s] for p in parts) / replicas for s in range(num_stages)]
+        turnaround = [sum(p[1][s] for p in parts) / replicas for s in range(num_stages)]
+        update = [None if any(p[2][s] is None for p in parts)
+                  else sum(p[2][s] for p in parts) / replicas  # type: ignore[misc]
+                  for s in range(num_stages)]
+    return IterationUtilisation(duration, busy, 1.0 - sum(busy) / num_stages, turnaround, update)
+
+
+def _utilisation(events: Sequence[TimelineEvent], iteration: int, num_stages: int, lo: float,
+                 hi: float, duration: float
+                 ) -> tuple[list[float], list[float], list[float | None]]:
+    """Busy shares, turnaround and update idle of one pipeline's stages over [lo, hi)."""
+    own = [e for e in events if e.iteration == iteration]
+    busy: list[float] = []
+    turnaround: list[float] = []
+    update: list[float | None] = []
     for s in range(num_stages):
         mine = [(e.start, e.end) for e in events if e.stage == s]
         busy.append(_covered(mine, lo, hi) / duration)
@@ -119,7 +141,20 @@ def iteration_utilisation(events: Sequence[TimelineEvent], iteration: int,
             update.append(max(gap_hi - gap_lo - _covered(mine, gap_lo, gap_hi), 0.0) / duration)
         else:
             update.append(None)
-    return IterationUtilisation(duration, busy, 1.0 - sum(busy) / num_stages, turnaround, update)
+    return busy, turnaround, update
+
+
+def slowest_replicas(events: Iterable[TimelineEvent], num_stages: int) -> list[int | None]:
+    """Per stage, the replica that spent the most time in actions over `events` (the one its
+    pipeline waits for); None for a stage without replicas."""
+    busy: dict[tuple[int, int], float] = {}
+    for e in events:
+        busy[(e.stage, e.replica)] = busy.get((e.stage, e.replica), 0.0) + e.end - e.start
+    out: list[int | None] = []
+    for s in range(num_stages):
+        mine = {r: t for (stage, r), t in busy.items() if stage == s}
+        out.append(max(mine, key=lambda r: mine[r]) if len(mine) > 1 else None)
+    return out
 
 
 def chrome_trace(events: Iterable[TimelineEvent], host_of_stage: dict[int, str] | None = None
@@ -137,7 +172,9 @@ def chrome_trace(events: Iterable[TimelineEvent], host_of_stage: dict[int, str] 
 
 
 def _trace_event(e: TimelineEvent, origin: float) -> dict[str, Any]:
-    return {"name": e.label, "cat": e.kind.info.name, "ph": "X", "pid": 0, "tid": e.stage,
+    # One process row per replica (pid), a thread row per stage in it.
+    return {"name": e.label, "cat": e.kind.info.name, "ph": "X", "pid": e.replica,
+            "tid": e.stage,
             "ts": (e.start - origin) * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6,
             "args": {"iteration": e.iteration, **({"detail": e.detail} if e.detail else {}),
                      **({"bytes": e.sent} if e.sent else {})}}
@@ -206,6 +243,7 @@ def events_from_trace(trace: dict[str, Any]) -> list[TimelineEvent]:
                                     index=int(number) if number else None,
                                     start=start, end=start + float(item["dur"]) / 1e6,
                                     detail=str(args.get("detail", "")),
-                                    sent=int(args.get("bytes", 0))))
+                                    sent=int(args.get("bytes", 0)),
+                                    replica=int(item.get("pid", 0))))
     return events
 

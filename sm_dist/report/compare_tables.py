@@ -341,8 +341,9 @@ def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_pat
              f"- command: `{command_line}`",
              *[f"- {line}" for line in grid],
              f"- {len(results)} runs in `{out / 'runs'}`: {trained} trained now, "
-             f"{sum(r.status == 'collected' for r in results)} collected from earlier, "
-             f"{len(results) - len(done)} failed; "
+             f"{sum(r.status == 'stopped' for r in results)} trained now and stopped "
+             f"(diverged), {sum(r.status == 'collected' for r in results)} collected from "
+             f"earlier, {len(results) - len(done)} failed; "
              f"{', '.join(map(str, iterations)) or 'no'} iterations",
              f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}", "",
              "The training loss of an iteration is measured by its forward pass, before its "
@@ -384,10 +385,10 @@ def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_pat
         lines += ["## Diverged runs", "", "A run stops at the first iteration whose training "
                   "loss is not finite or more than 10^4 times its first (run.on_nonfinite: "
                   "stop); the tables show `non-finite` from there on.", ""]
-        lines += [f"- {r.point.label}: " + (f"stopped at iteration {k}: {run.stopped}"
-                                            if run.stopped else
-                                            f"the training loss was not finite from iteration {k}")
-                  for r, run, k in diverged]
+        for r, run, k in diverged:  # stopped.txt's first clause; the rest is on checkpoints
+            why = run.stopped.split(": the optimizer")[0] if run.stopped else None
+            lines.append(f"- {r.point.label}: " + (f"stopped at iteration {k}: {why}" if why else
+                         f"the training loss was not finite from iteration {k}"))
         lines.append("")
     failed = [r for r in results if r.run is None]
     if failed:

@@ -58,13 +58,17 @@ def time_section(groups: Sequence[DepthGroup], times: Times, link: str,
              f"run measured for it one action at a time, every transfer the `{link}` link's "
              "latency plus its bytes over its bandwidth. Per depth and N: the time of an "
              "iteration, the time to reach each loss (`-`: not reached), and the loss after "
-             "the shortest run's total time.", ""]
+             "the total time of the shortest run that did not stop early (a run that "
+             "diverged and stopped shows its last loss).", ""]
     for title, rows in figure_rows(groups):
         shown = [row for row in rows if row.run.path in times]
         if not shown:
             continue
         totals = [max(times[row.run.path].values()) for row in shown]
-        budget = min(totals)
+        # Runs that diverged and stopped early end soonest: the budget is that of the
+        # shortest run that went the distance (all of them, when none did).
+        whole = [t for row, t in zip(shown, totals) if not row.run.stopped]
+        budget = min(whole or totals)
         header = ["optimizer", "time / iteration", "total",
                   *[f"to loss {loss:g}" for loss in reach], f"loss @ {seconds_text(budget)}"]
         table = []

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK
-from sm_dist.pipeline.timeline import events_from_trace
+from sm_dist.pipeline.timeline import events_from_trace, slowest_replicas
 from sm_dist.report.plots import (
     default_timeline_iteration,
     plot_accuracy,
@@ -22,6 +22,7 @@ from sm_dist.report.plots import (
     plot_timeline,
 )
 from sm_dist.report.run_data import ReportError, RunData, load_run, load_runs
+from sm_dist.report.stage_figures import memory_text, utilisation_text
 from sm_dist.run.metrics import STEADY_FIELDS, IterationRecord, steady_means
 from sm_dist.run.run_dir import unique_dir
 
@@ -66,7 +67,12 @@ def summarize(run: RunData) -> dict[str, Any]:
       `best_full_train_loss`: the whole training set's evaluations (run.eval_train_every)
     - `epochs`: passes over the training set (minibatch runs)
     - `forward_passes`, `backward_passes`: pipeline passes over the batch in all
+    - `peak_memory_mb`, `training_memory_mb`: per stage process (engine) or for the one
+      process (--single-process), MiB: the peak since training started and what training
+      added to the memory held at its start; `memory_kind`: "resident" (a CPU process's
+      resident memory) or "cuda_allocated" (CUDA tensors), see pipeline/memory.py
     - `stopped`: why the run stopped before its last iteration (a non-finite loss), or None
+    - `replicas`; `slowest_replica`: per stage, the replica that computed longest (trace)
     - means over the steady iterations (`SteadyMeans`: without the first, which includes
       start-up, and the last, which has no next input), as the live monitor shows them:
       `mean_bubble_fraction`, the pipeline's idle share; per stage `mean_busy_fraction`,
@@ -113,31 +119,15 @@ def summarize(run: RunData) -> dict[str, Any]:
         "epochs": last.epoch,
         "forward_passes": last.forward_passes,
         "backward_passes": last.backward_passes,
+        "peak_memory_mb": last.peak_memory_mb,
+        "training_memory_mb": last.training_memory_mb,
+        "memory_kind": last.memory_kind,
         "stopped": run.stopped,
+        "replicas": (replicas := _section(config, "model").get("replicas", 1)),
+        "slowest_replica": None if run.trace is None or replicas == 1 else
+        slowest_replicas(events_from_trace(run.trace), len(balance)),  # type: ignore[arg-type]
         **{f"mean_{key}": means[key] for key in STEADY_FIELDS},
     }
-
-
-def utilisation_text(summary: dict[str, Any], width: int | None = None) -> str | None:
-    """The pipeline's busy and idle shares per stage, as printed at the end of a run; with
-    `width`, the stages are split over several blocks so that no line is wider."""
-    busy = summary.get("mean_busy_fraction")
-    if not busy:
-        return None
-    bubble = summary.get("mean_bubble_fraction")
-    rows = [("busy", busy), ("idle forward->back", summary.get("mean_turnaround_idle")),
-            ("idle back->forward", summary.get("mean_update_idle"))]
-    per_block = len(busy) if width is None else max(1, (width - 21) // 5)
-    lines = [f"pipeline (means over steady iterations; bubble "
-             f"{'-' if bubble is None else format(bubble, '.0%')}):"]
-    for first in range(0, len(busy), per_block):
-        stages = range(first, min(first + per_block, len(busy)))
-        lines.append(f"  {'stage':<19}{''.join(f'{s:>5}' for s in stages)}")
-        for label, values in rows:
-            if values:
-                lines.append(f"  {label:<19}" + "".join(
-                    "    -" if values[s] is None else f"{values[s]:5.0%}" for s in stages))
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ tables
@@ -369,9 +359,13 @@ def finish_run(out: Path, console: Console) -> None:
     run = load_run(out)
     write_report([run], out)
     print_summary([run], console)
-    utilisation = utilisation_text(summarize(run), console.width)
+    summary = summarize(run)
+    utilisation = utilisation_text(summary, console.width)
     if utilisation:
         _say(console, utilisation)
+    memory = memory_text(summary)
+    if memory and not (utilisation and "peak memory" in utilisation):
+        _say(console, memory)
     if run.stopped:
         _say(console, f"stopped early: {run.stopped}")
     _say(console, f"results in {out}")

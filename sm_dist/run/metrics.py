@@ -69,6 +69,11 @@ class IterationRecord:
     bubble_fraction: float | None = None
     turnaround_idle: list[float] | None = None
     update_idle: list[float | None] | None = None
+    # Memory (pipeline/memory.py), MiB: the peak since training started and what training
+    # added to the start's; per stage process in the engine, one figure for --single-process.
+    peak_memory_mb: list[float] | None = None
+    training_memory_mb: list[float] | None = None
+    memory_kind: str | None = None  # "resident" (CPU processes) or "cuda_allocated"
 
     def to_json(self) -> dict[str, Any]:
         """The record's JSON object (absent fields left out, non-finite numbers null)."""

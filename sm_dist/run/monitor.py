@@ -19,7 +19,7 @@ from sm_dist.models.build import num_params
 from sm_dist.optim.registry import get as get_optimizer
 from sm_dist.optim.torch_optimizers import TorchOptimizer
 from sm_dist.pipeline.interface import Pipeline
-from sm_dist.pipeline.timeline import TimelineEvent
+from sm_dist.pipeline.timeline import TimelineEvent, slowest_replicas
 from sm_dist.run.metrics import IterationRecord, SteadyMeans
 
 MEANS_NOTE = "bubble, busy, inner steps: means over steady iterations (not the first or last)"
@@ -44,6 +44,8 @@ def format_record(record: IterationRecord, iterations: int) -> str:
                      f"full_train_acc {record.full_train_acc:.3f}")
     if record.epoch is not None:
         parts.append(f"epoch {record.epoch:.2f}")
+    if record.peak_memory_mb:
+        parts.append("peak_mem_mib " + ",".join(f"{m:.0f}" for m in record.peak_memory_mb))
     parts.append(f"{record.wall_time:.1f}s")
     return "  ".join(parts)
 
@@ -141,6 +143,10 @@ def run_header(header: str, stages: Sequence[StageInfo]) -> RenderableType:
     before, arrow, after = header.partition(" -> ")
     line = Packed([Text(before), Text(f"-> {after}")], gap=1) if arrow else Text(header)
     return Group(line, Packed(items))
+
+
+def _mib_text(mib: float) -> str:
+    return f"{mib:.0f} MiB"
 
 
 def _steps_text(steps: float) -> str:
@@ -265,6 +271,9 @@ class LiveMonitor:
             items.append(Text(f"lr {self.learning_rate:g}"))
         if means["bubble_fraction"] is not None:
             items.append(Text(f"bubble {means['bubble_fraction']:.0%}"))
+        memory = latest.peak_memory_mb
+        if memory is not None and len(memory) != self.num_stages:  # all stages in one process
+            items.append(Text(f"peak memory {_mib_text(memory[0])}"))
         return items
 
     def _sort_new_events(self) -> None:
@@ -293,6 +302,14 @@ class LiveMonitor:
         if has(curvature):
             columns.append(("curvature sent", curvature, lambda v: f"{v:.3e}"))
         columns.append(("busy", means["busy_fraction"], lambda v: f"{v:.0%}"))
+        self._sort_new_events()  # model.replicas: the busy share is their mean; name the slowest
+        slowest = slowest_replicas([e for s in self.recent for e in self.recent[s]],
+                                   self.num_stages)
+        if has(slowest):
+            columns.append(("slowest replica", slowest, str))
+        memory = latest.peak_memory_mb if latest else None
+        if memory is not None and len(memory) == self.num_stages:  # one process per stage
+            columns.append(("peak memory", memory, _mib_text))
         table = Table(box=None, pad_edge=False, header_style="bold")
         table.add_column("stage", justify="right")
         table.add_column("phase")

@@ -108,6 +108,7 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
         states = pipeline.checkpoint() if due else None
         return states, pipeline.submit(following) if following is not None else None
 
+    pipeline.start_memory_measurement()  # peaks from here on are training's
     current = batches.request(first)
     pending = pipeline.submit(current)
     try:
@@ -119,7 +120,7 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
             costs.add_passes(1, min(r.backward_passes for r in result.reports),
                              max(r.tangents_started for r in result.reports))
             costs.add_products([r.hvp_products for r in result.reports])
-            record = base_record(iteration, result, optimizer)
+            record = base_record(iteration, result, optimizer, pipeline.shares_process)
             record.epoch = batches.epochs_after(iteration)
             if steering is not None:
                 steered = steering.step(pipeline, iteration, current.microbatches, current.n,
@@ -281,8 +282,8 @@ def update(record: IterationRecord, fields: dict[str, Any]) -> None:
         setattr(record, key, value)
 
 
-def base_record(iteration: int, result: IterationResult,
-                optimizer: Optimizer) -> IterationRecord:
+def base_record(iteration: int, result: IterationResult, optimizer: Optimizer,
+                shares_process: bool = False) -> IterationRecord:
     """What an iteration's forward pass, update and evaluation measured."""
     batch = result.batch
     record = IterationRecord(iteration, batch.loss, batch.correct / batch.samples)
@@ -293,4 +294,18 @@ def base_record(iteration: int, result: IterationResult,
     if result.train is not None:
         loss_sum, correct, count = result.train
         record.full_train_loss, record.full_train_acc = loss_sum / count, correct / count
+    update(record, memory_fields(result, shares_process))
     return record
+
+
+def memory_fields(result: IterationResult, shares_process: bool) -> dict[str, Any]:
+    """The record's memory figures in MiB (none where nothing could be read)."""
+    readings = [m for m in result.memory or [] if m is not None]
+    if not readings:
+        return {}
+    if shares_process:  # every stage read the same process: its latest reading is the peak
+        readings = [max(readings, key=lambda m: m.peak)]
+    mib = 1024.0 * 1024.0
+    return {"peak_memory_mb": [round(m.peak / mib, 1) for m in readings],
+            "training_memory_mb": [round(m.training / mib, 1) for m in readings],
+            "memory_kind": "resident" if readings[0].resident else "cuda_allocated"}

@@ -1,0 +1,95 @@
+"""Each stage's peak memory under SM against GPipe+Adam with the same microbatches, as ratios.
+
+For the 4-stage MLP, CNN and transformer jobs of configs/, one engine run each (one process
+per stage) of: Adam, SM keeping every microbatch's Ψ graph through the update (the default),
+and SM with `optimizer.recompute: true` (one graph alive at a time). Runs go one after another,
+never side by side. It prints two figures per stage (pipeline/memory.py): the peak since
+training started, and what training added on top of what the process held at its start.
+On CPU both are resident memory, so the peak includes torch itself (hundreds of MiB) and the
+added part includes first-use allocations any optimizer makes; on CUDA (`--device cuda`)
+they are allocated tensor bytes. Rank 0 also holds the coordinator (the data, the records).
+
+    python benchmarks/memory_per_stage.py [--iterations 3] [--workloads mlp,cnn,transformer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORKLOADS = {  # workload: (SM job, its Adam twin's overrides or job)
+    "mlp": ("configs/fashion/mlp4-sm.yaml", None),
+    "cnn": ("configs/fashion/cnn-sm.yaml", "configs/fashion/cnn-adam.yaml"),
+    "transformer": ("configs/text/transformer-sm.yaml", "configs/text/transformer-adam.yaml"),
+}
+ADAM_LR = "0.01"  # the MLP job has no Adam twin: the same job with Adam at this rate
+
+
+def train(job: str, sets: list[str], iterations: int, device: str, out: Path) -> dict:
+    """One engine run; its summary.json."""
+    args = [sys.executable, "-m", "sm_dist", "train", job, "--no-live", "--out", str(out),
+            "--set", f"run.iterations={iterations}", "--set", "run.eval_every=0",
+            "--set", f"run.device={device}", "--set", "run.checkpoint_every=0"]
+    for value in sets:
+        args += ["--set", value]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(f"memory_per_stage: {job} {' '.join(sets)} failed:\n{done.stderr}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def ratios(sm: list[float], adam: list[float]) -> str:
+    return " ".join(f"{a / b:5.2f}" if b else "    -" for a, b in zip(sm, adam))
+
+
+def figures(values: list[float]) -> str:
+    return " ".join(f"{v:6.0f}" for v in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args()
+    print(f"peak memory per stage process, MiB, {args.iterations} iterations each, device "
+          f"{args.device}; runs one at a time")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.workloads.split(","):
+            sm_job, adam_job = WORKLOADS[name]
+            adam = (train(adam_job, [], args.iterations, args.device, Path(tmp) / f"{name}-a")
+                    if adam_job else
+                    train(sm_job, ["optimizer.name=adam", f"optimizer.lr={ADAM_LR}"],
+                          args.iterations, args.device, Path(tmp) / f"{name}-a"))
+            kept = train(sm_job, ["optimizer.recompute=false"], args.iterations, args.device,
+                         Path(tmp) / f"{name}-k")
+            rebuilt = train(sm_job, ["optimizer.recompute=true"], args.iterations,
+                            args.device, Path(tmp) / f"{name}-r")
+            print(f"\n{name} ({sm_job}; SM is {kept['optimizer']}, "
+                  f"{kept['microbatches']} microbatches; memory: {kept['memory_kind']})")
+            print(f"  {'':32}{'stage:':>6}" + "".join(f"{s:>7}" for s in
+                                                     range(len(kept['peak_memory_mb']))))
+            for label, summary in (("adam", adam), ("sm, graphs kept", kept),
+                                   ("sm, recompute", rebuilt)):
+                print(f"  {label + ' peak':<38}{figures(summary['peak_memory_mb'])}")
+                print(f"  {label + ' added by training':<38}"
+                      f"{figures(summary['training_memory_mb'])}")
+            for label, summary in (("graphs kept", kept), ("recompute", rebuilt)):
+                print(f"  ratio sm/adam, {label}, peak:{'':<11}"
+                      f"{ratios(summary['peak_memory_mb'], adam['peak_memory_mb'])}")
+                print(f"  ratio sm/adam, {label}, added:{'':<10}"
+                      f"{ratios(summary['training_memory_mb'], adam['training_memory_mb'])}")
+            print(f"  wall time of {args.iterations} iterations: adam {adam['wall_time']:.1f} s, "
+                  f"sm kept {kept['wall_time']:.1f} s, sm recompute {rebuilt['wall_time']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
