@@ -471,3 +471,21 @@ def test_loss_at_equal_time_is_at_the_shortest_run_that_went_the_distance(
     assert header.endswith("loss @ 4.00 s |"), header  # gd's whole run, not cgblock's 2 s
     gd = next(line for line in lines if line.startswith("| gd"))
     assert gd.split("|")[-2].strip() == "0.2500"
+
+
+def test_loss_at_equal_passes_is_at_the_fewest_passes_of_a_run_that_went_the_distance(
+        tmp_path: Path) -> None:
+    from sm_dist.report.compare_tables import Row, _equal_passes_table
+    from sm_dist.report.run_data import RunData
+    from sm_dist.run.metrics import IterationRecord
+
+    def run(name: str, losses: list[float], stopped: str | None) -> RunData:
+        records = [IterationRecord(k + 1, loss, forward_passes=k + 1, backward_passes=k + 1)
+                   for k, loss in enumerate(losses)]
+        return RunData(tmp_path / name, name, {}, records, None, stopped)
+
+    rows = [Row("gd", "gd", None, run("long", [2.0, 1.0, 0.5], None)),
+            Row("cgblock", "cgblock", None, run("short", [2.0, 50.0], "diverged"))]
+    lines = _equal_passes_table(rows)
+    assert "loss @ 6 passes" in lines[0], lines[0]  # gd's 3 iterations, not cgblock's 2
+    assert lines[2].split("|")[4].strip() == "0.5000"

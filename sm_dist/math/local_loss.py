@@ -54,7 +54,7 @@ class LocalLoss:
         self.products += 1
         result = torch.zeros_like(v)
         for fn, delta in self.parts:
-            result += fn.local_hvp(unflatten(v, fn.params), delta)
+            fn.add_local_hvp(unflatten(v, fn.params), delta, result)
         return result if self.reduce is None else self.reduce(result)
 
     def value(self, d: Tensor, hd: Tensor) -> float:

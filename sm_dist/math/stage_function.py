@@ -82,15 +82,15 @@ class StageFunction:
         assert self.grad_z is not None, "built without input derivatives"
         return list(self._diff([self.grad_z], [u], self.params))
 
-    def local_hvp(self, w: list[Tensor], delta: Tensor | None) -> Tensor:
-        """This microbatch's share of SM's 𝓗w, flat: H_θθ w + H_θz Δ⁻¹ H_zθ w (the second
-        term for stages with an input, whose per-sample δ is `delta`)."""
+    def add_local_hvp(self, w: list[Tensor], delta: Tensor | None, out: Tensor) -> None:
+        """Add this microbatch's share of SM's 𝓗w to the flat `out`: H_θθ w, then
+        H_θz Δ⁻¹ H_zθ w for stages with an input (whose per-sample δ is `delta`). Each term
+        is added to `out` in turn: the sum's order is part of the iterates' bits."""
         a, b = self.hvp_theta(w)
-        out = flatten(b)
+        out += flatten(b)
         if delta is not None:
             assert a is not None
             out += flatten(self.hvp_z_theta_part(a / per_sample(delta, a)))
-        return out
 
     # Tangent passes (CGBlock, spec §6): with c = 0, Ψ's second derivatives are exactly the
     # terms ⟨g, f⟩ adds to the network's Hessian, so a Hessian-vector product of the whole
@@ -156,11 +156,10 @@ class RecomputedStageFunction:
         return StageFunction.build(self.module, self.z_in, self.g, self.c,
                                    with_input=self.with_input)
 
-    def local_hvp(self, w: list[Tensor], delta: Tensor | None) -> Tensor:
+    def add_local_hvp(self, w: list[Tensor], delta: Tensor | None, out: Tensor) -> None:
         fn = self.built()
-        out = fn.local_hvp(w, delta)
+        fn.add_local_hvp(w, delta, out)
         self.products += fn.products
-        return out
 
 
 def flatten(tensors: list[Tensor]) -> Tensor:

@@ -16,6 +16,7 @@ from sm_dist.report.grid import (
     LR_SWEEP_OPTIMIZERS,
     RunResult,
     lr_text,
+    model_heading,
     steps_text,
 )
 from sm_dist.report.run_data import RunData
@@ -147,16 +148,6 @@ def _stage_total(record: IterationRecord, key: str) -> int | float | None:
 
 
 # ------------------------------------------------------------------------------ grouping
-def model_heading(job: JobConfig) -> str:
-    balance = job.model.balance
-    if job.model.mlp is None:
-        return f"model {job.model.factory}: stages {balance}"
-    widths = job.model.mlp.widths
-    layers = len(widths) - 1
-    return (f"mlp{layers}: {layers} layers, widths {'-'.join(map(str, widths))}, "
-            f"stages {balance}")
-
-
 def group_results(results: Sequence[RunResult]) -> list[DepthGroup]:
     """The finished runs by depth, with their table rows: one per inner-step optimizer and N,
     one per swept optimizer (its best lr), one per other optimizer."""
@@ -285,7 +276,8 @@ def _tables24(group: DepthGroup) -> list[str]:
 def _equal_passes_table(rows: Sequence[Row]) -> list[str]:
     """Final loss, the loss at the smallest pass budget any row used, and rises, per row."""
     totals = [pipeline_passes(row.run.records[-1]) for row in rows]
-    budget = min((t for t in totals if t is not None), default=None)
+    whole = [t for row, t in zip(rows, totals) if t is not None and not row.run.stopped]
+    budget = min(whole or [t for t in totals if t is not None], default=None)  # stopped: early
     table = []
     for row, total in zip(rows, totals):
         at_budget = loss_at_passes(row.run, budget) if budget is not None else None
@@ -364,8 +356,9 @@ def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_pat
         lines += [f"### {group.heading}", "", *_tables24(group), ""]
     lines += ["## At equal pipeline passes", "", "Per depth and N: each run's pipeline passes "
               "(forward plus backward, a tangent pass counting as both), its final training "
-              "loss, its loss after the fewest passes any run of the table took (the last "
-              "iteration within that budget: retried steps and line-search trials count), its "
+              "loss, its loss after the fewest passes a run of the table that did not stop "
+              "early took (the last iteration within that budget: retried steps and line-search "
+              "trials count), its "
               "final test accuracy, and the number of iterations whose training loss rose.", ""]
     for title, rows in figure_rows(groups):
         lines += [f"### {title}", "", *_equal_passes_table(rows), ""]

@@ -230,3 +230,19 @@ def plan_runs(points: Sequence[GridPoint], out: Path, rerun: bool, collect_only:
             f"{plural(len(problems), 'run directory')} of this grid hold other jobs (pass "
             "--rerun to replace them, or choose another --out):", *problems]))
     return actions
+
+
+def model_heading(job: JobConfig) -> str:
+    """The heading of a model's group in compare.md: what it is and how it is split."""
+    balance, cnn, transformer = job.model.balance, job.model.cnn, job.model.transformer
+    if cnn is not None:
+        return f"cnn: channels {'-'.join(map(str, cnn.channels))}, stages {balance}"
+    if transformer is not None:
+        return (f"transformer: {transformer.blocks} blocks of width {transformer.width}, "
+                f"stages {balance}")
+    if job.model.mlp is None:
+        return f"model {job.model.factory}: stages {balance}"
+    widths = job.model.mlp.widths
+    layers = len(widths) - 1
+    return (f"mlp{layers}: {layers} layers, widths {'-'.join(map(str, widths))}, "
+            f"stages {balance}")
