@@ -210,9 +210,12 @@ def check_cg(module: nn.Module, z_in: Tensor, seed: int, positive_definite: bool
 
 # ---------------------------------------------------------------- property 5: upper bound
 def exact_local_losses(stages: list[nn.Module], x: Tensor, y: Tensor,
-                       coupling: bool = True) -> list[LocalLoss]:
-    """L_1..L_p from the top, with exact λ's (dense eigvalsh of each sample's H_zz block) and
-    δ = 0.3λ; the top's g and c from cross-entropy (vectors or sequences alike)."""
+                       coupling: bool = True, granularity: str = "sample",
+                       delta_rel: float = 0.3, delta_abs: float = 0.0) -> list[LocalLoss]:
+    """L_1..L_p from the top, with exact λ's (dense eigvalsh of each sample's H_zz block; their
+    maximum over the batch for `granularity="batch"`) and δ from `delta_rel`, `delta_abs`; the
+    top's g and c from cross-entropy (vectors or sequences alike). `coupling=False` drops
+    H_θz Δ⁻¹ H_zθ (a deliberately wrong model, for a negative control)."""
     spec, n = get_loss("cross_entropy"), len(x)
     zs = [x]
     with torch.no_grad():
@@ -232,7 +235,10 @@ def exact_local_losses(stages: list[nn.Module], x: Tensor, y: Tensor,
         hzz = psi_hessian(stages[s], zs[s], g, c)[:nz, :nz]
         lam = torch.stack([torch.linalg.eigvalsh(b).abs().max()
                            for b in per_sample_blocks(hzz, n)])
-        c, delta = damped_curvature(lam, delta_rel=0.3, delta_abs=0.0, delta_floor=1e-12)
+        if granularity == "batch":
+            lam = lam.max().expand(n).clone()
+        c, delta = damped_curvature(lam, delta_rel=delta_rel, delta_abs=delta_abs,
+                                    delta_floor=1e-12)
         part = delta if coupling else torch.full_like(delta, float("inf"))
         losses.insert(0, LocalLoss([(fn, part)], flat(g_theta), 0.0))
         assert g_in is not None

@@ -471,6 +471,11 @@ def test_loss_at_equal_time_is_at_the_shortest_run_that_went_the_distance(
     assert header.endswith("loss @ 4.00 s |"), header  # gd's whole run, not cgblock's 2 s
     gd = next(line for line in lines if line.startswith("| gd"))
     assert gd.split("|")[-2].strip() == "0.2500"
+    slow = run("slow", [2.0, 1.0], None)  # its first iteration ends after everyone's budget
+    group.rows.append(Row("sm", "sm", None, slow))
+    times[slow.path] = {1: 9.0, 2: 18.0}
+    lines = time_section([group], times, "none", [0.5], [])
+    assert next(line for line in lines if line.startswith("| sm")).split("|")[-2].strip() == "-"
 
 
 def test_loss_at_equal_passes_is_at_the_fewest_passes_of_a_run_that_went_the_distance(

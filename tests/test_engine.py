@@ -122,6 +122,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def two_agents(tmp_path: Path, path: Path, torchrun: list[str], env: dict[str, str],
+               timeout: float) -> list[tuple[str, str]]:
+    """`torchrun` as node 0 and node 1 of `path`'s job into tmp_path/multi; both must end with
+    0. Their (stdout, stderr)."""
+    nodes = [subprocess.Popen([*torchrun, "--node-rank", str(rank), "-m", "sm_dist", "train",
+                               str(path), "--no-live", "--out", "multi",
+                               "--set", "run.bind=lo"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=timeout) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err
+    return outputs
+
+
 @pytest.mark.slow  # the default run has test_launch_scripts' two-node launch
 def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
     """Two torchrun agents, 2 processes each, a loopback c10d rendezvous: one 4-stage job."""
@@ -132,18 +151,7 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                 "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
-    nodes = [subprocess.Popen([*torchrun, "--node-rank", str(rank), "-m", "sm_dist", "train",
-                               str(path), "--no-live", "--out", "multi",
-                               "--set", "run.bind=lo"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    try:
-        outputs = [node.communicate(timeout=240) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    for node, (_, err) in zip(nodes, outputs):
-        assert node.returncode == 0, err
+    two_agents(tmp_path, path, torchrun, env, timeout=240)
     single = run_cli("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     assert_same_training(tmp_path / "single", tmp_path / "multi")

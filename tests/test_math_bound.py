@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sm_dist.config.build import build_local_pipeline, load_job_data
 from sm_dist.data.batches import split_microbatches
-from sm_dist.math.curvature import damped_curvature
-from sm_dist.math.local_loss import LocalLoss
-from sm_dist.math.stage_function import StageFunction
 from sm_dist.models.build import split_stages
 from sm_dist.optim.sm import SMStageRule
 from tests.helpers_math import (
@@ -20,12 +16,11 @@ from tests.helpers_math import (
     flat,
     make_job,
     mean_loss_of_theta,
-    per_sample_blocks,
-    psi_hessian,
     randn,
     seeded,
     tiny_mlp,
 )
+from tests.helpers_stages import exact_local_losses
 
 SAMPLES = 6
 
@@ -37,42 +32,6 @@ def scale_weights(modules: list[nn.Module], norm: float) -> None:
             for layer in module.modules():
                 if isinstance(layer, nn.Linear):
                     layer.weight.mul_(norm / torch.linalg.matrix_norm(layer.weight, 2))
-
-
-def exact_local_losses(stages: list[nn.Module], x: Tensor, y: Tensor, granularity: str,
-                       delta_rel: float, delta_abs: float,
-                       coupling: bool = True) -> list[LocalLoss]:
-    """L_1..L_p built from the top with exact λ's (dense eigvalsh of each per-sample H_zz).
-
-    `coupling=False` drops H_θz Δ⁻¹ H_zθ (a deliberately wrong model, for a negative control).
-    """
-    n = len(x)
-    zs = [x]
-    with torch.no_grad():
-        for module in stages:
-            zs.append(module(zs[-1]))
-    g = (F.softmax(zs[-1], dim=1) - F.one_hot(y, zs[-1].shape[1]).to(DTYPE)) / n
-    c = torch.full((n,), 0.5 / n, dtype=DTYPE)  # L_loss / n for cross-entropy
-    losses: list[LocalLoss] = []
-    for s in reversed(range(len(stages))):
-        fn = StageFunction.build(stages[s], zs[s], g, c, with_input=s > 0)
-        g_in, g_theta = fn.gradients()
-        if s == 0:
-            losses.insert(0, LocalLoss([(fn, None)], flat(g_theta), 0.0))
-            break
-        nz = zs[s].numel()
-        hzz = psi_hessian(stages[s], zs[s], g, c)[:nz, :nz]
-        lam = torch.stack([torch.linalg.eigvalsh(b).abs().max()
-                           for b in per_sample_blocks(hzz, n)])
-        if granularity == "batch":
-            lam = lam.max().expand(n).clone()
-        c, delta = damped_curvature(lam, delta_rel=delta_rel, delta_abs=delta_abs,
-                                    delta_floor=1e-12)
-        part_delta = delta if coupling else torch.full_like(delta, float("inf"))
-        losses.insert(0, LocalLoss([(fn, part_delta)], flat(g_theta), 0.0))
-        assert g_in is not None
-        g = g_in
-    return losses
 
 
 @pytest.mark.parametrize("granularity", ["sample", "batch"])
@@ -92,7 +51,9 @@ def test_blockdiag_local_hessians_dominate_network_hessian(granularity: str,
     grad_h = torch.func.jacrev(h)(theta)
     hess_h = torch.func.hessian(h)(theta)
 
-    losses = exact_local_losses(stages, x, y, granularity, *damping)
+    rel, absolute = damping
+    losses = exact_local_losses(stages, x, y, granularity=granularity, delta_rel=rel,
+                                delta_abs=absolute)
     torch.testing.assert_close(torch.cat([loss.grad for loss in losses]), grad_h,
                                rtol=1e-12, atol=1e-15)
     blocks = torch.block_diag(*[as_matrix(loss) for loss in losses])
@@ -102,7 +63,8 @@ def test_blockdiag_local_hessians_dominate_network_hessian(granularity: str,
     assert float(torch.linalg.eigvalsh(0.5 * (gap + gap.T)).min()) >= -1e-10
     # The coupling term is what makes it a bound: without it the test above fails.
     control = torch.block_diag(*[as_matrix(loss) for loss in exact_local_losses(
-        stages, x, y, granularity, *damping, coupling=False)])
+        stages, x, y, coupling=False, granularity=granularity, delta_rel=rel,
+        delta_abs=absolute)])
     assert float(torch.linalg.eigvalsh(control - hess_h).min()) < -0.05
 
 

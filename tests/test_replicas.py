@@ -23,6 +23,7 @@ from tests.test_engine import (
     free_port,
     records,
     train_both,
+    two_agents,
 )
 
 BALANCES = {2: [2, 2], 4: [1, 1, 1, 1]}
@@ -190,18 +191,7 @@ def test_two_nodes_of_four_processes_run_four_stages_times_two_replicas(tmp_path
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                 "--nproc-per-node", "4", "--rdzv-backend", "static", "--master-addr",
                 "127.0.0.1", "--master-port", str(port)]
-    nodes = [subprocess.Popen([*torchrun, "--node-rank", str(rank), "-m", "sm_dist", "train",
-                               str(path), "--no-live", "--out", "multi",
-                               "--set", "run.bind=lo"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    try:
-        outputs = [node.communicate(timeout=400) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    for node, (_, err) in zip(nodes, outputs):
-        assert node.returncode == 0, err
+    outputs = two_agents(tmp_path, path, torchrun, env, timeout=400)
     assert "4 stages x 2 replicas = 8 processes" in outputs[0][0]
     single = run_cli("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
     assert single.returncode == 0, single.stderr

@@ -76,7 +76,8 @@ def time_section(groups: Sequence[DepthGroup], times: Times, link: str,
             run_times = times[row.run.path]
             cells = [row.name, seconds_text(total / len(run_times)), seconds_text(total)]
             cells += [seconds_text(time_to_reach(row, run_times, loss)) for loss in reach]
-            cells.append(loss_text(loss_at_time(row, run_times, budget)))
+            started = min(run_times.values()) <= budget  # else no iteration ended by then
+            cells.append(loss_text(loss_at_time(row, run_times, budget)) if started else "-")
             table.append(cells)
         lines += [f"### {title}", "", *markdown_table(header, table), ""]
     if missing:
