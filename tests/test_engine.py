@@ -171,24 +171,33 @@ def _pid_of_rank(rank: int, marker: str) -> int | None:
     return None
 
 
-def test_killed_stage_fails_the_job_naming_it(tmp_path: Path) -> None:
-    job = parity_job(4, 2, "sm-cg")
-    job["data"]["synthetic"]["train_size"] = 256
-    job["run"].update(iterations=500, eval_every=0, rpc_timeout=30)
+def start_training(tmp_path: Path, job: dict, out: Path, iterations: int
+                   ) -> subprocess.Popen[str]:
+    """`sm-dist train` of `job` into `out` in the background, once `iterations` are done."""
     path = write_job(tmp_path / "job.yaml", job)
-    out = tmp_path / "victim-run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
                              "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= iterations:
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate())
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the run did not get going")
+
+
+def test_killed_stage_fails_the_job_naming_it(tmp_path: Path) -> None:
+    job = parity_job(4, 2, "sm-cg")
+    job["data"]["synthetic"]["train_size"] = 256
+    job["run"].update(iterations=500, eval_every=0, rpc_timeout=30)
+    out = tmp_path / "victim-run"
+    proc = start_training(tmp_path, job, out, iterations=3)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if (out / "metrics.jsonl").exists() and \
-                    len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
         victim = _pid_of_rank(2, str(out))
         assert victim is not None, "stage 2's process not found"
         before = len((out / "metrics.jsonl").read_text().splitlines())

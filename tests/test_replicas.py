@@ -22,6 +22,7 @@ from tests.test_engine import (
     assert_same_training,
     free_port,
     records,
+    start_training,
     train_both,
     two_agents,
 )
@@ -153,20 +154,9 @@ def test_a_killed_replica_fails_the_job_naming_it(tmp_path: Path) -> None:
     stage, replica and rank; its partner's all-reduce does not hang."""
     job = replica_job(2, 2, "sm-cg", train_size=128)
     job["run"].update(iterations=500, eval_every=0, rpc_timeout=30)
-    path = write_job(tmp_path / "job.yaml", job)
     out = tmp_path / "victim-run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
-                             "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_training(tmp_path, job, out, iterations=3)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
         victim = _pid_of_rank(3, str(out))
         assert victim is not None, "rank 3's process not found"
         killed_at = time.time()
