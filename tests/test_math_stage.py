@@ -26,6 +26,7 @@ from tests.helpers_math import (
     tiny_mlp,
     whole_model,
 )
+from tests.helpers_stages import assert_local_gradients_are_the_networks
 
 RTOL = 1e-10
 
@@ -72,20 +73,7 @@ def test_local_gradient_is_network_gradient(activation: str, microbatches: int,
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
     if optimizer == "sm":
-        offset = 0
-        for stage in pipeline.stages:
-            update = stage.rule
-            assert isinstance(update, SMStageRule)
-            update.begin()
-            assert update.solver is not None
-            loss = update.solver.loss
-            zero = torch.zeros(loss.dim, dtype=DTYPE)
-            grad0 = loss.gradient(zero, loss.hvp(zero))
-            count = sum(p.numel() for p in stage.params)
-            reference = flat(expected)[offset:offset + count]
-            torch.testing.assert_close(grad0, reference, rtol=1e-12, atol=1e-15)
-            offset += count
-        assert offset == sum(p.numel() for p in params)
+        assert_local_gradients_are_the_networks(pipeline, flat(expected), rtol=1e-12)
 
 
 # ------------------------------------------------------- StageFunction against dense Ψ

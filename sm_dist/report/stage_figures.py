@@ -17,7 +17,7 @@ def utilisation_text(summary: dict[str, Any], width: int | None = None) -> str |
             ("idle back->forward", summary.get("mean_update_idle"))]
     memory = summary.get("peak_memory_mb")
     memory_rows = []
-    if memory and len(memory) == len(busy):  # one process per stage
+    if _memory_per_stage(summary):
         memory_rows = [("peak memory MiB", memory),
                        ("added by training", summary.get("training_memory_mb"))]
     per_block = len(busy) if width is None else max(1, (width - 21) // 5)
@@ -38,10 +38,17 @@ def utilisation_text(summary: dict[str, Any], width: int | None = None) -> str |
     return "\n".join(lines)
 
 
+def _memory_per_stage(summary: dict[str, Any]) -> bool:
+    """Whether the utilisation block has a memory row per stage (one process per stage)."""
+    busy, peak = summary.get("mean_busy_fraction"), summary.get("peak_memory_mb")
+    return bool(busy and peak and len(peak) == len(busy))
+
+
 def memory_text(summary: dict[str, Any]) -> str | None:
-    """One line: the largest peak memory of the run's processes and what training added."""
+    """One line: the largest peak memory of the run's processes and what training added; None
+    where the utilisation block already shows it per stage."""
     peak, added = summary.get("peak_memory_mb"), summary.get("training_memory_mb")
-    if not peak:
+    if not peak or _memory_per_stage(summary):
         return None
     where = "the one process" if len(peak) == 1 else "the largest stage process"
     kind = "resident" if summary.get("memory_kind") == "resident" else "CUDA allocated"

@@ -364,7 +364,7 @@ def finish_run(out: Path, console: Console) -> None:
     if utilisation:
         _say(console, utilisation)
     memory = memory_text(summary)
-    if memory and not (utilisation and "peak memory" in utilisation):
+    if memory:
         _say(console, memory)
     if run.stopped:
         _say(console, f"stopped early: {run.stopped}")
