@@ -14,22 +14,29 @@ from sm_dist.math.local_loss import LocalLoss, flatten
 from sm_dist.math.stage_function import StageFunction
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):  # warm-up
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int,
+                      calls: int = 10) -> dict[str, list[float]]:
+    """Per round, each function's mean time over `calls` calls in a row (as the inner loop
+    and the pipeline call them, on warm caches); the rounds alternate the functions, so that
+    a slow spell of a shared machine falls on all of them and each round gives one ratio."""
+    for fn in fns.values():  # warm-up
+        for _ in range(3):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls)
+    return samples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -61,20 +68,22 @@ def main() -> None:
     v = torch.randn_like(grad)
     u = torch.randn_like(x)
 
-    timings = {
-        "forward+backward": median_time(forward_backward, args.repeats),
-        "Hv (stage s>=2)": median_time(lambda: (inner.hvp(v), sync()), args.repeats),
-        "Hv (stage 1)": median_time(lambda: (first.hvp(v), sync()), args.repeats),
-        "H_zz u (power round)": median_time(lambda: (fn.hvp_zz(u), sync()), args.repeats),
-        "build Psi (once/iter)": median_time(lambda: (build(), sync()), args.repeats),
-    }
-    base = timings["forward+backward"]
+    samples = interleaved_times({
+        "forward+backward": forward_backward,
+        "Hv (stage s>=2)": lambda: (inner.hvp(v), sync()),
+        "Hv (stage 1)": lambda: (first.hvp(v), sync()),
+        "H_zz u (power round)": lambda: (fn.hvp_zz(u), sync()),
+        "build Psi (once/iter)": lambda: (build(), sync()),
+    }, args.rounds)
+    base = samples["forward+backward"]
     print(f"stage Linear({args.width}, {args.width})+ReLU, microbatch {args.batch}, float32, "
-          f"{args.device}, {args.threads} thread(s), median of {args.repeats}")
-    for name, seconds in timings.items():
-        print(f"  {name:<24} {seconds * 1e3:8.3f} ms   ratio {seconds / base:5.2f}")
-    print(f"Hv / (forward+backward) = {timings['Hv (stage s>=2)'] / base:.2f}")
-
+          f"{args.device}, {args.threads} thread(s), {args.rounds} rounds of 10 calls "
+          f"each: medians of the mean times and of each round's ratio to its forward+backward")
+    ratios = {}
+    for name, times in samples.items():
+        ratios[name] = statistics.median(t / b for t, b in zip(times, base))
+        print(f"  {name:<24} {statistics.median(times) * 1e3:8.3f} ms   ratio {ratios[name]:5.2f}")
+    print(f"Hv / (forward+backward) = {ratios['Hv (stage s>=2)']:.2f}")
 
 if __name__ == "__main__":
     main()

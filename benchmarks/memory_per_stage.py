@@ -8,6 +8,8 @@ training started, and what training added on top of what the process held at its
 On CPU both are resident memory, so the peak includes torch itself (hundreds of MiB) and the
 added part includes first-use allocations any optimizer makes; on CUDA (`--device cuda`)
 they are allocated tensor bytes. Rank 0 also holds the coordinator (the data, the records).
+On CPU it then measures the same three runs' live tensor bytes per stage in one profiled
+process (benchmarks/tensor_memory.py): the CPU counterpart of CUDA's allocated memory.
 
     python benchmarks/memory_per_stage.py [--iterations 3] [--workloads mlp,cnn,transformer]
 """
@@ -46,12 +48,39 @@ def train(job: str, sets: list[str], iterations: int, device: str, out: Path) ->
     return json.loads((out / "summary.json").read_text())
 
 
+def tensor_peaks(job: str, sets: list[str], iterations: int) -> list[float]:
+    """Live tensor MiB per stage (benchmarks/tensor_memory.py, in its own process)."""
+    args = [sys.executable, str(REPO / "benchmarks" / "tensor_memory.py"), job,
+            "--set", f"run.iterations={iterations}", "--set", "run.eval_every=0",
+            "--set", "run.checkpoint_every=0"]
+    for value in sets:
+        args += ["--set", value]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"memory_per_stage: tensor memory of {job} {' '.join(sets)} failed:\n"
+                 f"{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["tensor_peak_mb"]
+
+
 def ratios(sm: list[float], adam: list[float]) -> str:
-    return " ".join(f"{a / b:5.2f}" if b else "    -" for a, b in zip(sm, adam))
+    return " ".join(f"{a / b:6.2f}" if b else "     -" for a, b in zip(sm, adam))
 
 
 def figures(values: list[float]) -> str:
-    return " ".join(f"{v:6.0f}" for v in values)
+    return " ".join(f"{v:6.1f}" for v in values)
+
+
+def row(label: str, text: str) -> str:
+    return f"  {label:<52}{text}"
+
+
+# SM's configurations next to Adam: graphs kept (the default), recompute, and recompute
+# without the power iteration's warm-start vectors (one input-sized tensor per microbatch).
+SM_RUNS = {"sm, graphs kept": ["optimizer.recompute=false"],
+           "sm, recompute": ["optimizer.recompute=true"],
+           "sm, recompute, no warm start": ["optimizer.recompute=true",
+                                            "optimizer.power_warm_start=false"]}
 
 
 def main() -> None:
@@ -65,31 +94,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.workloads.split(","):
             sm_job, adam_job = WORKLOADS[name]
-            adam = (train(adam_job, [], args.iterations, args.device, Path(tmp) / f"{name}-a")
-                    if adam_job else
-                    train(sm_job, ["optimizer.name=adam", f"optimizer.lr={ADAM_LR}"],
-                          args.iterations, args.device, Path(tmp) / f"{name}-a"))
-            kept = train(sm_job, ["optimizer.recompute=false"], args.iterations, args.device,
-                         Path(tmp) / f"{name}-k")
-            rebuilt = train(sm_job, ["optimizer.recompute=true"], args.iterations,
-                            args.device, Path(tmp) / f"{name}-r")
+            runs = {"adam": (adam_job, []) if adam_job else
+                    (sm_job, ["optimizer.name=adam", f"optimizer.lr={ADAM_LR}"])}
+            runs |= {label: (sm_job, sets) for label, sets in SM_RUNS.items()}
+            summaries = {label: train(job, sets, args.iterations, args.device,
+                                      Path(tmp) / f"{name}-{i}")
+                         for i, (label, (job, sets)) in enumerate(runs.items())}
+            adam, kept = summaries["adam"], summaries["sm, graphs kept"]
             print(f"\n{name} ({sm_job}; SM is {kept['optimizer']}, "
                   f"{kept['microbatches']} microbatches; memory: {kept['memory_kind']})")
-            print(f"  {'':32}{'stage:':>6}" + "".join(f"{s:>7}" for s in
-                                                     range(len(kept['peak_memory_mb']))))
-            for label, summary in (("adam", adam), ("sm, graphs kept", kept),
-                                   ("sm, recompute", rebuilt)):
-                print(f"  {label + ' peak':<38}{figures(summary['peak_memory_mb'])}")
-                print(f"  {label + ' added by training':<38}"
-                      f"{figures(summary['training_memory_mb'])}")
-            for label, summary in (("graphs kept", kept), ("recompute", rebuilt)):
-                print(f"  ratio sm/adam, {label}, peak:{'':<11}"
-                      f"{ratios(summary['peak_memory_mb'], adam['peak_memory_mb'])}")
-                print(f"  ratio sm/adam, {label}, added:{'':<10}"
-                      f"{ratios(summary['training_memory_mb'], adam['training_memory_mb'])}")
-            print(f"  wall time of {args.iterations} iterations: adam {adam['wall_time']:.1f} s, "
-                  f"sm kept {kept['wall_time']:.1f} s, sm recompute {rebuilt['wall_time']:.1f} s")
-
+            print(row("stage:", "".join(f"{s:>7}" for s in range(len(kept["peak_memory_mb"])))))
+            for label, summary in summaries.items():
+                print(row(f"{label}: peak", figures(summary["peak_memory_mb"])))
+                print(row(f"{label}: added by training",
+                          figures(summary["training_memory_mb"])))
+            for label in SM_RUNS:
+                summary = summaries[label]
+                print(row(f"ratio to adam, {label}: peak",
+                          ratios(summary["peak_memory_mb"], adam["peak_memory_mb"])))
+                print(row(f"ratio to adam, {label}: added",
+                          ratios(summary["training_memory_mb"], adam["training_memory_mb"])))
+            print("  wall time of {} iterations: {}".format(args.iterations, ", ".join(
+                f"{label} {summary['wall_time']:.1f} s" for label, summary in summaries.items())))
+            if args.device != "cpu":
+                continue
+            tensors = {label: tensor_peaks(job, sets, args.iterations)
+                       for label, (job, sets) in runs.items()}
+            for label, peaks in tensors.items():
+                print(row(f"{label}: live tensors, peak", figures(peaks)))
+            for label in SM_RUNS:
+                print(row(f"ratio to adam, {label}: tensors",
+                          ratios(tensors[label], tensors["adam"])))
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,9 @@ filling its bubbles; and fill mode's cost in time, measured and simulated.
 Each configuration is trained twice: by the engine (two processes; its iteration times are the
 measurement) and by --single-process, whose actions, run one at a time, give the costs the
 simulator replays (`sm-dist simulate`). Prints the iteration times side by side and their
-ratio; the target is within ±15%.
+ratio; the target is within ±15%. Then fill mode against fixed N on a job where the second
+stage idles around its update (balance [2, 1]): alternating pairs of engine runs, the inner
+steps each stage took and the ratio of iteration times (target: fill steps at no cost, 1.0).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-def job(name: str, optimizer: dict, args: argparse.Namespace) -> dict:
+def job(name: str, optimizer: dict, args: argparse.Namespace,
+        balance: tuple[int, int] = (1, 2)) -> dict:
     widths = [args.width] * 3 + [10]
     return {"name": name,
-            "model": {"mlp": {"widths": widths, "activation": "relu"}, "balance": [1, 2]},
+            "model": {"mlp": {"widths": widths, "activation": "relu"},
+                      "balance": list(balance)},
             "data": {"dataset": "synthetic", "microbatches": args.microbatches,
                      "synthetic": {"features": args.width, "classes": 10,
                                    "train_size": args.batch, "test_size": 64}},
@@ -65,15 +69,29 @@ def main() -> None:
     parser.add_argument("--link", default="none",
                         help="the simulated link (loopback TCP between two processes is fast "
                              "next to these stages; none leaves transfers out)")
+    parser.add_argument("--fill-pairs", type=int, default=3,
+                        help="alternating fixed/fill engine pairs where a stage idles (0: none)")
+    parser.add_argument("--fill-only", action="store_true",
+                        help="only the fill pairs, not the simulator's three configurations")
     args = parser.parse_args()
-    configurations = {
-        "GPipe+SGD": {"name": "sgd", "lr": 0.05},
-        "SM, N=10": {"name": "sm", "inner_steps": 10},
-        "SM, fill 10..400": {"name": "sm", "inner_steps": {"min": 10, "max": 400}},
-    }
+    if not args.fill_only:
+        simulator_against_engine(args)
+    if args.fill_pairs:
+        fill_against_fixed(CONFIGURATIONS["SM, N=10"], CONFIGURATIONS["SM, fill 10..400"], args)
+
+
+CONFIGURATIONS = {
+    "GPipe+SGD": {"name": "sgd", "lr": 0.05},
+    "SM, N=10": {"name": "sm", "inner_steps": 10},
+    "SM, fill 10..400": {"name": "sm", "inner_steps": {"min": 10, "max": 400}},
+}
+
+
+def simulator_against_engine(args: argparse.Namespace) -> None:
+    """The three configurations on balance [1, 2], each by the engine and simulated."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, optimizer in configurations.items():
+        for label, optimizer in CONFIGURATIONS.items():
             path = Path(tmp) / f"{len(rows)}.yaml"
             path.write_text(yaml.safe_dump(job(f"bench{len(rows)}", optimizer, args)))
             engine, single = Path(tmp) / f"engine{len(rows)}", Path(tmp) / f"single{len(rows)}"
@@ -98,6 +116,46 @@ def main() -> None:
     fixed, fill = rows[1][1], rows[2][1]
     print(f"fill mode's iteration time / fixed N's: measured {fill / fixed:.2f}, "
           f"simulated {rows[2][2] / rows[1][2]:.2f}")
+
+
+def fill_against_fixed(fixed: dict, fill: dict, args: argparse.Namespace) -> None:
+    """Fill mode where a stage does idle: balance [2, 1] leaves the second stage waiting for
+    its next input after its shorter update. Engine runs of fixed N and fill mode alternate
+    (the order swapped every pair), so that a slow spell of the machine falls on both."""
+    ratios = []
+    print(f"fill mode against fixed N where the second stage idles (balance [2, 1]), "
+          f"{args.fill_pairs} alternating pairs of engine runs:")
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.fill_pairs):
+            order = [("fixed", fixed), ("fill", fill)]
+            times, steps = {}, {}
+            for label, optimizer in order if pair % 2 == 0 else order[::-1]:
+                path = Path(tmp) / f"{label}{pair}.yaml"
+                path.write_text(yaml.safe_dump(job(f"fill{pair}{label}", optimizer, args,
+                                                   balance=(2, 1))))
+                out = Path(tmp) / f"{label}{pair}"
+                train(path, out, single=False)
+                times[label] = measured(out)
+                records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+                steps[label] = [statistics.mean(r["inner_steps"][s] for r in records[:-1])
+                                for s in range(2)]
+            ratios.append(times["fill"] / times["fixed"])
+            print(f"  pair {pair}: fixed {times['fixed'] * 1e3:.1f} ms (steps "
+                  f"{', '.join(f'{x:.1f}' for x in steps['fixed'])}), fill "
+                  f"{times['fill'] * 1e3:.1f} ms (steps "
+                  f"{', '.join(f'{x:.1f}' for x in steps['fill'])}), ratio {ratios[-1]:.3f}")
+        simulated_time = {}
+        for label, optimizer in (("fixed", fixed), ("fill", fill)):
+            path = Path(tmp) / f"{label}-single.yaml"
+            path.write_text(yaml.safe_dump(job(f"fill-{label}", optimizer, args,
+                                               balance=(2, 1))))
+            train(path, Path(tmp) / f"{label}-single", single=True)
+            simulated_time[label] = simulated(Path(tmp) / f"{label}-single",
+                                              args.link)["iteration_time"]
+    print(f"fill mode's iteration time / fixed N's where a stage idles: measured median "
+          f"{statistics.median(ratios):.3f} over {len(ratios)} pairs, simulated "
+          f"{simulated_time['fill'] / simulated_time['fixed']:.3f} ("
+          f"{simulated_time['fixed'] * 1e3:.1f} and {simulated_time['fill'] * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ import pytest
 import torch
 from rich.console import Console
 
+from sm_dist.config.build import build_local_pipeline
 from sm_dist.pipeline.memory import MemoryProbe
 from sm_dist.run.metrics import IterationRecord
 from sm_dist.run.monitor import LiveMonitor, format_record
 from tests.conftest import run_cli, synthetic_job, write_job
+from tests.helpers_math import make_job
 from tests.test_cnn import cnn_job
 from tests.test_transformer import text_job
 
@@ -113,3 +115,24 @@ def test_recompute_gives_exactly_the_iterates_of_kept_graphs(tmp_path: Path,
                       torch.load(tmp_path / "true" / "model.pt")["stages"]):
         for name in sa:
             assert torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_recompute_keeps_no_forward_graph_until_the_backward(recompute: bool) -> None:
+    """With recompute, a stage's forward keeps the input alone (no graph); its backward runs
+    the forward again, recording, and gives the gradients the kept graph gives."""
+    job = make_job(optimizer={"name": "sm", "recompute": recompute})
+    pipeline = build_local_pipeline(job, CPU)
+    stage = pipeline.stages[1]
+    x = torch.randn(5, 5, dtype=torch.float64,  # stage 1: Linear(5, 4) + tanh
+                    generator=torch.Generator().manual_seed(0))
+    out = stage.forward_microbatch(0, x)
+    entry = stage.stash[0]
+    assert entry.recorded is not recompute
+    assert (entry.out.grad_fn is None) is recompute
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    c = torch.full((5,), 0.1, dtype=out.dtype)
+    g_in, _ = stage.backward_microbatch(0, g, c)
+    assert g_in is not None
+    expected = torch.autograd.functional.vjp(stage.module, x, g)[1]
+    torch.testing.assert_close(g_in, expected, rtol=1e-12, atol=1e-14)

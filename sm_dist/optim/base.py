@@ -109,6 +109,10 @@ class StageRule:
     def sends_curvature(self) -> bool:
         return self.keeps is BackwardKeeps.CURVATURE
 
+    def keeps_forward_graph(self) -> bool:
+        """Whether the forward records its graph for the backward (False: it is rerun then)."""
+        return True
+
     def forward_note(self, j: int) -> Any:
         """What to send up with microbatch j's activation (None: nothing)."""
         return None

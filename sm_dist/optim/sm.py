@@ -48,8 +48,9 @@ class SMOptions(OptimizerOptions):
     rho: float = field(default=0.0, metadata={"min": 0})
     power_iterations: int = field(default=10, metadata={"min": 1})
     power_warm_start: bool = True
-    # Rebuild each microbatch's Ψ for every product instead of keeping all their graphs
-    # through the update (memory for time; docs/performance.md has the measurements).
+    # Keep only each microbatch's input from the forward on and rebuild its graph when the
+    # backward and each product need it, instead of keeping all their graphs through the
+    # backward and the update (memory for time; docs/performance.md has the measurements).
     recompute: bool = False
 
 
@@ -97,6 +98,9 @@ class SMStageRule(StageRule):
             return g_in, None
         return g_in, self._damp(j, reduce_eigenvalues(lam, self.options.curvature))
 
+    def keeps_forward_graph(self) -> bool:
+        return not self.options.recompute
+
     def _maybe_release_graph(self, j: int, g_out: Tensor, c_out: Tensor) -> None:
         """With `recompute`, keep microbatch j's Ψ as its input and (g, c) from here on."""
         fn = self.functions[j]
@@ -120,7 +124,8 @@ class SMStageRule(StageRule):
         products = fn.products
         lam, vectors = power_iteration(fn.hvp_zz, start, self.options.power_iterations)
         self.psi_products += fn.products - products
-        self.power_vectors[j] = vectors
+        if self.options.power_warm_start:  # an input-sized tensor per microbatch, kept
+            self.power_vectors[j] = vectors
         return lam
 
     def _random_start(self, like: Tensor) -> Tensor:

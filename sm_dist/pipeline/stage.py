@@ -36,8 +36,9 @@ class MicrobatchStash:
     """What a stage keeps of one microbatch between its forward and its backward."""
 
     z_in: Tensor  # requires grad on every stage but the first
-    out: Tensor  # the output with its autograd graph
+    out: Tensor  # the output, with its autograd graph when `recorded`
     y: Tensor | None = None  # labels, on the last stage only
+    recorded: bool = True  # False: the forward ran without a graph; the backward reruns it
 
 
 class StageHooks(Protocol):
@@ -49,6 +50,7 @@ class StageHooks(Protocol):
     def backward(self, j: int, entry: MicrobatchStash, g_out: Tensor, c_out: Tensor | None,
                  same_batch: bool) -> tuple[Tensor | None, Tensor | None]: ...
     def sends_curvature(self) -> bool: ...
+    def keeps_forward_graph(self) -> bool: ...
     # Notes: small values a rule sends along with the pipeline's own messages (up with each
     # forward, down with each backward, the top of the pipeline starting the latter).
     def forward_note(self, j: int) -> Any: ...
@@ -97,9 +99,12 @@ class Stage:
         """Run f_s on microbatch j, keep what the backward needs, return the output (detached)."""
         z_in = x.to(self.device).detach().requires_grad_(not self.is_first)
         y = None if y is None else y.to(self.device)
-        with torch.enable_grad():
+        # A rule that rebuilds its graphs (SM's recompute) keeps only the input until the
+        # backward: then one microbatch's graph is alive at a time instead of all of them.
+        recorded = self.hooks.keeps_forward_graph()
+        with torch.set_grad_enabled(recorded):
             out = self.module(z_in)
-        self.stash[j] = MicrobatchStash(z_in, out, y)
+        self.stash[j] = MicrobatchStash(z_in, out, y, recorded)
         return out.detach()
 
     def forward_only(self, x: Tensor) -> Tensor:
@@ -120,7 +125,11 @@ class Stage:
         """Backpropagate microbatch j: accumulate ∂h/∂θ_s, return (g_in, c_in) for the stage
         below (c_in None on the first stage, for rules that send no curvature, and while the
         rule holds it back until `release_held`)."""
-        return self.hooks.backward(j, self.stash.pop(j), g_out, c_out, same_batch)
+        entry = self.stash.pop(j)
+        if not entry.recorded:  # the same forward again, now recording (deterministic)
+            with torch.enable_grad():
+                entry = MicrobatchStash(entry.z_in, self.module(entry.z_in), entry.y)
+        return self.hooks.backward(j, entry, g_out, c_out, same_batch)
 
     def accumulate_grad(self, grads: list[Tensor]) -> None:
         for p, g in zip(self.params, grads):
