@@ -19,8 +19,8 @@ echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,memory.total --format=
 echo "== 1. CUDA tests"
 $PY -m pytest -q tests/test_cuda.py
 echo "== 2. hvp_cost on the GPU"
-$PY benchmarks/hvp_cost.py --device cuda --width 4096 --batch 1024 --repeats 50
-$PY benchmarks/hvp_cost.py --device cuda --width 1024 --batch 256 --repeats 50
+$PY benchmarks/hvp_cost.py --device cuda --width 4096 --batch 1024 --rounds 20
+$PY benchmarks/hvp_cost.py --device cuda --width 1024 --batch 256 --rounds 20
 echo "== 3. engine vs torch.distributed.pipelining (4 stages sharing the GPU)"
 $PY benchmarks/engine_vs_torch_pipelining.py --device cuda --widths 4096 4096 4096 4096 10 \
     --batch 4096 --microbatches 4 --iterations 30 --warmup 5 --threads 4
