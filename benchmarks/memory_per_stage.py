@@ -33,34 +33,32 @@ WORKLOADS = {  # workload: (SM job, its Adam twin's overrides or job)
 ADAM_LR = "0.01"  # the MLP job has no Adam twin: the same job with Adam at this rate
 
 
-def train(job: str, sets: list[str], iterations: int, device: str, out: Path) -> dict:
-    """One engine run; its summary.json."""
-    args = [sys.executable, "-m", "sm_dist", "train", job, "--no-live", "--out", str(out),
-            "--set", f"run.iterations={iterations}", "--set", "run.eval_every=0",
-            "--set", f"run.device={device}", "--set", "run.checkpoint_every=0"]
-    for value in sets:
+def _run(command: list[str], job: str, sets: list[str], iterations: int, what: str) -> str:
+    """`command JOB` for `iterations`, no evaluation or checkpoints, `sets` on top: its stdout
+    (exits naming the run where it fails)."""
+    args = [*command, job]
+    for value in [f"run.iterations={iterations}", "run.eval_every=0", "run.checkpoint_every=0",
+                  *sets]:
         args += ["--set", value]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"memory_per_stage: {job} {' '.join(sets)} failed:\n{done.stderr}")
+        sys.exit(f"memory_per_stage: {what}{job} {' '.join(sets)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def train(job: str, sets: list[str], iterations: int, device: str, out: Path) -> dict:
+    """One engine run; its summary.json."""
+    _run([sys.executable, "-m", "sm_dist", "train", "--no-live", "--out", str(out)], job,
+         [f"run.device={device}", *sets], iterations, "")
     return json.loads((out / "summary.json").read_text())
 
 
 def tensor_peaks(job: str, sets: list[str], iterations: int) -> list[float]:
     """Live tensor MiB per stage (benchmarks/tensor_memory.py, in its own process)."""
-    args = [sys.executable, str(REPO / "benchmarks" / "tensor_memory.py"), job,
-            "--set", f"run.iterations={iterations}", "--set", "run.eval_every=0",
-            "--set", "run.checkpoint_every=0"]
-    for value in sets:
-        args += ["--set", value]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"memory_per_stage: tensor memory of {job} {' '.join(sets)} failed:\n"
-                 f"{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["tensor_peak_mb"]
+    stdout = _run([sys.executable, str(REPO / "benchmarks" / "tensor_memory.py")], job, sets,
+                  iterations, "tensor memory of ")
+    return json.loads(stdout.strip().splitlines()[-1])["tensor_peak_mb"]
 
 
 def ratios(sm: list[float], adam: list[float]) -> str:

@@ -47,10 +47,28 @@ def train(path: Path, out: Path, single: bool) -> None:
                         "PATH": "/usr/bin:/bin"})
 
 
+def run_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").open()]
+
+
 def measured(out: Path) -> float:
     """Median iteration time of the steady iterations (the window the utilisation uses)."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-    return statistics.median(r["iteration_time"] for r in records[1:-1])
+    return statistics.median(r["iteration_time"] for r in run_records(out)[1:-1])
+
+
+def inner_steps(out: Path) -> list[float] | None:
+    """Each stage's mean inner steps per iteration (the last, which fills nothing, left out)."""
+    records = run_records(out)
+    if "inner_steps" not in records[0]:
+        return None
+    return [statistics.mean(r["inner_steps"][s] for r in records[:-1]) for s in range(2)]
+
+
+def job_file(directory: Path, name: str, optimizer: dict, args: argparse.Namespace,
+             balance: tuple[int, int] = (1, 2)) -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job(name, optimizer, args, balance)))
+    return path
 
 
 def simulated(out: Path, link: str) -> dict:
@@ -92,17 +110,13 @@ def simulator_against_engine(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, optimizer in CONFIGURATIONS.items():
-            path = Path(tmp) / f"{len(rows)}.yaml"
-            path.write_text(yaml.safe_dump(job(f"bench{len(rows)}", optimizer, args)))
+            path = job_file(Path(tmp), f"bench{len(rows)}", optimizer, args)
             engine, single = Path(tmp) / f"engine{len(rows)}", Path(tmp) / f"single{len(rows)}"
             train(path, engine, single=False)
             train(path, single, single=True)
             sim = simulated(single, args.link)
-            records = [json.loads(line) for line in (engine / "metrics.jsonl").open()]
-            steps = [statistics.mean(r["inner_steps"][s] for r in records[:-1])
-                     for s in range(2)] if "inner_steps" in records[0] else None
             rows.append((label, measured(engine), sim["iteration_time"],
-                         sim["bubble_fraction"], steps))
+                         sim["bubble_fraction"], inner_steps(engine)))
     print(f"simulator vs engine: 2 stages (MLP {args.width}x3+10, balance [1, 2]), 1 thread "
           f"each, batch {args.batch} in {args.microbatches} microbatches, float32, "
           f"{args.iterations} iterations; simulated link {args.link}; costs from the same job "
@@ -130,15 +144,13 @@ def fill_against_fixed(fixed: dict, fill: dict, args: argparse.Namespace) -> Non
             order = [("fixed", fixed), ("fill", fill)]
             times, steps = {}, {}
             for label, optimizer in order if pair % 2 == 0 else order[::-1]:
-                path = Path(tmp) / f"{label}{pair}.yaml"
-                path.write_text(yaml.safe_dump(job(f"fill{pair}{label}", optimizer, args,
-                                                   balance=(2, 1))))
+                path = job_file(Path(tmp), f"fill{pair}{label}", optimizer, args, (2, 1))
                 out = Path(tmp) / f"{label}{pair}"
                 train(path, out, single=False)
                 times[label] = measured(out)
-                records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-                steps[label] = [statistics.mean(r["inner_steps"][s] for r in records[:-1])
-                                for s in range(2)]
+                taken = inner_steps(out)
+                assert taken is not None, "an SM run records its inner steps"
+                steps[label] = taken
             ratios.append(times["fill"] / times["fixed"])
             print(f"  pair {pair}: fixed {times['fixed'] * 1e3:.1f} ms (steps "
                   f"{', '.join(f'{x:.1f}' for x in steps['fixed'])}), fill "
@@ -146,9 +158,7 @@ def fill_against_fixed(fixed: dict, fill: dict, args: argparse.Namespace) -> Non
                   f"{', '.join(f'{x:.1f}' for x in steps['fill'])}), ratio {ratios[-1]:.3f}")
         simulated_time = {}
         for label, optimizer in (("fixed", fixed), ("fill", fill)):
-            path = Path(tmp) / f"{label}-single.yaml"
-            path.write_text(yaml.safe_dump(job(f"fill-{label}", optimizer, args,
-                                               balance=(2, 1))))
+            path = job_file(Path(tmp), f"fill-{label}", optimizer, args, (2, 1))
             train(path, Path(tmp) / f"{label}-single", single=True)
             simulated_time[label] = simulated(Path(tmp) / f"{label}-single",
                                               args.link)["iteration_time"]

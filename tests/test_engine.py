@@ -191,15 +191,14 @@ def start_training(tmp_path: Path, job: dict, out: Path, iterations: int
     raise AssertionError("the run did not get going")
 
 
-def test_killed_stage_fails_the_job_naming_it(tmp_path: Path) -> None:
-    job = parity_job(4, 2, "sm-cg")
-    job["data"]["synthetic"]["train_size"] = 256
-    job["run"].update(iterations=500, eval_every=0, rpc_timeout=30)
-    out = tmp_path / "victim-run"
+def kill_rank_during_training(tmp_path: Path, job: dict, out: Path,
+                              rank: int) -> tuple[str, float, int]:
+    """Train `job` into `out`, kill `rank`'s process once 3 iterations are done and wait for
+    the job to fail: (its stderr, seconds from the kill to its end, records before the kill)."""
     proc = start_training(tmp_path, job, out, iterations=3)
     try:
-        victim = _pid_of_rank(2, str(out))
-        assert victim is not None, "stage 2's process not found"
+        victim = _pid_of_rank(rank, str(out))
+        assert victim is not None, f"rank {rank}'s process not found"
         before = len((out / "metrics.jsonl").read_text().splitlines())
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
@@ -207,7 +206,16 @@ def test_killed_stage_fails_the_job_naming_it(tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert proc.returncode != 0
-    assert time.time() - killed_at < 30 + 30  # within the RPC timeout, plus teardown
+    return stderr, time.time() - killed_at, before
+
+
+def test_killed_stage_fails_the_job_naming_it(tmp_path: Path) -> None:
+    job = parity_job(4, 2, "sm-cg")
+    job["data"]["synthetic"]["train_size"] = 256
+    job["run"].update(iterations=500, eval_every=0, rpc_timeout=30)
+    out = tmp_path / "victim-run"
+    stderr, seconds, before = kill_rank_during_training(tmp_path, job, out, rank=2)
+    assert seconds < 30 + 30  # within the RPC timeout, plus teardown
     assert "stage 2 (rank 2" in stderr, stderr
     kept = records(out)  # every line is whole JSON
     assert len(kept) >= before - 1 and kept[0]["iteration"] == 1

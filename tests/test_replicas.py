@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +16,10 @@ import pytest
 from tests.conftest import REPO, run_cli, synthetic_job, write_job
 from tests.test_engine import (
     OPTIMIZERS,
-    _pid_of_rank,
     assert_same_training,
     free_port,
+    kill_rank_during_training,
     records,
-    start_training,
     train_both,
     two_agents,
 )
@@ -154,18 +151,9 @@ def test_a_killed_replica_fails_the_job_naming_it(tmp_path: Path) -> None:
     stage, replica and rank; its partner's all-reduce does not hang."""
     job = replica_job(2, 2, "sm-cg", train_size=128)
     job["run"].update(iterations=500, eval_every=0, rpc_timeout=30)
-    out = tmp_path / "victim-run"
-    proc = start_training(tmp_path, job, out, iterations=3)
-    try:
-        victim = _pid_of_rank(3, str(out))
-        assert victim is not None, "rank 3's process not found"
-        killed_at = time.time()
-        os.kill(victim, signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=90)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0
-    assert time.time() - killed_at < 30 + 30
+    stderr, seconds, _ = kill_rank_during_training(tmp_path, job, tmp_path / "victim-run",
+                                                   rank=3)
+    assert seconds < 30 + 30
     assert "stage 1 replica 1 (rank 3" in stderr, stderr
 
 

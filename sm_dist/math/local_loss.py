@@ -10,17 +10,10 @@ from torch import Tensor
 
 from sm_dist.math.stage_function import RecomputedStageFunction, StageFunction
 from sm_dist.math.stage_function import flatten as flatten  # the optimizers' import
+from sm_dist.math.stage_function import unflatten as unflatten
 
 # A microbatch's Ψ: its retained graph, or rebuilt for each product (optimizer.recompute).
 PartFunction = StageFunction | RecomputedStageFunction
-
-
-def unflatten(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
-    out, offset = [], 0
-    for t in like:
-        out.append(vector[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
 
 
 class LocalLoss:

@@ -171,13 +171,20 @@ def flatten(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def unflatten(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Views of the flat `vector` shaped as the tensors of `like`, in order."""
+    out, offset = [], 0
+    for t in like:
+        out.append(vector[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
 def _add_flat(out: Tensor, tensors: list[Tensor]) -> None:
     """out += flatten(tensors), in place piece by piece: the same sums without a concatenated
     copy (a fresh large buffer costs page faults on every product)."""
-    offset = 0
-    for t in tensors:
-        out[offset:offset + t.numel()] += t.reshape(-1)
-        offset += t.numel()
+    for piece, t in zip(unflatten(out, tensors), tensors, strict=True):
+        piece += t
 
 
 def trainable_parameters(module: nn.Module) -> list[Tensor]:
