@@ -37,8 +37,23 @@ def checkpointed_job(optimizer: dict[str, Any]) -> dict[str, Any]:
 ])
 def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   optimizer: dict[str, Any]) -> None:
+    assert_resume_continues_exactly(tmp_path, monkeypatch, checkpointed_job(optimizer))
+
+
+def test_resume_continues_exactly_with_minibatch_trials(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """sm_adaptive on minibatches: the coordinator's trials leave their α in the stages."""
+    job = checkpointed_job({"name": "sm_adaptive", "inner_steps": 3, "step_scale": 30.0})
+    assert_resume_continues_exactly(tmp_path, monkeypatch, {**job, "data": {
+        **job["data"], "batch": 8}})
+
+
+def assert_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    job: dict[str, Any]) -> None:
+    """5 iterations checkpointed at 4 and 5, resumed to 8: the records and the model of 8
+    straight iterations, bit for bit."""
     monkeypatch.chdir(tmp_path)
-    path = write_job(tmp_path / "job.yaml", checkpointed_job(optimizer))
+    path = write_job(tmp_path / "job.yaml", job)
     assert main(["train", str(path), "--single-process", "--no-live", "--out", "a",
                  "--set", "run.iterations=8"]) == 0
     assert main(["train", str(path), "--single-process", "--no-live", "--out", "b"]) == 0

@@ -115,6 +115,26 @@ def test_power_iteration_absolute_value_and_dead_rows() -> None:
                        torch.zeros(2, 3, dtype=DTYPE))
 
 
+def test_power_iteration_overwrites_only_its_own_products() -> None:
+    """It normalises each product in place: a product that is its input (an identity) or a
+    broadcast view must come out right, and the caller's start must stay as it was."""
+    start = randn(4, 3, gen=seeded(3))
+    kept = start.clone()
+    lam, vectors = power_iteration(lambda u: u, start, rounds=3)  # H_zz = I
+    assert torch.equal(start, kept)
+    torch.testing.assert_close(lam, torch.ones(4, dtype=DTYPE), rtol=1e-15, atol=0.0)
+    torch.testing.assert_close(vectors, normalize_rows(start), rtol=1e-15, atol=0.0)
+    row = randn(1, 3, gen=seeded(4))
+    lam, vectors = power_iteration(lambda u: row.expand_as(u), start, rounds=2)
+    torch.testing.assert_close(vectors, normalize_rows(row).expand(4, 3), rtol=1e-15, atol=0.0)
+    # Handed over, the start's buffer holds the result: the same values as a copy's.
+    copy_result = power_iteration(lambda u: 2.0 * u, start, rounds=2)
+    handed = start.clone()
+    reused = power_iteration(lambda u: 2.0 * u, handed, rounds=2, reuse_start=True)
+    assert reused[1].data_ptr() == handed.data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(copy_result, reused))
+
+
 def _top_stage_reference(pipeline: LocalPipeline, x: Tensor, y: Tensor,
                          microbatches: int) -> list[Tensor]:
     """Exact per-sample spectral radius of the top stage's H_zz, per microbatch."""

@@ -15,7 +15,7 @@ from sm_dist.config.build import build_local_pipeline, build_stage_modules, load
 from sm_dist.config.job import ConfigError, job_from_dict
 from sm_dist.math.line_search import ArmijoRule
 from sm_dist.math.solvers import TruncatedCG
-from sm_dist.optim.sm_adaptive import line_minimum, next_scale, retry_scale
+from sm_dist.optim.step_scale import line_minimum, next_scale, retry_scale
 from sm_dist.run.trainer import train
 from tests.conftest import run_cli, synthetic_job, write_job
 from tests.helpers_math import DTYPE, DenseLocalLoss, randn, seeded
@@ -200,3 +200,59 @@ def test_a_trust_radius_needs_cg() -> None:
     with pytest.raises(ConfigError, match="optimizer.trust_radius: a trust radius needs"):
         job_from_dict(synthetic_job(optimizer={"name": "sm_adaptive", "trust_radius": 0.1,
                                                "inner_solver": "gradient"}))
+
+
+# ---------------------------------------------------------------- minibatch trials
+def minibatch_job(iterations: int, **optimizer: object) -> dict:
+    """Minibatches of 8 of the 24 samples, an eager first scale."""
+    return synthetic_job(data={"batch": 8},
+                         optimizer={"name": "sm_adaptive", "inner_steps": 4, "step_scale": 40.0,
+                                    **optimizer},
+                         run={"iterations": iterations, "eval_every": 0})
+
+
+def test_on_minibatches_every_kept_step_lowers_its_own_minibatchs_loss() -> None:
+    job = job_from_dict(minibatch_job(9))
+    records = train(job, build_local_pipeline(job, CPU), load_job_data(job), lambda r: None)
+    trials = 0
+    for r in records:
+        assert 1 <= r.line_search_trials <= 3
+        trials += r.line_search_trials
+        assert r.forward_passes == r.backward_passes + trials  # one pass per trial
+        if r.trial_loss is not None:  # a step was kept: measured on its own minibatch
+            assert r.trial_loss <= r.train_loss and r.step_scale > 0
+            assert r.step_rejected == (r.line_search_trials > 1)
+        else:  # every trial rose: back to the iterate
+            assert r.step_rejected and r.step_scale == 0.0 and r.line_search_trials == 3
+        assert r.rejected_loss is None or r.rejected_loss > r.train_loss
+    assert any(r.step_rejected for r in records)  # the eager scale is caught
+    assert any(r.trial_loss is not None for r in records)
+
+
+def test_a_minibatch_step_no_trial_keeps_leaves_the_model_exactly_where_it_was(
+        tmp_path: Path) -> None:
+    """One iteration whose step of α = 10⁴ rises on its minibatch in its one trial: the model
+    is the initial one bit for bit, in one process and on the engine."""
+    raw = minibatch_job(1, step_scale=1e4, scale_max=1e4, minibatch_trials=1,
+                        trust_radius=None)
+    start = [{k: v.clone() for k, v in m.state_dict().items()}
+             for m in build_stage_modules(job_from_dict(raw))]
+    path = write_job(tmp_path / "job.yaml", raw)
+    for how in (["--single-process"], ["--no-live"]):
+        out = "single" if how == ["--single-process"] else "multi"
+        result = run_cli("train", str(path), *how, "--out", out, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        record = json.loads((tmp_path / out / "metrics.jsonl").read_text())
+        assert record["step_rejected"] and record["step_scale"] == 0.0
+        assert record["rejected_loss"] > record["train_loss"]
+        final = torch.load(tmp_path / out / "model.pt")["stages"]
+        for mine, theirs in zip(final, start, strict=True):
+            for name in theirs:
+                assert torch.equal(mine[name], theirs[name]), (out, name)
+
+
+def test_without_minibatch_trials_minibatch_steps_go_unjudged() -> None:
+    job = job_from_dict(minibatch_job(3, minibatch_trials=0))
+    records = train(job, build_local_pipeline(job, CPU), load_job_data(job), lambda r: None)
+    assert all(r.forward_passes == r.backward_passes for r in records)
+    assert all(r.trial_loss is None and not r.step_rejected for r in records)

@@ -99,7 +99,10 @@ def build_stage_modules(job: JobConfig) -> list[nn.Sequential]:
 
 def build_optimizer(job: JobConfig) -> Optimizer:
     """The job's optimizer (`optimizer.name` in the registry)."""
-    return registry.get(job.optimizer.name)(job.optimizer, len(job.model.balance))
+    batch, subset = job.data.batch, job.data.train_subset
+    batches_change = batch != "full" and (subset is None or batch < subset)
+    return registry.get(job.optimizer.name)(job.optimizer, len(job.model.balance),
+                                            batches_change=batches_change)
 
 
 def build_stage(job: JobConfig, index: int, module: nn.Module, device: torch.device) -> Stage:

@@ -18,11 +18,13 @@ def _row_dots(a: Tensor, b: Tensor) -> Tensor:
     return (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(dim=1)
 
 
+def _inverse_or_zero(norms: Tensor) -> Tensor:
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+
+
 def normalize_rows(x: Tensor) -> Tensor:
     """One unit vector per sample; rows of zeros stay zero."""
-    norms = _row_norms(x)
-    scale = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
-    return x * scale.reshape(-1, *([1] * (x.dim() - 1)))
+    return x * _inverse_or_zero(_row_norms(x)).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def initial_vectors(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -31,8 +33,8 @@ def initial_vectors(like: Tensor, generator: torch.Generator | None = None) -> T
     return normalize_rows(start.to(like.device))
 
 
-def power_iteration(hzz: Callable[[Tensor], Tensor], start: Tensor,
-                    rounds: int) -> tuple[Tensor, Tensor]:
+def power_iteration(hzz: Callable[[Tensor], Tensor], start: Tensor, rounds: int, *,
+                    reuse_start: bool = False) -> tuple[Tensor, Tensor]:
     """Per-sample λ_k ≈ |dominant eigenvalue| of the block-diagonal H_zz, one product per round.
 
     `hzz` multiplies a batch of per-sample vectors by H_zz; because H_zz is block-diagonal over
@@ -40,17 +42,30 @@ def power_iteration(hzz: Callable[[Tensor], Tensor], start: Tensor,
     the latter to warm-start the next iteration on the same samples. λ is the absolute value
     of the last Rayleigh quotient, which bounds λ_max even when the dominant eigenvalue is
     negative (spec §4).
+
+    The vectors live in one buffer, updated in place (the same values as out of place), so a
+    round holds two input-sized tensors, u and H_zz u: `start`'s own buffer when the caller
+    hands it over (`reuse_start`: it is overwritten and returned), a copy of it otherwise.
     """
-    u = normalize_rows(start)
+    u = start if reuse_start and start.is_contiguous() else start.clone(
+        memory_format=torch.contiguous_format)
+    per_row = (-1, *([1] * (u.dim() - 1)))
+    u.mul_(_inverse_or_zero(_row_norms(u)).reshape(per_row))
     lam = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
     for _ in range(rounds):
         hu = hzz(u)
+        if not hu.is_contiguous() or _shares_memory(hu, u):  # not ours to overwrite
+            hu = hu.clone(memory_format=torch.contiguous_format)
         lam = _row_dots(u, hu).abs()
-        u_next = normalize_rows(hu)
+        norms = _row_norms(hu)
+        hu.mul_(_inverse_or_zero(norms).reshape(per_row))
         # A row whose product vanished (a dead ReLU sample) keeps its vector.
-        dead = _row_norms(hu) == 0
-        u = torch.where(dead.reshape(-1, *([1] * (u.dim() - 1))), u, u_next)
+        torch.where((norms == 0).reshape(per_row), u, hu, out=u)
     return lam, u
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def reduce_eigenvalues(lam: Tensor, granularity: str) -> Tensor:

@@ -195,9 +195,11 @@ class Optimizer:
     # optimizer.replica_mode: average_steps is open to it (its replicas can step on their own)
     can_average_steps: ClassVar[bool] = False
 
-    def __init__(self, config: OptimizerOptions, num_stages: int) -> None:
+    def __init__(self, config: OptimizerOptions, num_stages: int, *,
+                 batches_change: bool = False) -> None:
         self.config = config
         self.num_stages = num_stages
+        self.batches_change = batches_change  # minibatches: no two iterations share a batch
 
     @classmethod
     def keeps(cls) -> BackwardKeeps:

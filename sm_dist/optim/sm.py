@@ -117,12 +117,13 @@ class SMStageRule(StageRule):
 
     def _eigenvalues(self, j: int, fn: StageFunction, same_batch: bool) -> Tensor:
         assert fn.grad_z is not None
-        start = self.power_vectors.get(j)
+        start = self.power_vectors.pop(j, None)  # its buffer becomes the new vectors'
         if not (self.options.power_warm_start and same_batch and start is not None
                 and start.shape == fn.grad_z.shape):
             start = self._random_start(fn.grad_z)
         products = fn.products
-        lam, vectors = power_iteration(fn.hvp_zz, start, self.options.power_iterations)
+        lam, vectors = power_iteration(fn.hvp_zz, start, self.options.power_iterations,
+                                       reuse_start=True)
         self.psi_products += fn.products - products
         if self.options.power_warm_start:  # an input-sized tensor per microbatch, kept
             self.power_vectors[j] = vectors

@@ -14,7 +14,9 @@ measures what the step did. Its last stage compares the loss with the last accep
 What the decision needs travels with the pipeline's own messages, so the common case costs
 nothing and iterations still overlap: each stage adds its L_s(d_s) and g_s·d_s to the note
 that goes up with microbatch 0's activation; the top of the pipeline sends the decision and
-the new α down with the gradients.
+the new α down with the gradients. With minibatches the next forward pass sees another batch
+and cannot judge the step: the coordinator measures it on its own minibatch instead, by
+forward-only trials (optim/minibatch_trials.py).
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ from sm_dist.math.local_loss import LocalLoss, flatten, unflatten
 from sm_dist.math.losses import TopOfPipeline
 from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
 from sm_dist.optim.base import MicrobatchStash, Optimizer, StageReport
+from sm_dist.optim.minibatch_trials import MinibatchTrials
 from sm_dist.optim.options import OptimizerOptions
 from sm_dist.optim.sm import SM, SMOptions, SMStageRule, sm_update_actions
+from sm_dist.optim.step_scale import SCALE_RULES, next_scale, retry_scale
 from sm_dist.pipeline.actions import Action, ActionKind
 from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
 from sm_dist.pipeline.stage import Stage
 
 K = ActionKind
-SCALE_RULES = ("fixed", "ratio", "secant")
 
 
 @dataclass(kw_only=True)
@@ -55,6 +58,9 @@ class SMAdaptiveOptions(SMOptions):
     warm_start: float = field(default=0.0, metadata={"min": 0, "max": 1})  # CG from w·d_{t-1}
     # γ: the curvature the top of the pipeline sends down is γ·L_loss/n (1: the spec's bound).
     loss_curvature_scale: float = field(default=0.1, metadata={"gt": 0})
+    # Minibatches: forward-only trials of the same minibatch that judge each step, at most
+    # this many per iteration (optim/minibatch_trials.py); 0 accepts every step unmeasured.
+    minibatch_trials: int = field(default=3, metadata={"min": 0})
 
 
 @dataclass
@@ -69,40 +75,6 @@ class AdaptiveReport(StageReport):
     loss: float | None = None  # the accepted iterate's loss and accuracy (last stage only)
     acc: float | None = None
     trial_loss: float | None = None  # the rejected step's measured loss (last stage only)
-
-
-def line_minimum(scale: float, actual: float, slope: float) -> float | None:
-    """α* of the parabola along d through h(0) with slope Σ g·d and the measured change
-    `actual` = h(scale·d) − h(0); None when it has no minimum ahead (not convex, or d uphill)."""
-    curvature = 2.0 * (actual - scale * slope) / (scale * scale)
-    return -slope / curvature if curvature > 0 and slope < 0 else None
-
-
-def retry_scale(scale: float, actual: float | None, slope: float) -> float:
-    """A smaller α after a rise (or a non-finite loss: `actual` None): the line minimum, kept
-    within [α/10, α/2] (safeguarded interpolation, as in backtracking line searches)."""
-    best = None if actual is None else line_minimum(scale, actual, slope)
-    return scale / 2 if best is None else min(max(best, scale / 10), scale / 2)
-
-
-def next_scale(rule: str, scale: float, actual: float, slope: float, ratio: float | None, *,
-               start: float, growth: float, largest: float) -> float:
-    """α for the next step after an accepted one measured at `scale`.
-
-    fixed: back to `start`. ratio: Levenberg-Marquardt on actual/predicted as in Martens (2010,
-    §4.1), ×3/2 above 3/4 and ×2/3 below 1/4. secant: the line minimum the measurement implies
-    (a linear loss along d: grow), within ×/÷ `growth` of `scale`. Never above `largest`.
-    """
-    if rule == "fixed":
-        proposal = start
-    elif rule == "ratio":
-        proposal = scale if ratio is None else scale * (1.5 if ratio > 0.75 else
-                                                        2 / 3 if ratio < 0.25 else 1.0)
-    else:
-        best = line_minimum(scale, actual, slope)
-        proposal = scale * growth if best is None else best
-        proposal = min(max(proposal, scale / growth), scale * growth)
-    return min(proposal, largest)
 
 
 @dataclass
@@ -233,6 +205,23 @@ class SMAdaptiveRule(SMStageRule):
         self.pending = True
         return d * self.scale
 
+    # Commands of the minibatch trials (optim/minibatch_trials.py), after the update.
+    def step_model(self) -> tuple[float, float, float]:
+        """(L_s(d), g_s·d, α) of the step applied last."""
+        return self.last_model, self.last_slope, self.last_scale
+
+    def retry_step(self, scale: float) -> None:
+        """θ ← θ_t + scale·d (0: back to θ_t)."""
+        assert self.base is not None and self.last_d is not None
+        with torch.no_grad():
+            for p, base, dp in zip(self.stage.params, self.base,
+                                   unflatten(self.last_d, self.stage.params)):
+                torch.add(base, dp, alpha=scale, out=p)
+
+    def end_step_trials(self, following: float) -> None:
+        """The step is decided (no forward pass will judge it again); α for the next one."""
+        self.scale, self.pending = following, False
+
     def handlers(self) -> dict[ActionKind, Handler]:
         return {**super().handlers(), K.BUILD: self._build_unless_rejected,
                 K.INNER: self._inner_unless_rejected, K.FILL: self._fill_unless_rejected,
@@ -253,13 +242,9 @@ class SMAdaptiveRule(SMStageRule):
             self._report = self._adaptive_report(self._report)
             return ""
         decision = self._decision
-        assert decision is not None and self.base is not None and self.last_d is not None
+        assert decision is not None
         last_iteration = action.index == 1  # end on the accepted iterate, not a new trial
-        scale = 0.0 if last_iteration else decision.scale
-        with torch.no_grad():
-            for p, base, dp in zip(self.stage.params, self.base,
-                                   unflatten(self.last_d, self.stage.params)):
-                torch.add(base, dp, alpha=scale, out=p)
+        self.retry_step(0.0 if last_iteration else decision.scale)
         self.last_scale, self.pending = decision.scale, not last_iteration
         self._report = self._adaptive_report(StageReport(backward_passes=0))
         self.stage.end_iteration()
@@ -299,10 +284,27 @@ class SMAdaptiveRule(SMStageRule):
 class SMAdaptive(SM):
     name = "sm_adaptive"
     summary = ("SM with an adaptive model scale and step acceptance: the loss never rises in "
-               "full batch")
+               "full batch, nor on the minibatch that proposed a step")
     Options = SMAdaptiveOptions
     rule = SMAdaptiveRule
     can_average_steps = False  # one accept-or-reject decision needs one model of the step
+
+    def __init__(self, config: OptimizerOptions, num_stages: int, *,
+                 batches_change: bool = False) -> None:
+        super().__init__(config, num_stages, batches_change=batches_change)
+        assert isinstance(config, SMAdaptiveOptions)
+        # With minibatches the coordinator judges each step by a trial (and so steers).
+        self.steered = batches_change and config.accept_steps and config.minibatch_trials > 0
+
+    def steering(self) -> MinibatchTrials | None:
+        return MinibatchTrials(self) if self.steered else None
+
+    def schedule_note(self) -> str | None:
+        if not self.steered:
+            return None
+        return ("With minibatches, sm_adaptive then runs a forward-only trial pass (T) of the "
+                "same minibatch to judge the step (more if it is rejected); it depends on the "
+                "loss, so iterations do not overlap.")
 
     def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
         minimum, fill = self.inner_step_counts(last)

@@ -125,11 +125,11 @@ def run_passes(job: JobConfig, records: list[IterationRecord], microbatches: int
         last = record is records[-1]
         update = optimizer.update_actions(microbatches, last)
         steps = record.inner_steps
-        if steps is not None and not fill and not optimizer.steered:
+        if steps is not None and not fill:
             def update(s: int, base=update, steps=steps) -> list[Action]:
                 return [Action(a.kind, steps[s]) if a.kind is K.INNER else a for a in base(s)]
         evaluated = record.test_loss is not None
-        if record.step_rejected:  # its backward and inner loop were skipped
+        if record.step_rejected and not optimizer.steered:  # backward and inner loop skipped
             schedule = [[Action(K.FORWARD, j) for j in range(microbatches)] + [Action(K.APPLY)]
                         for _ in range(p)]
         else:

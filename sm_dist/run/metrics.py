@@ -60,6 +60,9 @@ class IterationRecord:
     step_scale: float | None = None
     step_rejected: bool | None = None
     rejected_loss: float | None = None
+    # sm_adaptive on minibatches: the minibatch's loss after the step that was kept, measured
+    # by a forward-only trial of the same minibatch (line_search_trials counts them).
+    trial_loss: float | None = None
     # Line searches the coordinator steers (GD+Armijo, SSO).
     step_size: float | None = None
     line_search_trials: int | None = None

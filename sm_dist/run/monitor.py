@@ -33,8 +33,10 @@ def format_record(record: IterationRecord, iterations: int) -> str:
         parts.append(f"pred {record.predicted_decrease:+.3e}")
         parts.append("inner " + ",".join(str(s) for s in record.inner_steps))
     if record.step_scale is not None:
+        notes = [f"{record.line_search_trials} trials"] if record.line_search_trials else []
+        notes += ["step rejected"] if record.step_rejected else []
         parts.append(f"scale {record.step_scale:.3g}"
-                     + (" (step rejected)" if record.step_rejected else ""))
+                     + (f" ({', '.join(notes)})" if notes else ""))
     if record.step_size is not None:
         parts.append(f"step {record.step_size:.3g} ({record.line_search_trials} trials)")
     if record.test_acc is not None and record.test_loss is not None:
