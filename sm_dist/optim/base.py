@@ -191,7 +191,9 @@ class Optimizer:
     rule: ClassVar[type[StageRule]] = StageRule
     update_kinds: ClassVar[tuple[ActionKind, ...]] = ()  # the actions of its update phase
     sweep: ClassVar[str | None] = None  # what `compare` sweeps: "inner_steps", "lr" or None
-    steered: ClassVar[bool] = False  # the coordinator steers it (see `steering`)
+    # The coordinator steers it (see `steering`); an optimizer may decide per job (sm_adaptive
+    # steers only with minibatches), so it is read from the instance.
+    steered: bool = False
     # optimizer.replica_mode: average_steps is open to it (its replicas can step on their own)
     can_average_steps: ClassVar[bool] = False
 
