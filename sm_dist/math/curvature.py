@@ -61,6 +61,7 @@ def power_iteration(hzz: Callable[[Tensor], Tensor], start: Tensor, rounds: int,
         hu.mul_(_inverse_or_zero(norms).reshape(per_row))
         # A row whose product vanished (a dead ReLU sample) keeps its vector.
         torch.where((norms == 0).reshape(per_row), u, hu, out=u)
+        del hu  # or it would stay alive through the next round's product
     return lam, u
 
 
