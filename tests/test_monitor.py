@@ -94,6 +94,8 @@ def test_live_view_renders_into_a_recorded_console() -> None:
 def test_the_adaptive_scale_and_rejections_show() -> None:
     rejected = dataclasses.replace(SM_RECORD, step_scale=4.25, step_rejected=True)
     assert "scale 4.25 (step rejected)" in format_record(rejected, 30)
+    tried = dataclasses.replace(rejected, line_search_trials=2, trial_loss=0.5)  # minibatches
+    assert "scale 4.25 (2 trials, step rejected)" in format_record(tried, 30)
     console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True)
     with LiveMonitor("demo", 30, 3, events(), console, refresh_per_second=20) as monitor:
         monitor.progress(rejected)
