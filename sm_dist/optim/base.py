@@ -199,9 +199,10 @@ class Optimizer:
 
     def __init__(self, config: OptimizerOptions, num_stages: int, *,
                  batches_change: bool = False) -> None:
+        """`batches_change`: minibatches, no two iterations share a batch (sm_adaptive steers
+        by it)."""
         self.config = config
         self.num_stages = num_stages
-        self.batches_change = batches_change  # minibatches: no two iterations share a batch
 
     @classmethod
     def keeps(cls) -> BackwardKeeps:

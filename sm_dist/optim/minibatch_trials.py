@@ -12,11 +12,10 @@ overlap (the next one waits for the decision).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from sm_dist.optim.base import Optimizer, SteeredStep
-from sm_dist.optim.step_scale import next_scale, retry_scale
+from sm_dist.optim.step_scale import judge_step
 from sm_dist.pipeline.actions import ActionKind
 from sm_dist.pipeline.executor import Call
 from sm_dist.pipeline.interface import Microbatches, Pipeline
@@ -41,16 +40,12 @@ class MinibatchTrials:
             loss_sum, _ = pipeline.forward_pass(iteration, ActionKind.TRIAL, microbatches,
                                                 before=before)
             measured = loss_sum / n
-            actual = measured - loss
-            if math.isfinite(measured) and actual <= cfg.accept_tolerance * abs(loss):
-                predicted = scale * model
-                ratio = actual / predicted if predicted else None
-                following = next_scale(cfg.scale_rule, scale, actual, slope, ratio,
-                                       start=cfg.step_scale, growth=cfg.scale_growth,
-                                       largest=cfg.scale_max)
-                return self._end(pipeline, trial, scale, following, measured, rejected, model)
+            decision = judge_step(cfg, scale, loss, measured, model, slope)
+            if decision.accept:
+                return self._end(pipeline, trial, scale, decision.scale, measured, rejected,
+                                 model)
             rejected.append(measured)
-            scale = retry_scale(scale, actual if math.isfinite(measured) else None, slope)
+            scale = decision.scale
             before = (Call("retry_step", (scale,), on_rule=True),)
         # No trial held: back to θ_t; the next iteration starts from the last, smaller α.
         pipeline.command(Call("retry_step", (0.0,), on_rule=True)).wait()

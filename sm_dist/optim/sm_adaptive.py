@@ -21,7 +21,6 @@ forward-only trials (optim/minibatch_trials.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +34,7 @@ from sm_dist.optim.base import MicrobatchStash, Optimizer, StageReport
 from sm_dist.optim.minibatch_trials import MinibatchTrials
 from sm_dist.optim.options import OptimizerOptions
 from sm_dist.optim.sm import SM, SMOptions, SMStageRule, sm_update_actions
-from sm_dist.optim.step_scale import SCALE_RULES, next_scale, retry_scale
+from sm_dist.optim.step_scale import SCALE_RULES, Decision, judge_step
 from sm_dist.pipeline.actions import Action, ActionKind
 from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
@@ -75,16 +74,6 @@ class AdaptiveReport(StageReport):
     loss: float | None = None  # the accepted iterate's loss and accuracy (last stage only)
     acc: float | None = None
     trial_loss: float | None = None  # the rejected step's measured loss (last stage only)
-
-
-@dataclass
-class Decision:
-    """What the top of the pipeline decided about the step the forward pass measured."""
-
-    accept: bool
-    scale: float  # α for this iteration's step (accepted), or of the retry (rejected)
-    actual: float | None = None
-    ratio: float | None = None
 
 
 class SMAdaptiveRule(SMStageRule):
@@ -148,21 +137,11 @@ class SMAdaptiveRule(SMStageRule):
         if not (self.pending and same_batch and self.accepted_loss is not None):
             self._accept(loss, acc)  # nothing to judge: the first step, or a new batch
             return Decision(True, self.scale)
-        model = self._below[0] + self.last_model
-        slope = self._below[1] + self.last_slope
-        actual = loss - self.accepted_loss
-        predicted = self.last_scale * model
-        ratio = actual / predicted if predicted else None
-        cfg = self.adaptive
-        finite = math.isfinite(loss)
-        if cfg.accept_steps and (not finite
-                                 or actual > cfg.accept_tolerance * abs(self.accepted_loss)):
-            retry = retry_scale(self.last_scale, actual if finite else None, slope)
-            return Decision(False, retry, actual, ratio)
-        self._accept(loss, acc)
-        scale = next_scale(cfg.scale_rule, self.last_scale, actual, slope, ratio,
-                           start=cfg.step_scale, growth=cfg.scale_growth, largest=cfg.scale_max)
-        return Decision(True, scale, actual, ratio)
+        decision = judge_step(self.adaptive, self.last_scale, self.accepted_loss, loss,
+                              self._below[0] + self.last_model, self._below[1] + self.last_slope)
+        if decision.accept:
+            self._accept(loss, acc)
+        return decision
 
     def _accept(self, loss: float, acc: float) -> None:
         self.accepted_loss, self.accepted_acc = loss, acc

@@ -1,9 +1,52 @@
-"""The scale α of sm_adaptive's steps: the retry after a rise and the next α after an accepted
-step, from what a measured step changed (pure functions of scalars)."""
+"""The scale α of sm_adaptive's steps: whether a measured step is accepted, the retry after a
+rise and the next α after an accepted step, from what the step changed (pure functions)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
 SCALE_RULES = ("fixed", "ratio", "secant")
+
+
+class AcceptanceOptions(Protocol):
+    """The options of sm_adaptive's (SMAdaptiveOptions) that judging a step reads."""
+
+    accept_steps: bool
+    accept_tolerance: float
+    scale_rule: str
+    step_scale: float
+    scale_growth: float
+    scale_max: float
+
+
+@dataclass
+class Decision:
+    """What was decided about a measured step."""
+
+    accept: bool
+    scale: float  # α for the step (accepted: the next one's; rejected: the retry's)
+    actual: float | None = None
+    ratio: float | None = None
+
+
+def judge_step(options: AcceptanceOptions, scale: float, before: float, after: float,
+               model: float, slope: float) -> Decision:
+    """The step α·d measured: loss `before` it and `after` it, its models' Σ L_s(d) `model`
+    (at unit scale) and Σ g·d `slope`. A rise beyond `accept_tolerance` (or a non-finite loss)
+    rejects it with a retry α; otherwise `scale_rule` gives the next α."""
+    actual = after - before
+    predicted = scale * model
+    ratio = actual / predicted if predicted else None
+    finite = math.isfinite(after)
+    if options.accept_steps and (not finite or actual > options.accept_tolerance * abs(before)):
+        return Decision(False, retry_scale(scale, actual if finite else None, slope), actual,
+                        ratio)
+    following = next_scale(options.scale_rule, scale, actual, slope, ratio,
+                           start=options.step_scale, growth=options.scale_growth,
+                           largest=options.scale_max)
+    return Decision(True, following, actual, ratio)
 
 
 def line_minimum(scale: float, actual: float, slope: float) -> float | None:
