@@ -157,22 +157,29 @@ def test_a_rejected_step_leaves_every_stage_exactly_at_its_iterate(tmp_path: Pat
     """Two iterations: the first applies a step of α = 40, the second's forward pass measures
     a rise, and, being the last, goes back: the model is θ_1 bit for bit, in one process and
     on the engine."""
-    raw = eager_job(2)
-    job = job_from_dict(raw)
-    start = [{k: v.clone() for k, v in m.state_dict().items()} for m in build_stage_modules(job)]
+    for records in trained_in_both_runtimes_ending_at_the_start(tmp_path, eager_job(2)):
+        assert [r["step_rejected"] for r in records] == [False, True]
+        assert records[1]["rejected_loss"] > records[0]["train_loss"]
+        assert records[1]["train_loss"] == records[0]["train_loss"]
+
+
+def trained_in_both_runtimes_ending_at_the_start(tmp_path: Path, raw: dict) -> list[list[dict]]:
+    """Train `raw` in one process and on the engine; assert that each ends with the model it
+    started from, bit for bit; each run's records."""
+    start = [{k: v.clone() for k, v in m.state_dict().items()}
+             for m in build_stage_modules(job_from_dict(raw))]
     path = write_job(tmp_path / "job.yaml", raw)
+    runs = []
     for how in (["--single-process"], ["--no-live"]):
         out = "single" if how == ["--single-process"] else "multi"
         result = run_cli("train", str(path), *how, "--out", out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        records = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").open()]
-        assert [r["step_rejected"] for r in records] == [False, True]
-        assert records[1]["rejected_loss"] > records[0]["train_loss"]
-        assert records[1]["train_loss"] == records[0]["train_loss"]
+        runs.append([json.loads(line) for line in (tmp_path / out / "metrics.jsonl").open()])
         final = torch.load(tmp_path / out / "model.pt")["stages"]
         for mine, theirs in zip(final, start, strict=True):
             for name in theirs:
                 assert torch.equal(mine[name], theirs[name]), (out, name)
+    return runs
 
 
 def test_the_loss_never_rises_and_retries_cost_forward_passes() -> None:
@@ -235,20 +242,9 @@ def test_a_minibatch_step_no_trial_keeps_leaves_the_model_exactly_where_it_was(
     is the initial one bit for bit, in one process and on the engine."""
     raw = minibatch_job(1, step_scale=1e4, scale_max=1e4, minibatch_trials=1,
                         trust_radius=None)
-    start = [{k: v.clone() for k, v in m.state_dict().items()}
-             for m in build_stage_modules(job_from_dict(raw))]
-    path = write_job(tmp_path / "job.yaml", raw)
-    for how in (["--single-process"], ["--no-live"]):
-        out = "single" if how == ["--single-process"] else "multi"
-        result = run_cli("train", str(path), *how, "--out", out, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        record = json.loads((tmp_path / out / "metrics.jsonl").read_text())
+    for [record] in trained_in_both_runtimes_ending_at_the_start(tmp_path, raw):
         assert record["step_rejected"] and record["step_scale"] == 0.0
         assert record["rejected_loss"] > record["train_loss"]
-        final = torch.load(tmp_path / out / "model.pt")["stages"]
-        for mine, theirs in zip(final, start, strict=True):
-            for name in theirs:
-                assert torch.equal(mine[name], theirs[name]), (out, name)
 
 
 def test_without_minibatch_trials_minibatch_steps_go_unjudged() -> None:
