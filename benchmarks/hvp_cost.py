@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sm_dist.math.local_loss import LocalLoss, flatten
-from sm_dist.math.stage_function import StageFunction
+from sm_dist.math.stage_function import StageFunction, affine_in_parameters
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int,
@@ -56,13 +56,18 @@ def main() -> None:
         stage(z).backward(g)
         sync()
 
-    def build() -> StageFunction:
+    affine = affine_in_parameters(stage)  # as the optimizers decide it: True here
+
+    def build(affine_in_params: bool = affine) -> StageFunction:
         z = x.detach().requires_grad_(True)
-        return StageFunction(z, stage(z), list(stage.parameters()), g, c)
+        return StageFunction(z, stage(z), list(stage.parameters()), g, c,
+                             affine_in_params=affine_in_params)
 
     fn = build()
     grad = flatten(fn.gradients()[1])
     inner = LocalLoss([(fn, delta)], grad, rho=0.0)  # a stage s >= 2: H_θθ + H_θz Δ⁻¹ H_zθ
+    # The general form, which stages that are not affine in θ use (two separate products).
+    general = LocalLoss([(build(affine_in_params=False), delta)], grad, rho=0.0)
     first = LocalLoss([(StageFunction(x, stage(x), list(stage.parameters()), g, c), None)],
                       grad, rho=0.0)  # stage 1: H_θθ only
     v = torch.randn_like(grad)
@@ -71,12 +76,14 @@ def main() -> None:
     samples = interleaved_times({
         "forward+backward": forward_backward,
         "Hv (stage s>=2)": lambda: (inner.hvp(v), sync()),
+        "Hv (general form)": lambda: (general.hvp(v), sync()),
         "Hv (stage 1)": lambda: (first.hvp(v), sync()),
         "H_zz u (power round)": lambda: (fn.hvp_zz(u), sync()),
         "build Psi (once/iter)": lambda: (build(), sync()),
     }, args.rounds)
     base = samples["forward+backward"]
-    print(f"stage Linear({args.width}, {args.width})+ReLU, microbatch {args.batch}, float32, "
+    print(f"stage Linear({args.width}, {args.width})+ReLU (affine in its parameters: {affine}), "
+          f"microbatch {args.batch}, float32, "
           f"{args.device}, {args.threads} thread(s), {args.rounds} rounds of 10 calls "
           f"each: medians of the mean times and of each round's ratio to its forward+backward")
     ratios = {}

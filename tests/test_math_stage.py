@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from sm_dist.config.build import build_local_pipeline, load_job_data
 from sm_dist.data.batches import split_microbatches
 from sm_dist.math.local_loss import LocalLoss, unflatten
-from sm_dist.math.stage_function import StageFunction
+from sm_dist.math.stage_function import StageFunction, affine_in_parameters
+from sm_dist.models.cnn import build_cnn
+from sm_dist.models.transformer import build_transformer
 from sm_dist.optim.sm import SMStageRule
 from tests.helpers_math import (
     ACTIVATIONS,
@@ -247,6 +249,9 @@ def test_pipeline_local_losses_match_dense(activation: str, curvature: str) -> N
             dense = dense + local_hessian_dense(stage.module, ins[j], gs[j], c, delta)
         update = stage.rule
         assert isinstance(update, SMStageRule)
+        # One Linear layer per stage: ReLU stages and the last (a lone Linear) take the
+        # shared-backward product, tanh and GELU stages the general one.
+        assert update.affine_in_params is (activation == "relu" or s == len(stages) - 1)
         update.begin()
         assert update.solver is not None
         loss = update.solver.loss
@@ -289,3 +294,78 @@ def test_relu_stage_theta_hessian_is_gauss_newton(last: bool) -> None:
     assert float(torch.linalg.eigvalsh(htt).min()) >= -1e-12 * float(htt.abs().max())
     # The same from the dense Hessian of Ψ (g drops out: f is linear in θ between kinks).
     assert_close(psi_hessian(module, z_in, g, c)[z_in.numel():, z_in.numel():], gauss_newton)
+
+
+# ------------------------------------------- 3b. stages affine in θ: 𝓗w in one backward less
+class _OwnLinear(nn.Linear):
+    """A subclass may compute anything in its forward: never taken for affine."""
+
+
+def _transformer_block() -> nn.Module:
+    return build_transformer(vocab=8, context=4, width=8, heads=2, blocks=1)[1]
+
+
+@pytest.mark.parametrize(("build", "affine"), [
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU()), True),
+    (lambda: nn.Sequential(nn.Linear(3, 4)), True),
+    (lambda: nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.LeakyReLU(), nn.AvgPool2d(2))),
+     True),
+    (lambda: build_cnn([1, 8, 8], [2, 3], classes=3)[0], True),  # conv, ReLU, max pooling
+    (lambda: build_cnn([1, 8, 8], [2, 3], classes=3)[2], True),  # Flatten + Linear head
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh()), False),  # tanh'' ≠ 0
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU()), False),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), False),  # θ1·θ2
+    (lambda: nn.Sequential(nn.Linear(3, 4).requires_grad_(False), nn.Linear(4, 2)), False),
+    (lambda: nn.Sequential(_OwnLinear(3, 4), nn.ReLU()), False),
+    (lambda: nn.Sequential(nn.ReLU()), False),  # nothing to train
+    (_transformer_block, False),
+])
+def test_affine_in_parameters_takes_only_what_it_can_prove(build, affine: bool) -> None:
+    assert affine_in_parameters(build()) is affine
+
+
+@pytest.mark.parametrize("stage", ["relu", "last", "conv", "head"])
+def test_affine_product_is_the_general_one(stage: str) -> None:
+    """On stages affine in θ, 𝓗w by one backward that applies J_θᵀ once equals the two
+    separate products of the general form (other rounding, float64 agreement)."""
+    gen = seeded(11)
+    torch.manual_seed(11)
+    module: nn.Module
+    if stage in ("relu", "last"):
+        module = stage_inputs([5, 4], "relu", samples=2, seed=11)[0]
+        module = module if stage == "relu" else nn.Sequential(module[0])
+        z_in = randn(6, 5, gen=gen)
+    else:
+        cnn = build_cnn([2, 6, 6], [3], classes=4).to(DTYPE)
+        module = cnn[0] if stage == "conv" else cnn[1]
+        z_in = randn(6, 2, 6, 6, gen=gen) if stage == "conv" else randn(6, 3, 3, 3, gen=gen)
+    assert affine_in_parameters(module)
+    with torch.no_grad():
+        out = module(z_in)
+    g, c = randn(*out.shape, gen=gen), torch.rand(6, generator=gen, dtype=DTYPE)
+    delta = 0.1 + torch.rand(6, generator=gen, dtype=DTYPE)
+    results = []
+    for affine in (True, False):
+        fn = StageFunction.build(module, z_in, g, c, affine_in_params=affine)
+        w = [randn(*p.shape, gen=seeded(12)) for p in fn.params]
+        result = torch.zeros(sum(p.numel() for p in fn.params), dtype=DTYPE)
+        fn.add_local_hvp(w, delta, result)
+        assert fn.products == 2
+        results.append(result)
+    assert_close(results[0], results[1], rtol=1e-13)
+
+
+def test_affine_product_needs_a_stage_affine_in_theta() -> None:
+    """Forced on two Linear layers (θ1·θ2 terms in H_θθ) the shortcut is wrong: the check in
+    affine_in_parameters is what keeps it exact."""
+    module = tiny_mlp([3, 4, 2], "relu", seed=13)
+    gen = seeded(13)
+    z_in, g = randn(5, 3, gen=gen), randn(5, 2, gen=gen)
+    c, delta = torch.rand(5, generator=gen, dtype=DTYPE), torch.ones(5, dtype=DTYPE)
+    results = []
+    for affine in (True, False):
+        fn = StageFunction.build(module, z_in, g, c, affine_in_params=affine)
+        result = torch.zeros(sum(p.numel() for p in fn.params), dtype=DTYPE)
+        fn.add_local_hvp([randn(*p.shape, gen=seeded(14)) for p in fn.params], delta, result)
+        results.append(result)
+    assert float((results[0] - results[1]).abs().max()) > 1e-3 * float(results[1].abs().max())

@@ -361,6 +361,35 @@ def test_log_axes_have_plain_tick_labels(monkeypatch: pytest.MonkeyPatch,
     assert "2" in tick_labels(figures[0].axes[1].xaxis)
 
 
+def test_log_tick_labels_never_run_together(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    """A passes axis over three decades (2 to 700, as a 60-iteration GD+Armijo run makes)
+    once printed 200, 300, 400 and 600 on top of one another: no two labels may overlap."""
+    figures = captured_figures(monkeypatch, compare_plot)
+    passes = [2, 5, 20, 60, 150, 300, 700]
+    records = [IterationRecord(k, 2.0 / k, 0.5, wall_time=0.1 * k)
+               for k in range(1, len(passes) + 1)]
+    for record, count in zip(records, passes, strict=True):
+        record.forward_passes = record.backward_passes = count / 2
+    row = Row("gd_armijo", "gd_armijo", None, RunData(tmp_path, "r", {}, records, None))
+    compare_plot.plot_compare([DepthGroup(None, "tiny", [], [row])], ["gd_armijo"],
+                              tmp_path / "c.png")
+    figure = figures[0]
+    renderer = figure.canvas.get_renderer()
+    for axes in figure.axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            shown = [t for t in axis.get_majorticklabels() + axis.get_minorticklabels()
+                     if t.get_text() and t.get_visible()]
+            boxes = [t.get_window_extent(renderer) for t in shown]
+            inside = [(b, t.get_text()) for b, t in zip(boxes, shown, strict=True)
+                      if axes.get_window_extent(renderer).x0 - 5 <= b.x0
+                      and b.x1 <= axes.get_window_extent(renderer).x1 + 5]
+            for i, (a, text_a) in enumerate(inside):
+                for b, text_b in inside[i + 1:]:
+                    assert not a.overlaps(b), (text_a, text_b)
+    assert {"10", "100"} <= set(tick_labels(figure.axes[1].xaxis))
+
+
 def test_utilisation_text_fits_the_width() -> None:
     busy = [0.5] * 16
     summary = {"mean_busy_fraction": busy, "mean_bubble_fraction": 0.5,

@@ -5,6 +5,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+# Layers that make f affine in its parameters wherever it is differentiable, when they surround
+# a single Linear or convolution: piecewise-linear and parameter-free.
+_AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Flatten, nn.Unflatten,
+                     nn.Identity)
+
+
+def affine_in_parameters(module: nn.Module) -> bool:
+    """Whether the stage's f(z, θ) is affine in θ for fixed z (almost everywhere): nested
+    Sequentials of exactly one Linear/Conv with trainable parameters among piecewise-linear,
+    parameter-free layers (exact types: a subclass may compute anything). Then Ψ has no
+    second derivative of f in θ alone, ∂²Ψ/∂θ² = J_θᵀ C J_θ, which add_local_hvp exploits."""
+    trainable, leaves = [], []
+    for m in module.modules():
+        has_children = next(m.children(), None) is not None
+        if has_children and type(m) is not nn.Sequential:
+            return False  # a container's own forward may combine its children in any way
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            if has_children:
+                return False
+            trainable.append(m)
+        if not has_children:
+            leaves.append(m)
+    if len(trainable) != 1 or type(trainable[0]) not in _AFFINE_LAYERS:
+        return False
+    return all(m is trainable[0] or type(m) in _PIECEWISE_LINEAR for m in leaves)
+
 
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample vector so that it broadcasts over one sample's features."""
@@ -27,12 +55,16 @@ class StageFunction:
     For stage 1, whose input X is fixed, z does not require grad and no z derivatives are built.
     """
 
-    def __init__(self, z: Tensor, out: Tensor, params: list[Tensor], g: Tensor, c: Tensor) -> None:
+    def __init__(self, z: Tensor, out: Tensor, params: list[Tensor], g: Tensor, c: Tensor, *,
+                 affine_in_params: bool = False) -> None:
         """From a forward already recorded by autograd: `out` = f(z, params) with its graph.
 
         `z` requires grad exactly when input derivatives are wanted (every stage but the first).
+        `affine_in_params`: f is affine in θ (`affine_in_parameters` of the module), which
+        lets 𝓗w take one matrix product fewer per layer (add_local_hvp).
         """
         self.params = params
+        self.affine_in_params = affine_in_params
         self.with_input = z.requires_grad
         self.z = z
         self.out = out
@@ -49,12 +81,15 @@ class StageFunction:
 
     @classmethod
     def build(cls, module: nn.Module, z_in: Tensor, g: Tensor, c: Tensor, *,
-              with_input: bool = True) -> StageFunction:
-        """Run the forward of `module` on `z_in` and build Ψ around it."""
+              with_input: bool = True, affine_in_params: bool | None = None) -> StageFunction:
+        """Run the forward of `module` on `z_in` and build Ψ around it (`affine_in_params`:
+        by default `affine_in_parameters(module)`, as the optimizers decide it)."""
+        if affine_in_params is None:
+            affine_in_params = affine_in_parameters(module)
         z = z_in.detach().requires_grad_(with_input)
         with torch.enable_grad():
             out = module(z)
-        return cls(z, out, trainable_parameters(module), g, c)
+        return cls(z, out, trainable_parameters(module), g, c, affine_in_params=affine_in_params)
 
     def _diff(self, outputs: list[Tensor], directions: list[Tensor],
               wrt: list[Tensor]) -> tuple[Tensor, ...]:
@@ -90,11 +125,29 @@ class StageFunction:
         """Add this microbatch's share of SM's 𝓗w to the flat `out`: H_θθ w, then
         H_θz Δ⁻¹ H_zθ w for stages with an input (whose per-sample δ is `delta`). Each term
         is added to `out` in turn: the sum's order is part of the iterates' bits."""
+        if delta is not None and self.affine_in_params:
+            self._add_affine_local_hvp(w, delta, out)
+            return
         a, b = self.hvp_theta(w)
         _add_flat(out, b)
         if delta is not None:
             assert a is not None
             _add_flat(out, self.hvp_z_theta_part(a / per_sample(delta, a)))
+
+    def _add_affine_local_hvp(self, w: list[Tensor], delta: Tensor, out: Tensor) -> None:
+        """The same 𝓗w when f is affine in θ, in one matrix product fewer per layer.
+
+        With H = K + JᵀCJ (K: ∂Ψ/∂f times f's second derivatives, zero in θθ here),
+        H_θθ w + H_θz a = J_θᵀ(C J_θ w) + K_θz a + J_θᵀ(C J_z a): the first backward stops its
+        θθ part at f, keeping the cotangent q = C J_θ w it leaves there, and the second
+        applies J_θᵀ once to q + C J_z a instead of once to each. Same value, other rounding.
+        """
+        a, q = self._diff(self.grad_theta, w, [self.z, self.out])
+        self.products += 1  # the second product, as in the general form
+        b = torch.autograd.grad([self.grad_z, self.out], self.params,
+                                grad_outputs=[a / per_sample(delta, a), q], retain_graph=True,
+                                materialize_grads=True)
+        _add_flat(out, list(b))
 
     # Tangent passes (CGBlock, spec §6): with c = 0, Ψ's second derivatives are exactly the
     # terms ⟨g, f⟩ adds to the network's Hessian, so a Hessian-vector product of the whole
@@ -151,6 +204,7 @@ class RecomputedStageFunction:
         self.module = module
         self.params = fn.params
         self.with_input = fn.with_input
+        self.affine_in_params = fn.affine_in_params
         self.z_in = fn.z.detach()
         self.g, self.c = g, c
         self.products = fn.products  # the backward's (power iteration) count on
@@ -158,7 +212,8 @@ class RecomputedStageFunction:
     def built(self) -> StageFunction:
         """Ψ rebuilt at the parameters' current values (θ_t: the inner loop leaves them)."""
         return StageFunction.build(self.module, self.z_in, self.g, self.c,
-                                   with_input=self.with_input)
+                                   with_input=self.with_input,
+                                   affine_in_params=self.affine_in_params)
 
     def add_local_hvp(self, w: list[Tensor], delta: Tensor | None, out: Tensor) -> None:
         fn = self.built()

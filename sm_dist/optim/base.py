@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sm_dist.math.losses import TopOfPipeline, evaluate_loss, top_of_pipeline
 from sm_dist.math.reduction import ALONE, Reducer
-from sm_dist.math.stage_function import StageFunction
+from sm_dist.math.stage_function import StageFunction, affine_in_parameters
 from sm_dist.optim.options import OptimizerOptions, check_inner_steps
 from sm_dist.pipeline.actions import Action, ActionKind
 from sm_dist.pipeline.executor import Handler, PlanRun
@@ -65,6 +65,7 @@ class StageRule:
         self.config = optimizer.config
         self.stage = stage
         self.functions: dict[int, StageFunction] = {}  # GRAPH rules: Ψ per microbatch
+        self.affine_in_params = affine_in_parameters(stage.module)
         self._report = StageReport()
 
     # -------------------------------------------------------------- hooks of the stage
@@ -101,7 +102,8 @@ class StageRule:
     def keep_function(self, j: int, entry: MicrobatchStash, g_out: Tensor,
                       c_out: Tensor) -> StageFunction:
         """Build microbatch j's Ψ (keeping its graph), add ∂h/∂θ_s to the stage's gradient."""
-        fn = StageFunction(entry.z_in, entry.out, self.stage.params, g_out, c_out)
+        fn = StageFunction(entry.z_in, entry.out, self.stage.params, g_out, c_out,
+                           affine_in_params=self.affine_in_params)
         self.stage.accumulate_grad(fn.gradients()[1])
         self.functions[j] = fn
         return fn

@@ -103,7 +103,7 @@ def plot_compare(groups: Sequence[DepthGroup], optimizers: Sequence[str], path: 
         by_iteration.set_xlabel("iteration", fontsize=FONT_SIZE)
         if by_passes.lines:  # SSO makes ~100x the passes of SM: only a log scale shows both
             by_passes.set_xscale("log")
-            plain_log_ticks(by_passes.xaxis)
+            plain_log_ticks(by_passes.xaxis, minor_decades=1.5)
         by_passes.set_xlabel("pipeline passes (forward + backward), log scale", fontsize=FONT_SIZE)
         by_time.set_xlabel("wall time (s)", fontsize=FONT_SIZE)
         by_iteration.set_ylabel("training loss (log scale)", fontsize=FONT_SIZE)

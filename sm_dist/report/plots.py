@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import LogFormatter, MaxNLocator
+from matplotlib.ticker import Formatter, LogFormatter, MaxNLocator
 
 from sm_dist.pipeline.actions import IDLE_COLOUR, INDEXED_KINDS, ActionKind
 from sm_dist.pipeline.timeline import (
@@ -81,13 +82,34 @@ class PlainLogFormatter(LogFormatter):
         return f"{x:g}" if super().__call__(x, pos) else ""
 
 
-def plain_log_ticks(axis: Axis) -> None:
+class MinorLogLabels(Formatter):
+    """Plain labels on a log axis's minor ticks, fewer the more decades the view spans: every
+    one within half a decade, 2, 3, 4 and 6 × 10^k up to `decades`, 2 and 5 × 10^k up to twice
+    that, none beyond (the major ticks then label the axis). Decided at draw time from the
+    view, so that labels never run together."""
+
+    def __init__(self, decades: float) -> None:
+        self.decades = decades
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        low, high = sorted(self.axis.get_view_interval()) if self.axis else (x, x)
+        if x <= 0 or low <= 0:
+            return ""
+        span = math.log10(high / low)
+        coefficient = round(x / 10 ** math.floor(math.log10(x) + 1e-9), 6)
+        if (span <= 0.5 or (span <= self.decades and coefficient in (2, 3, 4, 6))
+                or (span <= 2 * self.decades and coefficient in (2, 5))):
+            return f"{x:g}"
+        return ""
+
+
+def plain_log_ticks(axis: Axis, minor_decades: float = 2.0) -> None:
     """Plain numbers (0.9, 2, 30; not 9×10^-1 or 2×10^0) on a log-scale axis, set after its
     scale (setting a scale resets the formatters). A short run's values often span less than a
-    decade, so the labels sit on the minor ticks, which matplotlib labels only when few are in
-    view."""
+    decade, so minor ticks carry labels too, as many as `minor_decades` allows (see
+    MinorLogLabels; a horizontal axis has room for fewer than a vertical one)."""
     axis.set_major_formatter(PlainLogFormatter())
-    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    axis.set_minor_formatter(MinorLogLabels(minor_decades))
 
 
 def _loss_figure(runs: Sequence[RunData], x_key: str, x_label: str, path: str | Path) -> None:
