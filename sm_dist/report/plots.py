@@ -97,10 +97,15 @@ class MinorLogLabels(Formatter):
             return ""
         span = math.log10(high / low)
         coefficient = round(x / 10 ** math.floor(math.log10(x) + 1e-9), 6)
-        if (span <= 0.5 or (span <= self.decades and coefficient in (2, 3, 4, 6))
-                or (span <= 2 * self.decades and coefficient in (2, 5))):
-            return f"{x:g}"
-        return ""
+        if span <= 0.5:
+            shown: tuple[float, ...] = (coefficient,)
+        elif span <= self.decades:
+            shown = (2, 3, 4, 6)
+        elif span <= 2 * self.decades:
+            shown = (2, 5)
+        else:
+            shown = ()
+        return f"{x:g}" if coefficient in shown else ""
 
 
 def plain_log_ticks(axis: Axis, minor_decades: float = 2.0) -> None:
