@@ -324,6 +324,20 @@ def test_affine_in_parameters_takes_only_what_it_can_prove(build, affine: bool) 
     assert affine_in_parameters(build()) is affine
 
 
+def _local_hvp_both_forms(module: nn.Module, z_in: Tensor, g: Tensor, c: Tensor,
+                          delta: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """One microbatch's 𝓗w in the shared-backward form and in the general one (the same w),
+    each counted as two Ψ products."""
+    results = []
+    for affine in (True, False):
+        fn = StageFunction.build(module, z_in, g, c, affine_in_params=affine)
+        result = torch.zeros(sum(p.numel() for p in fn.params), dtype=DTYPE)
+        fn.add_local_hvp([randn(*p.shape, gen=seeded(seed)) for p in fn.params], delta, result)
+        assert fn.products == 2
+        results.append(result)
+    return results[0], results[1]
+
+
 @pytest.mark.parametrize("stage", ["relu", "last", "conv", "head"])
 def test_affine_product_is_the_general_one(stage: str) -> None:
     """On stages affine in θ, 𝓗w by one backward that applies J_θᵀ once equals the two
@@ -344,15 +358,8 @@ def test_affine_product_is_the_general_one(stage: str) -> None:
         out = module(z_in)
     g, c = randn(*out.shape, gen=gen), torch.rand(6, generator=gen, dtype=DTYPE)
     delta = 0.1 + torch.rand(6, generator=gen, dtype=DTYPE)
-    results = []
-    for affine in (True, False):
-        fn = StageFunction.build(module, z_in, g, c, affine_in_params=affine)
-        w = [randn(*p.shape, gen=seeded(12)) for p in fn.params]
-        result = torch.zeros(sum(p.numel() for p in fn.params), dtype=DTYPE)
-        fn.add_local_hvp(w, delta, result)
-        assert fn.products == 2
-        results.append(result)
-    assert_close(results[0], results[1], rtol=1e-13)
+    shared, general = _local_hvp_both_forms(module, z_in, g, c, delta, seed=12)
+    assert_close(shared, general, rtol=1e-13)
 
 
 def test_affine_product_needs_a_stage_affine_in_theta() -> None:
@@ -362,10 +369,5 @@ def test_affine_product_needs_a_stage_affine_in_theta() -> None:
     gen = seeded(13)
     z_in, g = randn(5, 3, gen=gen), randn(5, 2, gen=gen)
     c, delta = torch.rand(5, generator=gen, dtype=DTYPE), torch.ones(5, dtype=DTYPE)
-    results = []
-    for affine in (True, False):
-        fn = StageFunction.build(module, z_in, g, c, affine_in_params=affine)
-        result = torch.zeros(sum(p.numel() for p in fn.params), dtype=DTYPE)
-        fn.add_local_hvp([randn(*p.shape, gen=seeded(14)) for p in fn.params], delta, result)
-        results.append(result)
-    assert float((results[0] - results[1]).abs().max()) > 1e-3 * float(results[1].abs().max())
+    shared, general = _local_hvp_both_forms(module, z_in, g, c, delta, seed=14)
+    assert float((shared - general).abs().max()) > 1e-3 * float(general.abs().max())

@@ -143,11 +143,8 @@ class StageFunction:
         applies J_θᵀ once to q + C J_z a instead of once to each. Same value, other rounding.
         """
         a, q = self._diff(self.grad_theta, w, [self.z, self.out])
-        self.products += 1  # the second product, as in the general form
-        b = torch.autograd.grad([self.grad_z, self.out], self.params,
-                                grad_outputs=[a / per_sample(delta, a), q], retain_graph=True,
-                                materialize_grads=True)
-        _add_flat(out, list(b))
+        _add_flat(out, list(self._diff([self.grad_z, self.out], [a / per_sample(delta, a), q],
+                                       self.params)))
 
     # Tangent passes (CGBlock, spec §6): with c = 0, Ψ's second derivatives are exactly the
     # terms ⟨g, f⟩ adds to the network's Hessian, so a Hessian-vector product of the whole

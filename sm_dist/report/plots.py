@@ -98,8 +98,8 @@ class MinorLogLabels(Formatter):
         span = math.log10(high / low)
         coefficient = round(x / 10 ** math.floor(math.log10(x) + 1e-9), 6)
         if span <= 0.5:
-            shown: tuple[float, ...] = (coefficient,)
-        elif span <= self.decades:
+            return f"{x:g}"
+        if span <= self.decades:
             shown = (2, 3, 4, 6)
         elif span <= 2 * self.decades:
             shown = (2, 5)
