@@ -6,7 +6,8 @@
 #   3. the engine against torch.distributed.pipelining's ScheduleGPipe on the GPU;
 #   4. one measured SM run on the GPU, four stages, and the simulator calibrated on it
 #      (simulate from its own trace against its measured iteration time);
-#   5. each stage's peak CUDA memory under SM (graphs kept, recompute) against Adam.
+#   5. each stage's peak CUDA memory under SM (graphs kept, recompute, recompute with warm
+#      starts kept) against Adam.
 # Figures go to stdout and to $OUT/gpu-figures.txt (OUT defaults to runs/gpu-check).
 # Usage: ./benchmarks/gpu_check.sh   (after ./launch/setup.sh)
 set -euo pipefail

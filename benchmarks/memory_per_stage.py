@@ -2,13 +2,14 @@
 
 For the 4-stage MLP, CNN and transformer jobs of configs/, one engine run each (one process
 per stage) of: Adam, SM keeping every microbatch's Ψ graph through the update (the default),
-and SM with `optimizer.recompute: true` (one graph alive at a time). Runs go one after another,
+SM with `optimizer.recompute: true` (one graph alive at a time, no warm-start vectors kept)
+and recompute with `power_warm_start: true`. Runs go one after another,
 never side by side. It prints two figures per stage (pipeline/memory.py): the peak since
 training started, and what training added on top of what the process held at its start.
 On CPU both are resident memory, so the peak includes torch itself (hundreds of MiB) and the
 added part includes first-use allocations any optimizer makes; on CUDA (`--device cuda`)
 they are allocated tensor bytes. Rank 0 also holds the coordinator (the data, the records).
-On CPU it then measures the same three runs' live tensor bytes per stage in one profiled
+On CPU it then measures the same four runs' live tensor bytes per stage in one profiled
 process (benchmarks/tensor_memory.py): the CPU counterpart of CUDA's allocated memory.
 
     python benchmarks/memory_per_stage.py [--iterations 3] [--workloads mlp,cnn,transformer]
@@ -62,7 +63,7 @@ def tensor_peaks(job: str, sets: list[str], iterations: int) -> list[float]:
 
 
 def ratios(sm: list[float], adam: list[float]) -> str:
-    return " ".join(f"{a / b:6.2f}" if b else "     -" for a, b in zip(sm, adam))
+    return " ".join(f"{a / b:6.3f}" if b else "     -" for a, b in zip(sm, adam))
 
 
 def figures(values: list[float]) -> str:
@@ -73,12 +74,13 @@ def row(label: str, text: str) -> str:
     return f"  {label:<52}{text}"
 
 
-# SM's configurations next to Adam: graphs kept (the default), recompute, and recompute
-# without the power iteration's warm-start vectors (one input-sized tensor per microbatch).
+# SM's configurations next to Adam: graphs kept (the default), recompute (which by default
+# keeps no power-iteration warm-start vectors), and recompute keeping them (one input-sized
+# tensor per microbatch).
 SM_RUNS = {"sm, graphs kept": ["optimizer.recompute=false"],
            "sm, recompute": ["optimizer.recompute=true"],
-           "sm, recompute, no warm start": ["optimizer.recompute=true",
-                                            "optimizer.power_warm_start=false"]}
+           "sm, recompute + warm starts": ["optimizer.recompute=true",
+                                           "optimizer.power_warm_start=true"]}
 
 
 def main() -> None:

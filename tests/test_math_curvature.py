@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import Tensor
 
 from sm_dist.config.build import build_local_pipeline, load_job_data
 from sm_dist.data.batches import split_microbatches
+from sm_dist.math import curvature
 from sm_dist.math.curvature import (
     damped_curvature,
     initial_vectors,
@@ -277,3 +280,26 @@ def test_reduce_eigenvalues() -> None:
     assert reduce_eigenvalues(torch.zeros(0, dtype=DTYPE), "microbatch").numel() == 0
     with pytest.raises(ValueError):
         reduce_eigenvalues(lam, "layer")
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(10, 20), (7, 3, 4, 4), (3, 100), (1, 5)])
+def test_power_iteration_takes_row_dots_in_chunks_to_the_bit(monkeypatch: pytest.MonkeyPatch,
+                                                             shape: tuple[int, ...],
+                                                             dtype: torch.dtype) -> None:
+    """The Rayleigh quotients' products taken a few rows at a time (here 50 elements' worth:
+    1 to 10 chunks) give each row's sum to the bit, so λ and the vectors do not change."""
+    gen = torch.Generator().manual_seed(3)
+    features = math.prod(shape[1:])
+    blocks = torch.randn(shape[0], features, features, generator=gen, dtype=dtype)
+    blocks = blocks + blocks.transpose(1, 2)
+
+    def hzz(u: Tensor) -> Tensor:  # block-diagonal over samples
+        return torch.bmm(blocks, u.reshape(shape[0], features, 1)).reshape(shape)
+
+    start = torch.randn(shape, generator=gen, dtype=dtype)
+    whole = power_iteration(hzz, start, 4)
+    monkeypatch.setattr(curvature, "_DOT_CHUNK", 50)
+    chunked = power_iteration(hzz, start, 4)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])

@@ -371,3 +371,24 @@ def test_affine_product_needs_a_stage_affine_in_theta() -> None:
     c, delta = torch.rand(5, generator=gen, dtype=DTYPE), torch.ones(5, dtype=DTYPE)
     shared, general = _local_hvp_both_forms(module, z_in, g, c, delta, seed=14)
     assert float((shared - general).abs().max()) > 1e-3 * float(general.abs().max())
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_local_hvp_writes_only_its_own_buffers(affine: bool) -> None:
+    """Δ⁻¹ is applied in the product's own buffer (one input-sized tensor fewer per product):
+    the directions, δ, g, c and the stored input are left as they were."""
+    gen = seeded(21)
+    module = stage_inputs([5, 4], "relu", samples=2, seed=21)[0]
+    z_in = randn(6, 5, gen=gen)
+    with torch.no_grad():
+        out = module(z_in)
+    g, c = randn(*out.shape, gen=gen), torch.rand(6, generator=gen, dtype=DTYPE)
+    delta = 0.1 + torch.rand(6, generator=gen, dtype=DTYPE)
+    fn = StageFunction.build(module, z_in, g, c, affine_in_params=affine)
+    w = [randn(*p.shape, gen=gen) for p in fn.params]
+    before = [t.clone() for t in (z_in, g, c, delta, *w)]
+    result = torch.zeros(sum(p.numel() for p in fn.params), dtype=DTYPE)
+    fn.add_local_hvp(w, delta, result)
+    assert result.abs().max() > 0
+    for now, then in zip((z_in, g, c, delta, *w), before, strict=True):
+        assert torch.equal(now, then)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from sm_dist.config.build import build_local_pipeline
+from sm_dist.config.build import build_local_pipeline, load_job_data
+from sm_dist.data.batches import split_microbatches
 from sm_dist.pipeline.memory import MemoryProbe
 from sm_dist.run.metrics import IterationRecord
 from sm_dist.run.monitor import LiveMonitor, format_record
@@ -104,8 +105,10 @@ def test_recompute_gives_exactly_the_iterates_of_kept_graphs(tmp_path: Path,
     job = {**job, "run": {**job.get("run", {}), "iterations": 3, "eval_every": 0}}
     path = write_job(tmp_path / "job.yaml", job)
     for value in ("false", "true"):
+        # Warm starts kept in both: recompute alone drops them (their default follows it).
         result = run_cli("train", str(path), "--single-process", "--no-live", "--out", value,
-                         "--set", f"optimizer.recompute={value}", cwd=tmp_path)
+                         "--set", f"optimizer.recompute={value}",
+                         "--set", "optimizer.power_warm_start=true", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     kept, rebuilt = records(tmp_path / "false"), records(tmp_path / "true")
     for a, b in zip(kept, rebuilt, strict=True):
@@ -115,6 +118,26 @@ def test_recompute_gives_exactly_the_iterates_of_kept_graphs(tmp_path: Path,
                       torch.load(tmp_path / "true" / "model.pt")["stages"]):
         for name in sa:
             assert torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize(("recompute", "warm_start", "keeps_vectors"), [
+    (False, None, True), (True, None, False), (True, True, True), (False, False, False)])
+def test_power_vectors_are_kept_unless_recompute_or_told(recompute: bool,
+                                                        warm_start: bool | None,
+                                                        keeps_vectors: bool) -> None:
+    """power_warm_start: null keeps each microbatch's power-iteration vectors with graphs kept
+    and not with recompute; true or false is what it says. config.yaml gets the choice."""
+    optimizer: dict[str, Any] = {"name": "sm", "recompute": recompute}
+    if warm_start is not None:
+        optimizer["power_warm_start"] = warm_start
+    job = make_job(optimizer=optimizer)
+    assert job.optimizer.power_warm_start is keeps_vectors
+    pipeline = build_local_pipeline(job, CPU)
+    data = load_job_data(job)
+    pipeline.forward_backward(split_microbatches(data.train_x, data.train_y, 2),
+                              len(data.train_x), True)
+    for stage in pipeline.stages[1:]:  # the first stage runs no power iteration
+        assert (sorted(stage.rule.power_vectors) == [0, 1]) is keeps_vectors
 
 
 @pytest.mark.parametrize("recompute", [False, True])

@@ -14,8 +14,19 @@ def _row_norms(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).norm(dim=1)
 
 
+# Row dots take their elementwise products this many elements at a time: an input-sized
+# product would be one more input-sized tensor alive in every round of the power iteration.
+_DOT_CHUNK = 1 << 12
+
+
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:
-    return (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(dim=1)
+    """Per-sample ⟨a_k, b_k⟩, whole rows at a time, so each row's sum is the unchunked one."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    rows = max(1, _DOT_CHUNK // max(a.shape[1], 1))
+    if rows >= a.shape[0]:
+        return (a * b).sum(dim=1)
+    return torch.cat([(x * y).sum(dim=1) for x, y in zip(a.split(rows), b.split(rows),
+                                                          strict=True)])
 
 
 def _inverse_or_zero(norms: Tensor) -> Tensor:
@@ -54,7 +65,7 @@ def power_iteration(hzz: Callable[[Tensor], Tensor], start: Tensor, rounds: int,
     lam = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
     for _ in range(rounds):
         hu = hzz(u)
-        if not hu.is_contiguous() or _shares_memory(hu, u):  # not ours to overwrite
+        if not hu.is_contiguous() or shares_storage(hu, u):  # not ours to overwrite
             hu = hu.clone(memory_format=torch.contiguous_format)
         lam = _row_dots(u, hu).abs()
         norms = _row_norms(hu)
@@ -65,7 +76,8 @@ def power_iteration(hzz: Callable[[Tensor], Tensor], start: Tensor, rounds: int,
     return lam, u
 
 
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
+def shares_storage(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are views of one buffer (writing one would change the other)."""
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 

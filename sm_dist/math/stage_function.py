@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sm_dist.math.curvature import shares_storage
+
 # Layers that make f affine in its parameters wherever it is differentiable, when they surround
 # a single Linear or convolution: piecewise-linear and parameter-free.
 _AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -32,6 +34,25 @@ def affine_in_parameters(module: nn.Module) -> bool:
     if len(trainable) != 1 or type(trainable[0]) not in _AFFINE_LAYERS:
         return False
     return all(m is trainable[0] or type(m) in _PIECEWISE_LINEAR for m in leaves)
+
+
+class _PsiCotangent(torch.autograd.Function):
+    """∂Ψ/∂f = g + c·(f − z_out) at f = z_out: its value is g itself (the residual is zero) and
+    its derivative along f is c. The same values and products to the bit as building
+    g + c·(out − out.detach()), without an output-sized zero residual and sum per microbatch
+    (their graph would keep the sum alive as long as Ψ's)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, out: Tensor, g: Tensor,
+                c: Tensor) -> Tensor:
+        ctx.save_for_backward(c)
+        return g.view_as(g)  # g's own storage: nothing allocated
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad: Tensor) -> tuple[Tensor, None, None]:
+        (c,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * c, None, None
 
 
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -70,8 +91,7 @@ class StageFunction:
         self.out = out
         self._vjp: tuple[Tensor, tuple[Tensor, ...]] | None = None  # for tangents (CGBlock)
         with torch.enable_grad():
-            residual = out - out.detach()  # zero, but its graph carries f's change
-            psi_out = g + per_sample(c, out) * residual  # ∂Ψ/∂f
+            psi_out = _PsiCotangent.apply(out, g, per_sample(c, out))  # ∂Ψ/∂f
             inputs = ([z] if self.with_input else []) + params
             grads = torch.autograd.grad(out, inputs, grad_outputs=psi_out, create_graph=True,
                                         materialize_grads=True)
@@ -132,7 +152,7 @@ class StageFunction:
         _add_flat(out, b)
         if delta is not None:
             assert a is not None
-            _add_flat(out, self.hvp_z_theta_part(a / per_sample(delta, a)))
+            _add_flat(out, self.hvp_z_theta_part(_per_delta(a, delta, w)))
 
     def _add_affine_local_hvp(self, w: list[Tensor], delta: Tensor, out: Tensor) -> None:
         """The same 𝓗w when f is affine in θ, in one matrix product fewer per layer.
@@ -143,7 +163,7 @@ class StageFunction:
         applies J_θᵀ once to q + C J_z a instead of once to each. Same value, other rounding.
         """
         a, q = self._diff(self.grad_theta, w, [self.z, self.out])
-        _add_flat(out, list(self._diff([self.grad_z, self.out], [a / per_sample(delta, a), q],
+        _add_flat(out, list(self._diff([self.grad_z, self.out], [_per_delta(a, delta, w), q],
                                        self.params)))
 
     # Tangent passes (CGBlock, spec §6): with c = 0, Ψ's second derivatives are exactly the
@@ -230,6 +250,15 @@ def unflatten(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
         out.append(vector[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
     return out
+
+
+def _per_delta(a: Tensor, delta: Tensor, directions: list[Tensor]) -> Tensor:
+    """Δ⁻¹a, per sample: in a's own buffer (one input-sized tensor fewer alive per product)
+    unless autograd handed back a tensor it does not own alone (a direction passed through).
+    The same values as out of place."""
+    if a.is_contiguous() and not any(shares_storage(a, t) for t in directions):
+        return a.div_(per_sample(delta, a))
+    return a / per_sample(delta, a)
 
 
 def _add_flat(out: Tensor, tensors: list[Tensor]) -> None:

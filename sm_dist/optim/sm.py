@@ -47,11 +47,18 @@ class SMOptions(OptimizerOptions):
     delta_floor: float = field(default=1e-12, metadata={"gt": 0})
     rho: float = field(default=0.0, metadata={"min": 0})
     power_iterations: int = field(default=10, metadata={"min": 1})
-    power_warm_start: bool = True
+    # Keep each microbatch's power-iteration vectors (one input-sized tensor) for the next
+    # iteration's warm start; null: keep them unless `recompute`, whose purpose is memory and
+    # on whose smallest stages they would be most of what SM adds (docs/performance.md).
+    power_warm_start: bool | None = None
     # Keep only each microbatch's input from the forward on and rebuild its graph when the
     # backward and each product need it, instead of keeping all their graphs through the
     # backward and the update (memory for time; docs/performance.md has the measurements).
     recompute: bool = False
+
+    def __post_init__(self) -> None:
+        if self.power_warm_start is None:  # resolved here, so config.yaml records the choice
+            self.power_warm_start = not self.recompute
 
 
 def sm_update_actions(stage: int, steps: int, fill_up_to: int = 0) -> list[Action]:
@@ -164,6 +171,10 @@ class SMStageRule(StageRule):
         parts = [(self.functions[j], None if stage.is_first else self.deltas[j])
                  for j in sorted(self.functions)]
         grad = flatten([p.grad for p in stage.params])
+        # The gradients become views of the flat copy the local loss keeps, which would
+        # otherwise hold a second parameter-sized copy through the inner loop.
+        for p, flat_part in zip(stage.params, unflatten(grad, stage.params), strict=True):
+            p.grad = flat_part
         if self.averages_steps:  # this replica's own loss: its share of the batch as a batch
             grad = grad * self.reducer.size
         loss = LocalLoss(parts, grad, cfg.rho, self._product_reduction())
