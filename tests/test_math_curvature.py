@@ -284,12 +284,12 @@ def test_reduce_eigenvalues() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(10, 20), (7, 3, 4, 4), (3, 100), (1, 5)])
+@pytest.mark.parametrize("shape", [(10, 20), (7, 3, 4, 4), (3, 100), (1, 5), (40, 6)])
 def test_power_iteration_takes_row_dots_in_chunks_to_the_bit(monkeypatch: pytest.MonkeyPatch,
                                                              shape: tuple[int, ...],
                                                              dtype: torch.dtype) -> None:
-    """The Rayleigh quotients' products taken a few rows at a time (here 50 elements' worth:
-    1 to 10 chunks) give each row's sum to the bit, so λ and the vectors do not change."""
+    """The Rayleigh quotients' products taken a few rows at a time (in 8 pieces, and in
+    pieces of one row) give each row's sum to the bit, so λ and the vectors do not change."""
     gen = torch.Generator().manual_seed(3)
     features = math.prod(shape[1:])
     blocks = torch.randn(shape[0], features, features, generator=gen, dtype=dtype)
@@ -299,7 +299,9 @@ def test_power_iteration_takes_row_dots_in_chunks_to_the_bit(monkeypatch: pytest
         return torch.bmm(blocks, u.reshape(shape[0], features, 1)).reshape(shape)
 
     start = torch.randn(shape, generator=gen, dtype=dtype)
+    monkeypatch.setattr(curvature, "_DOT_PIECES", 1)
     whole = power_iteration(hzz, start, 4)
-    monkeypatch.setattr(curvature, "_DOT_CHUNK", 50)
-    chunked = power_iteration(hzz, start, 4)
-    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    for pieces in (8, shape[0]):
+        monkeypatch.setattr(curvature, "_DOT_PIECES", pieces)
+        chunked = power_iteration(hzz, start, 4)
+        assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])

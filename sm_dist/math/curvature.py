@@ -14,17 +14,18 @@ def _row_norms(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).norm(dim=1)
 
 
-# Row dots take their elementwise products this many elements at a time: an input-sized
-# product would be one more input-sized tensor alive in every round of the power iteration.
-_DOT_CHUNK = 1 << 12
+# Row dots take their elementwise products in this many pieces of whole rows: an input-sized
+# product would be one more input-sized tensor alive in every round of the power iteration,
+# and a fixed number of pieces keeps the kernels per round few on a GPU, whatever the batch.
+_DOT_PIECES = 8
 
 
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample ⟨a_k, b_k⟩, whole rows at a time, so each row's sum is the unchunked one."""
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    rows = max(1, _DOT_CHUNK // max(a.shape[1], 1))
-    if rows >= a.shape[0]:
+    if a.shape[0] < 2:
         return (a * b).sum(dim=1)
+    rows = -(-a.shape[0] // _DOT_PIECES)
     return torch.cat([(x * y).sum(dim=1) for x, y in zip(a.split(rows), b.split(rows),
                                                           strict=True)])
 
