@@ -69,11 +69,11 @@ def main() -> None:
         print("  busy         " + " ".join(f"{b:7.1%}" for b in busy))
         print("  F->B idle    " + " ".join(f"{t:7.1%}" for t in turnaround))
         print("  B->F idle    " + " ".join(f"{u:7.1%}" for u in update))
-        if "inner_steps" in middle[0]:
-            steps = mean_lists([r["inner_steps"] for r in middle])
+        if "inner_steps" in middle[0].get("optimizer", {}):
+            steps = mean_lists([r["optimizer"]["inner_steps"] for r in middle])
             print("  inner steps  " + " ".join(f"{s:7.1f}" for s in steps))
     fixed, fill = results["sm fixed N"][1:-1], results["sm fill_bubbles"][1:-1]
-    gained = [f - n for f in mean_lists([r["inner_steps"] for r in fill])]
+    gained = [f - n for f in mean_lists([r["optimizer"]["inner_steps"] for r in fill])]
     ratio = (statistics.fmean(r["iteration_time"] for r in fill)
              / statistics.fmean(r["iteration_time"] for r in fixed))
     print(f"\nfill_bubbles: extra inner steps per stage per iteration "

@@ -59,9 +59,10 @@ def measured(out: Path) -> float:
 def inner_steps(out: Path) -> list[float] | None:
     """Each stage's mean inner steps per iteration (the last, which fills nothing, left out)."""
     records = run_records(out)
-    if "inner_steps" not in records[0]:
+    if "inner_steps" not in records[0].get("optimizer", {}):
         return None
-    return [statistics.mean(r["inner_steps"][s] for r in records[:-1]) for s in range(2)]
+    return [statistics.mean(r["optimizer"]["inner_steps"][s] for r in records[:-1])
+            for s in range(2)]
 
 
 def job_file(directory: Path, name: str, optimizer: dict, args: argparse.Namespace,

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_map
 
 import sm_dist
 from sm_dist.pipeline import executor, local
-from sm_dist.pipeline.actions import ActionKind
+from sm_dist.pipeline.actions import EVALUATE
 
 TAG = "sm_dist.stage."
 
@@ -41,7 +41,7 @@ def instrument() -> None:
     perform = executor.PlanRun.perform
 
     def tagged(run: executor.PlanRun, position: int) -> None:
-        if run.plan.actions[position].kind is ActionKind.EVALUATE:
+        if run.plan.actions[position].kind == EVALUATE:
             return perform(run, position)
         with record_function(f"{TAG}{run.stage.index}"):
             return perform(run, position)

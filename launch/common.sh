@@ -5,7 +5,7 @@
 #
 # Environment read here:
 #   PYTHON    the interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
-#   TORCHRUN  a torchrun executable to use instead of "$PYTHON -m sm_dist.engine.torchrun"
+#   TORCHRUN  a torchrun executable to use instead of "$PYTHON -m sm_dist.launch.torchrun"
 #             (torchrun's own agent and arguments, with the job's exit code and its one-line
 #             errors instead of torchrun's 1 and traceback)
 
@@ -61,7 +61,7 @@ smd_torchrun() {  # smd_torchrun ARGS...: print and exec torchrun ARGS (see TORC
   if [[ -n ${TORCHRUN:-} ]]; then
     smd_run "$TORCHRUN" "$@"
   else  # torchrun itself, passing the job's exit code through (2: bad input), no traceback
-    smd_run "$PYTHON" -m sm_dist.engine.torchrun "$@"
+    smd_run "$PYTHON" -m sm_dist.launch.torchrun "$@"
   fi
 }
 

@@ -32,7 +32,7 @@
 #                   eth0 or ib0; needed on several nodes unless the job sets run.bind. The job's
 #                   network must be trusted: stages unpickle what their peers send.
 #   PYTHON          interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
-#   TORCHRUN        a torchrun to use (default: $PYTHON -m sm_dist.engine.torchrun, torchrun
+#   TORCHRUN        a torchrun to use (default: $PYTHON -m sm_dist.launch.torchrun, torchrun
 #                   passing the job's exit code through)
 #
 # Example (2 nodes, a 4-stage job, 2 GPUs each):

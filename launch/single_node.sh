@@ -8,13 +8,13 @@
 # world size N = stages x replicas = len(model.balance) x model.replicas (after those
 # overrides), prints the command on one line prefixed "launch:" (on stderr), then runs
 #   torchrun --standalone --nnodes 1 --nproc-per-node N -m sm_dist train JOB.yaml ARGS...
-# (torchrun as python -m sm_dist.engine.torchrun, which exits with the job's code).
+# (torchrun as python -m sm_dist.launch.torchrun, which exits with the job's code).
 # Every argument after JOB.yaml goes to `sm-dist train` unchanged (--set, --out, --no-live).
 #
 # Environment:
 #   NPROC_PER_NODE  processes to start: N (any other count is refused, exit 2)
 #   PYTHON          interpreter with torch and sm-dist (default: <repo>/.venv/bin/python)
-#   TORCHRUN        a torchrun to use (default: $PYTHON -m sm_dist.engine.torchrun, torchrun
+#   TORCHRUN        a torchrun to use (default: $PYTHON -m sm_dist.launch.torchrun, torchrun
 #                   passing the job's exit code through)
 #
 # Example:

@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,18 +40,17 @@ from sm_dist.config.job import (
 from sm_dist.data.custom import API_DATA_FACTORY as DATA_FACTORY
 from sm_dist.data.custom import DataLike, check_fits, dataset_from
 from sm_dist.data.datasets import DataError, Dataset
-from sm_dist.engine.launch import launch_local
 from sm_dist.exit_codes import EXIT_OK
+from sm_dist.launch.rank import launch_local
+from sm_dist.launch.training import train_to_the_end
 from sm_dist.models.build import init_model
 from sm_dist.models.config import BUILDERS as MODEL_BUILDERS
 from sm_dist.pipeline.local import LocalPipeline
-from sm_dist.report.summary import finish_run
 from sm_dist.run.checkpoints import check_resumable
 from sm_dist.run.metrics import IterationRecord, read_metrics
 from sm_dist.run.run_dir import check_run_dir, default_run_dir
-from sm_dist.run.session import make_console, run_training
+from sm_dist.run.session import make_console
 from sm_dist.run.tensorboard import check_available
-from sm_dist.run.trainer import NonFiniteLoss
 
 JobLike = str | os.PathLike[str] | Mapping[str, Any] | JobConfig
 ModelLike = nn.Sequential | Callable[[], nn.Sequential]
@@ -108,7 +108,10 @@ def train(job: JobLike, *, model: ModelLike | None = None, data: DataLike | None
     live monitor (None: on a terminal). Bad input raises ConfigError, DataError or
     JobSetupError, a diverged run NonFiniteLoss, failed stage processes TrainingFailed.
     """
-    config = _job_config(job, model, data, overrides)
+    notes: list[str] = []
+    config = _job_config(job, model, data, overrides, notes)
+    for note in notes:  # what an override of optimizer.name left out of the job
+        print(f"sm-dist: note: {note}", file=sys.stderr, flush=True)
     if config.run.tensorboard:
         check_available()
     resolve_device(config)  # no GPU for run.device: cuda fails here, before anything runs
@@ -132,7 +135,7 @@ def train(job: JobLike, *, model: ModelLike | None = None, data: DataLike | None
 
 
 def _job_config(job: JobLike, model: ModelLike | None, data: DataLike | None,
-                overrides: Sequence[str]) -> JobConfig:
+                overrides: Sequence[str], notes: list[str] | None = None) -> JobConfig:
     """The validated job, with model= and data= standing in for its model and data."""
     if isinstance(job, JobConfig):
         raw, source = job_to_dict(job), "<JobConfig>"
@@ -141,7 +144,7 @@ def _job_config(job: JobLike, model: ModelLike | None, data: DataLike | None,
     else:
         raw, source = read_job_file(job), f"file {os.fspath(job)}"
     if model is None and data is None:
-        return job_from_dict(raw, overrides, source)
+        return job_from_dict(raw, overrides, source, notes)
     if not isinstance(raw, Mapping):
         return job_from_dict(raw, overrides, source)  # says what the top level must be
     raw = dict(raw)
@@ -160,7 +163,7 @@ def _job_config(job: JobLike, model: ModelLike | None, data: DataLike | None,
         raw[section] = part
     if errors:
         raise ConfigError(errors, source)
-    return job_from_dict(raw, overrides, source)
+    return job_from_dict(raw, overrides, source, notes)
 
 
 @contextmanager
@@ -189,13 +192,8 @@ def _train_here(job: JobConfig, modules: list[nn.Sequential], data: Dataset, out
               f"{epochs_text(job)} -> {out}")
     moved = replace(data, train_x=data.train_x.to(device), train_y=data.train_y.to(device),
                     test_x=data.test_x.to(device), test_y=data.test_y.to(device))
-    try:
-        run_training(job, pipeline, moved, out, header=header, live=live, console=console,
+    train_to_the_end(job, pipeline, moved, out, header=header, live=live, console=console,
                      resume=resume)
-    except NonFiniteLoss:  # the summary of what was trained, then the error
-        finish_run(out, console)
-        raise
-    finish_run(out, console)
 
 
 def _train_engine(job: JobLike, config: JobConfig, overrides: Sequence[str], out: Path,

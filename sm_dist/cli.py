@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sm_dist import __version__
-from sm_dist.config.build import JobSetupError, build_optimizer, prepare_job
+from sm_dist.config.build import JobSetupError, build_optimizer, has_minibatches, prepare_job
 from sm_dist.config.job import ConfigError, JobConfig, load_job
 from sm_dist.data.datasets import DataError
 from sm_dist.engine.transport import TransportError, under_launcher
@@ -48,28 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sm-dist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train_cmd = commands.add_parser(
-        "train", help="train the model a job file describes", epilog=EPILOG,
-        description="Train the model a job file describes, one process per stage (started "
-                    "here, or joined as a rank under torchrun), and write a run directory: "
-                    "config.yaml, metrics.jsonl, trace.json, summary.json, model.pt, "
-                    "checkpoints/ and plots.")
-    _job_args(train_cmd)
-    train_cmd.add_argument("--out", type=Path, default=None,
-                           help="run directory (default: <run.runs_dir>/<name>-<timestamp>/)")
-    train_cmd.add_argument("--single-process", action="store_true",
-                           help="run every stage in this one process, in pipeline order "
-                                "(the reference the multi-process engine is tested against)")
-    live = train_cmd.add_mutually_exclusive_group()
-    live.add_argument("--no-live", dest="live", action="store_false", default=None,
-                      help="plain progress lines instead of the live monitor")
-    live.add_argument("--live", dest="live", action="store_true",
-                      help="the live monitor even when the output is not a terminal")
-    train_cmd.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
-                           help="continue RUN_DIR from its newest usable checkpoint (the same "
-                                "job; keys that do not change the numbers, and run.iterations, "
-                                "may change); auto: continue --out DIR if it has a checkpoint, "
-                                "else start it (the default under torchrun --max-restarts)")
+    _train_args(commands)
 
     validate_cmd = commands.add_parser(
         "validate", help="check a job file without running it", epilog=EPILOG,
@@ -97,6 +76,38 @@ def build_parser() -> argparse.ArgumentParser:
                             help="where to write (default: the run directory for one run, "
                                  "a new report-<timestamp>/ beside the runs for several)")
     _compare_args(commands)
+    _simulate_args(commands)
+    return parser
+
+
+def _train_args(commands: Any) -> None:
+    """`sm-dist train`'s arguments."""
+    train_cmd = commands.add_parser(
+        "train", help="train the model a job file describes", epilog=EPILOG,
+        description="Train the model a job file describes, one process per stage (started "
+                    "here, or joined as a rank under torchrun), and write a run directory: "
+                    "config.yaml, metrics.jsonl, trace.json, summary.json, model.pt, "
+                    "checkpoints/ and plots.")
+    _job_args(train_cmd)
+    train_cmd.add_argument("--out", type=Path, default=None,
+                           help="run directory (default: <run.runs_dir>/<name>-<timestamp>/)")
+    train_cmd.add_argument("--single-process", action="store_true",
+                           help="run every stage in this one process, in pipeline order "
+                                "(the reference the multi-process engine is tested against)")
+    live = train_cmd.add_mutually_exclusive_group()
+    live.add_argument("--no-live", dest="live", action="store_false", default=None,
+                      help="plain progress lines instead of the live monitor")
+    live.add_argument("--live", dest="live", action="store_true",
+                      help="the live monitor even when the output is not a terminal")
+    train_cmd.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
+                           help="continue RUN_DIR from its newest usable checkpoint (the same "
+                                "job; keys that do not change the numbers, and run.iterations, "
+                                "may change); auto: continue --out DIR if it has a checkpoint, "
+                                "else start it (the default under torchrun --max-restarts)")
+
+
+def _simulate_args(commands: Any) -> None:
+    """`sm-dist simulate`'s arguments."""
     simulate_cmd = commands.add_parser(
         "simulate", help="a run's schedule on one device per stage, from its measured costs",
         epilog=EPILOG,
@@ -121,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cmd.add_argument("--out", default=None, metavar="PNG",
                               help="where the timeline goes (default: "
                                    "RUN_DIR/simulated-timeline.png)")
-    return parser
 
 
 def _comma_list(convert: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
@@ -231,7 +241,7 @@ def _resolve_out(args: argparse.Namespace, job: JobConfig) -> tuple[Path, bool]:
 
 def run_train(args: argparse.Namespace) -> int:
     from sm_dist.api import TrainingFailed, train
-    from sm_dist.engine.launch import run_rank
+    from sm_dist.launch.rank import run_rank
     from sm_dist.run.trainer import NonFiniteLoss
 
     job = load_job(args.job, args.overrides)
@@ -260,8 +270,17 @@ def _with_epochs(job: JobConfig) -> JobConfig:
     return prepare_job(job)[0] if job.data.epochs is not None else job
 
 
+def _load_noted(args: argparse.Namespace) -> JobConfig:
+    """The job, with a note on stderr for what an override of optimizer.name left out."""
+    notes: list[str] = []
+    job = load_job(args.job, args.overrides, notes)
+    for note in notes:
+        print(f"sm-dist: note: {note}", file=sys.stderr)
+    return job
+
+
 def run_validate(args: argparse.Namespace) -> int:
-    job: JobConfig = load_job(args.job, args.overrides)
+    job = _load_noted(args)
     print(f"{args.job}: valid ({job.name}: {len(job.model.balance)} stages, "
           f"optimizer {job.optimizer.name}, dataset {job.data.dataset})")
     return EXIT_OK
@@ -270,9 +289,10 @@ def run_validate(args: argparse.Namespace) -> int:
 def run_schedule(args: argparse.Namespace) -> int:
     from sm_dist.pipeline.schedule import gpipe_schedule, render_grid, validate_schedule
 
-    job = load_job(args.job, args.overrides)
+    job = _load_noted(args)
     stages, microbatches = len(job.model.balance), job.data.microbatches
     optimizer = build_optimizer(job)
+    minibatches = has_minibatches(job)
     schedule = gpipe_schedule(stages, microbatches,
                               optimizer.update_actions(microbatches, last=False))
     validate_schedule(schedule, microbatches)
@@ -282,10 +302,11 @@ def run_schedule(args: argparse.Namespace) -> int:
         print(f"stage {s}: " + " ".join(str(a) for a in actions))
     print()
     # An optimizer the coordinator steers waits for each iteration's loss: no overlap.
-    drawn = 1 if optimizer.steered else max(1, args.iterations)
+    steered = optimizer.steering(minibatches) is not None
+    drawn = 1 if steered else max(1, args.iterations)
     # Cut to the terminal (80 columns when the output is not one).
     print(render_grid(schedule, iterations=drawn, width=shutil.get_terminal_size().columns))
-    note = optimizer.schedule_note()
+    note = optimizer.schedule_note(minibatches)
     if note:
         print(f"\n{note}")
     return EXIT_OK

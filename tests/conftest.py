@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,11 +31,25 @@ def synthetic_job(**sections: Any) -> dict[str, Any]:
         "run": {"iterations": 3, "eval_every": 2, "dtype": "float64", "threads": 1},
     }
     for name, value in sections.items():
+        if name == "optimizer" and isinstance(value, dict) and "name" in value:
+            # As `--set optimizer.name=...` does: the old optimizer's own options go.
+            from sm_dist.optim import registry
+
+            if registry.known(value["name"]):
+                job[name], _ = registry.switch_section(job[name], value["name"])
         if isinstance(value, dict) and isinstance(job.get(name), dict):
             job[name] = {**job[name], **value}
         else:
             job[name] = value
     return job
+
+
+def metric_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl (or the run directory's) as dicts, the optimizer's section's keys
+    beside the record's own, as the tests compare them."""
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{**row, **row.get("optimizer", {})} for row in rows]
 
 
 def write_job(path: Path, job: dict[str, Any]) -> Path:

@@ -19,7 +19,7 @@ from sm_dist.math.local_loss import LocalLoss, unflatten
 from sm_dist.math.losses import get_loss
 from sm_dist.math.solvers import TruncatedCG
 from sm_dist.math.stage_function import StageFunction
-from sm_dist.optim.sm import SMStageRule
+from sm_dist.optim.sm import SMStageOptimizer
 from tests.helpers_math import (
     DTYPE,
     as_matrix,
@@ -295,11 +295,11 @@ def assert_local_gradients_are_the_networks(pipeline: Any, expected: Tensor,
     of the network's flat gradient `expected`, and the slices cover it."""
     offset = 0
     for stage in pipeline.stages:
-        rule = stage.rule
-        assert isinstance(rule, SMStageRule)
-        rule.begin()
-        assert rule.solver is not None
-        loss = rule.solver.loss
+        part = stage.optimizer
+        assert isinstance(part, SMStageOptimizer)
+        part.begin()
+        assert part.solver is not None
+        loss = part.solver.loss
         zero = torch.zeros(loss.dim, dtype=DTYPE)
         torch.testing.assert_close(loss.gradient(zero, loss.hvp(zero)),
                                    expected[offset:offset + loss.dim], rtol=rtol, atol=1e-15)

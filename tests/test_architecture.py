@@ -1,11 +1,13 @@
 """The package's shape: layers import downward only, no import cycles (function-level imports
-included), modules of a readable size, RPC in one module, optimizers named in their own module
-and the registry only, and layout tables in the docs that match the tree."""
+included), modules and functions of a readable size, RPC in one module, optimizers named in
+their own module and the registry only (no generic module knows one), and layout tables in the
+docs that match the tree."""
 
 from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,23 @@ LAYERS: list[tuple[str, ...]] = [
     ("sm_dist.pipeline",),
     ("sm_dist.optim", "sm_dist.data", "sm_dist.models"),
     ("sm_dist.config",),
-    ("sm_dist.run",),
+    ("sm_dist.engine", "sm_dist.run"),  # siblings: the engine knows no training loop
     ("sm_dist.report",),
-    ("sm_dist.engine",),
+    ("sm_dist.launch",),
     ("sm_dist.api",),
     ("sm_dist.cli",),
     ("sm_dist.__main__", "sm_dist"),
 ]
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 60  # a function's lines without its docstring
+# Functions over the budget, each with why it stands as one piece (none today).
+LONG_FUNCTIONS: dict[str, str] = {}
+# Modules that serve every optimizer and so may name none (identifiers, strings, imports).
+GENERIC = ("sm_dist.pipeline", "sm_dist.run", "sm_dist.report", "sm_dist.engine",
+           "sm_dist.launch")
+# What of sm_dist.optim a generic module may import: the interface, never an optimizer.
+OPTIM_INTERFACE = {"sm_dist.optim", "sm_dist.optim.base", "sm_dist.optim.metrics",
+                   "sm_dist.optim.options", "sm_dist.optim.registry"}
 
 
 def module_name(path: Path) -> str:
@@ -104,6 +115,68 @@ def test_modules_stay_readable() -> None:
     long = {m: n for m, p in MODULES.items()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _function_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+    first = node.body[0] if node.body else None
+    if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        lines -= first.end_lineno - first.lineno + 1  # type: ignore[operator]
+    return lines
+
+
+def test_functions_stay_readable() -> None:
+    long = {}
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{module}.{node.name}"
+                if _function_lines(node) > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS:
+                    long[name] = _function_lines(node)
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (docstring aside): {long}"
+
+
+def _optimizer_names() -> tuple[set[str], set[str]]:
+    """Every registered optimizer's job-file name, and the names of the classes of their
+    modules (the optimizer, its options, its stage part, its metrics and reports)."""
+    from sm_dist.optim import registry
+
+    names = set(registry.NAMES)
+    classes = set()
+    for optimizer in registry.BUILTIN:
+        module = sys.modules[optimizer.__module__]
+        classes |= {name for name, value in vars(module).items()
+                    if isinstance(value, type) and value.__module__ == module.__name__}
+    return names, classes
+
+
+def test_no_generic_module_names_an_optimizer() -> None:
+    """pipeline/, run/, report/, engine/ and launch/ serve every optimizer: none of their code
+    imports an optimizer's module, uses one of its classes or spells an optimizer's name."""
+    names, classes = _optimizer_names()
+    found = []
+    for module, path in MODULES.items():
+        if not module.startswith(GENERIC):
+            continue
+        for target in GRAPH[module]:
+            if target.startswith("sm_dist.optim") and target not in OPTIM_INTERFACE:
+                found.append(f"{module} imports {target}")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{module}:{node.lineno} spells {node.value!r}")
+            elif isinstance(node, (ast.Name, ast.alias)):
+                identifier = node.id if isinstance(node, ast.Name) else node.name
+                if identifier in classes:
+                    found.append(f"{module}:{getattr(node, 'lineno', '?')} uses {identifier}")
+    assert not found, "generic modules that know an optimizer:\n  " + "\n  ".join(found)
+
+
+def test_the_engine_knows_no_training_loop_or_report() -> None:
+    engine = [m for m in MODULES if m.startswith("sm_dist.engine")]
+    wrong = [f"{m} imports {t}" for m in engine for t in GRAPH[m]
+             if t.startswith(("sm_dist.run", "sm_dist.report", "sm_dist.launch"))]
+    assert not wrong, wrong
 
 
 def test_every_module_says_what_it_is_in_one_line() -> None:
@@ -201,3 +274,26 @@ def test_the_readme_documents_every_record_field_and_no_other() -> None:
     documented = {key for row in table.splitlines()[2:]
                   for key in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
     assert documented == {f.name for f in dataclasses.fields(IterationRecord)}
+
+
+def test_the_readme_documents_every_optimizers_section() -> None:
+    """Each built-in optimizer's Metrics fields are the keys of its row (a row's `those of X`
+    brings X's keys in), and no more."""
+    from sm_dist.optim import registry
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| optimizer | section keys |"):].split("\n\n")[0]
+    rows = {}
+    for row in table.splitlines()[2:]:
+        names, keys = row.split("|")[1:3]
+        for name in re.findall(r"`([a-z_]+)`", names):
+            rows[name] = keys
+
+    def keys_of(name: str) -> set[str]:
+        keys = rows[name]
+        inherited = re.findall(r"those of `([a-z_]+)`", keys)
+        own = set(re.findall(r"`([a-z_]+)`", re.sub(r"those of `[a-z_]+`", "", keys)))
+        return own.union(*(keys_of(other) for other in inherited))
+
+    for optimizer in registry.BUILTIN:
+        assert keys_of(optimizer.name) == set(optimizer.Metrics.names()), optimizer.name

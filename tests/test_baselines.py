@@ -169,12 +169,12 @@ def test_cgblock_tangent_pass_gives_each_stages_diagonal_hessian_block(
     gen = torch.Generator().manual_seed(7)
     directions = [torch.randn(k, generator=gen, dtype=torch.float64) for k in net.sizes]
     for stage, v in zip(pipeline.stages, directions):
-        stage.rule.begin()
-        stage.rule.solver.p = v.clone()
+        stage.optimizer.begin()
+        stage.optimizer.solver.p = v.clone()
     pipeline.perform([tangent_pass(microbatches)] * len(pipeline.stages))
     full = hess @ torch.cat(directions)
     for s, (stage, v) in enumerate(zip(pipeline.stages, directions)):
-        product = stage.rule.take_block_product()
+        product = stage.optimizer.take_block_product()
         block = hess[net.block(s), net.block(s)]
         close(product, block @ v, 1e-9)
         # The off-diagonal blocks H_{s,s'} v_{s'} are not in it: it is not (H v)_s.
@@ -211,12 +211,12 @@ def test_cgblock_iteration_is_plain_cg_on_each_dense_block(
     theta1 = pipeline_theta(pipeline)
     for s in range(len(net.sizes)):
         close(theta1[net.block(s)], expected[net.block(s)], 1e-8)
-    assert records[0].inner_steps == [ref["steps"] for ref in refs]
-    assert records[0].inner_stopped == [ref["stopped"] for ref in refs]
+    assert records[0].metric("inner_steps") == [ref["steps"] for ref in refs]
+    assert records[0].metric("inner_stopped") == [ref["stopped"] for ref in refs]
     for s, ref in enumerate(refs):  # local_loss: the block model m_s(d_s) = g_sᵀd + ½dᵀH_ss d
         g_s, h_ss, d = grad[net.block(s)], hess[net.block(s), net.block(s)], ref["d"]
         model_value = float(g_s @ d + 0.5 * d @ (h_ss @ d))
-        assert records[0].local_loss[s] == pytest.approx(model_value, rel=1e-8, abs=1e-14)
+        assert records[0].metric("local_loss")[s] == pytest.approx(model_value, rel=1e-8, abs=1e-14)
 
 
 def test_cgblock_first_step_negative_curvature_takes_one_armijo_gradient_step() -> None:
@@ -243,8 +243,8 @@ def test_cgblock_first_step_negative_curvature_takes_one_armijo_gradient_step() 
     assert fallbacks == [False, False, False, True, False, False]
     records = train(job, pipeline, data, lambda r: None)
     close(pipeline_theta(pipeline), theta, 1e-8)
-    assert records[1].inner_steps[0] == 1
-    assert records[1].inner_stopped[0] == "negative curvature"
+    assert records[1].metric("inner_steps")[0] == 1
+    assert records[1].metric("inner_stopped")[0] == "negative curvature"
 
 
 # ------------------------------------------------------------------- 3. SSO surrogate pass
@@ -366,10 +366,10 @@ def test_sso_armijo_pass_counts(inner: int) -> None:
     records = train(job, pipeline, data, lambda r: None)
     for r, backward, forward in zip(records, deltas(records, "backward_passes"),
                                     deltas(records, "forward_passes")):
-        assert r.inner_stopped == [None] * 3 and r.inner_steps == [inner] * 3
+        assert r.metric("inner_stopped") == [None] * 3 and r.metric("inner_steps") == [inner] * 3
         assert backward == inner
-        assert forward == backward + r.line_search_trials
-        assert r.line_search_trials >= inner
+        assert forward == backward + r.metric("line_search_trials")
+        assert r.metric("line_search_trials") >= inner
         assert r.tangent_passes == 0 and r.hvp_products == [0, 0, 0]
 
 
@@ -380,7 +380,7 @@ def test_sso_fixed_step_pass_counts() -> None:
     records = train(job, pipeline, data, lambda r: None)
     assert deltas(records, "backward_passes") == [3, 3]
     assert deltas(records, "forward_passes") == [3, 3]
-    assert all(r.line_search_trials == 0 for r in records)
+    assert all(r.metric("line_search_trials") == 0 for r in records)
 
 
 @pytest.mark.parametrize(("model", "steps", "tol", "microbatches"), [
@@ -423,7 +423,7 @@ def test_sm_hvp_products_are_the_cumulative_psi_products() -> None:
     records = train(job, pipeline, data, lambda r: None)
     total = [0, 0, 0]
     for r in records:
-        total = [a + b for a, b in zip(total, r.psi_products)]
+        total = [a + b for a, b in zip(total, r.metric("psi_products"))]
         assert r.hvp_products == total
         assert r.tangent_passes == 0
     assert all(v > 0 for v in total)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,11 @@ import torch
 
 from sm_dist.cli import main
 from sm_dist.run.checkpoints import COORDINATOR_FILE, complete_checkpoints
-from tests.conftest import run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
 
 
 def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(out)
 
 
 def checkpointed_job(optimizer: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from sm_dist.cli import main
-from tests.conftest import REPO, run_cli, synthetic_job, write_job
+from tests.conftest import REPO, metric_rows, run_cli, synthetic_job, write_job
 
 
 def test_train_single_process_writes_config_and_metrics(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_train_single_process_writes_config_and_metrics(tmp_path: Path) -> None:
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["optimizer"]["inner_steps"] == 3 and config["run"]["iterations"] == 3
     assert config["optimizer"]["delta_rel"] == 0.3  # defaults are written out, resolved
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = metric_rows(out)
     assert [r["iteration"] for r in records] == [1, 2, 3]
     for r in records:
         for key in ("train_loss", "train_acc", "wall_time", "forward_passes", "backward_passes",
@@ -47,7 +47,7 @@ def test_train_default_run_dir_and_overrides(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (run,) = (tmp_path / "myruns").iterdir()
     assert run.name.startswith("tiny-")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = metric_rows(run)
     # Each Armijo trial is one forward-only pass on top of the forward of the iteration.
     assert all(r["forward_passes"] > r["backward_passes"] for r in records)
     assert all(r["step_size"] > 0 for r in records)
@@ -67,7 +67,10 @@ def test_refuses_a_directory_that_holds_a_run(tmp_path: Path) -> None:
 BAD_INPUTS = {
     "unknown key": ({"optimizer": {"name": "sm", "inner_step": 3}},
                     ["optimizer.inner_step", "did you mean 'optimizer.inner_steps'"]),
-    "wrong type": ({"optimizer": {"name": "sm", "lr": "fast"}}, ["optimizer.lr", "number"]),
+    "wrong type": ({"optimizer": {"name": "sm", "delta_rel": "fast"}},
+                   ["optimizer.delta_rel", "number"]),
+    "another optimizer's option": ({"optimizer": {"name": "sm", "lr": 0.1}},
+                                   ["optimizer.lr", "an option of gd, sgd, adam and ddg"]),
     "balance": ({"model": {"mlp": {"widths": [6, 5, 4, 3]}, "balance": [1, 1]}},
                 ["model.balance", "2", "3"]),
     "microbatches": ({"data": {"dataset": "synthetic", "microbatches": 0,
@@ -108,12 +111,12 @@ def test_bad_job_in_a_real_process_exits_2(tmp_path: Path) -> None:
 
 def test_several_mistakes_reported_at_once(tmp_path: Path) -> None:
     job = synthetic_job()
-    job["optimizer"] = {"name": "sm", "inner_step": 3, "lr": "fast"}
+    job["optimizer"] = {"name": "sm", "inner_step": 3, "delta_rel": "fast"}
     job["data"]["microbatches"] = -1
     path = write_job(tmp_path / "job.yaml", job)
     result = run_cli("validate", str(path), cwd=tmp_path)
     assert result.returncode == 2
-    for key in ("optimizer.inner_step", "optimizer.lr", "data.microbatches"):
+    for key in ("optimizer.inner_step", "optimizer.delta_rel", "data.microbatches"):
         assert key in result.stderr
 
 

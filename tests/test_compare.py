@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -27,7 +26,7 @@ from sm_dist.report.grid import (
 )
 from sm_dist.report.run_data import RunData
 from sm_dist.run.metrics import IterationRecord
-from tests.conftest import run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The end-to-end grid: SM at N = 1, 2 and Adam at two learning rates, each at depths 2 and 3 of
@@ -61,6 +60,12 @@ def test_default_at() -> None:
     assert default_at(1) == [1]
 
 
+SM_OWN = ("cg_tol, curvature, delta_abs, delta_floor, delta_rel, inner_lr, inner_solver, "
+          "inner_steps, power_iterations, power_warm_start, recompute, rho")
+CG_INNER_SM = SM_OWN
+ARMIJO_CG_INNER_SM = ("armijo_beta, armijo_c, armijo_init, " + SM_OWN)
+
+
 def test_expand_grid() -> None:
     base = job_from_dict(synthetic_job())
     grid = expand_grid(base, ["sm", "gd_armijo", "adam"], inner_steps=[1, 10], depths=[2, 4],
@@ -76,22 +81,32 @@ def test_expand_grid() -> None:
     # Depth 2 on 2 of the job's 3 stages, depth 4 on all 3; the first hidden width repeated.
     assert [(p.job.model.mlp.widths, p.job.model.balance) for p in grid[::5]] == [
         ([6, 5, 3], [1, 1]), ([6, 5, 5, 5, 3], [2, 1, 1])]
-    assert [(p.job.name, p.job.optimizer.name, p.job.optimizer.inner_steps, p.job.optimizer.lr)
-            for p in grid[:5]] == [
-        ("mlp2-sm-n1", "sm", 1, 0.01), ("mlp2-sm-n10", "sm", 10, 0.01),
-        ("mlp2-gd_armijo", "gd_armijo", 3, 0.01), ("mlp2-adam-lr0.001", "adam", 3, 0.001),
-        ("mlp2-adam-lr0.01", "adam", 3, 0.01)]
+    # Each point's section is its own optimizer's: SM's options left out of Adam's and back.
+    assert [(p.job.name, p.job.optimizer.name, getattr(p.job.optimizer, "inner_steps", None),
+             getattr(p.job.optimizer, "lr", None)) for p in grid[:5]] == [
+        ("mlp2-sm-n1", "sm", 1, None), ("mlp2-sm-n10", "sm", 10, None),
+        ("mlp2-gd_armijo", "gd_armijo", None, None), ("mlp2-adam-lr0.001", "adam", None, 0.001),
+        ("mlp2-adam-lr0.01", "adam", None, 0.01)]
     # Everything else is the base job's.
     assert all(p.job.data == base.data and p.job.run == base.run for p in grid)
 
 
 def test_expand_grid_defaults_to_the_jobs_model_steps_and_lr() -> None:
-    base = job_from_dict(synthetic_job(optimizer={"name": "sm", "inner_steps": 3, "lr": 0.05}))
-    grid = expand_grid(base, ["sm", "adam", "ddg", "gd", "gd_armijo"])
-    assert [p.label for p in grid] == ["sm-n3", "adam-lr0.05", "ddg-lr0.05", "gd-lr0.05",
+    base = job_from_dict(synthetic_job(optimizer={"name": "sm", "inner_steps": 3}))
+    notes: list[str] = []
+    grid = expand_grid(base, ["sm", "adam", "ddg", "gd", "gd_armijo"], notes=notes)
+    # The job's N; its optimizer takes no lr, so the lr-swept ones take their default.
+    assert [p.label for p in grid] == ["sm-n3", "adam-lr0.01", "ddg-lr0.01", "gd-lr0.01",
                                        "gd_armijo"]
     assert all(p.job.model == base.model and p.depth is None for p in grid)
-    assert [p.job.optimizer.lr for p in grid] == [0.05] * 5
+    assert notes == [f"optimizer.name sm -> {name}: left out sm's own options {dropped}"
+                     for name, dropped in (
+                         ("adam", ARMIJO_CG_INNER_SM), ("ddg", ARMIJO_CG_INNER_SM),
+                         ("gd", ARMIJO_CG_INNER_SM), ("gd_armijo", CG_INNER_SM))]
+    adam = job_from_dict(synthetic_job(optimizer={"name": "adam", "lr": 0.05}))
+    grid = expand_grid(adam, ["sm", "adam", "ddg"])
+    assert [p.label for p in grid] == ["sm-n20", "adam-lr0.05", "ddg-lr0.05"]
+    assert [getattr(p.job.optimizer, "lr", None) for p in grid] == [None, 0.05, 0.05]
     fill = job_from_dict(synthetic_job(optimizer={"inner_steps": {"min": 2, "max": 9}}))
     assert [p.label for p in expand_grid(fill, ["sm"])] == ["sm-n2-9"]
 
@@ -238,7 +253,7 @@ def table(tables: dict[str, list[dict[str, str]]], section: str, sub: str
 
 
 def records_of(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(run_dir)
 
 
 def same_loss(cell: str, value: float) -> bool:
@@ -457,10 +472,12 @@ def test_loss_at_equal_time_is_at_the_shortest_run_that_went_the_distance(
     from sm_dist.report.compare_time import time_section
     from sm_dist.report.run_data import RunData
     from sm_dist.run.metrics import IterationRecord
+    from sm_dist.run.run_dir import StopNote
 
     def run(name: str, losses: list[float], stopped: str | None) -> RunData:
         records = [IterationRecord(k + 1, loss) for k, loss in enumerate(losses)]
-        return RunData(tmp_path / name, name, {}, records, None, stopped)
+        stop = None if stopped is None else StopNote(len(losses), stopped, stopped)
+        return RunData(tmp_path / name, name, {}, records, None, stop)
 
     long, short = run("long", [2.0, 1.0, 0.5, 0.25], None), run("short", [2.0, 50.0], "diverged")
     group = DepthGroup(None, "tiny", [], rows=[Row("gd", "gd", None, long),
@@ -483,11 +500,13 @@ def test_loss_at_equal_passes_is_at_the_fewest_passes_of_a_run_that_went_the_dis
     from sm_dist.report.compare_tables import Row, _equal_passes_table
     from sm_dist.report.run_data import RunData
     from sm_dist.run.metrics import IterationRecord
+    from sm_dist.run.run_dir import StopNote
 
     def run(name: str, losses: list[float], stopped: str | None) -> RunData:
         records = [IterationRecord(k + 1, loss, forward_passes=k + 1, backward_passes=k + 1)
                    for k, loss in enumerate(losses)]
-        return RunData(tmp_path / name, name, {}, records, None, stopped)
+        stop = None if stopped is None else StopNote(len(losses), stopped, stopped)
+        return RunData(tmp_path / name, name, {}, records, None, stop)
 
     rows = [Row("gd", "gd", None, run("long", [2.0, 1.0, 0.5], None)),
             Row("cgblock", "cgblock", None, run("short", [2.0, 50.0], "diverged"))]

@@ -22,7 +22,8 @@ from sm_dist.config.job import (
 )
 from sm_dist.data.config import DataConfig, SyntheticConfig
 from sm_dist.models.config import MlpConfig, ModelConfig, num_layers
-from sm_dist.optim.registry import OptimizerConfig
+from sm_dist.optim.sm import SMOptions
+from sm_dist.optim.torch_optimizers import AdamOptions
 
 EXAMPLE_YAML = """\
 name: fashion-mlp4-sm
@@ -47,7 +48,6 @@ optimizer:
   delta_abs: 0.0
   rho: 0.0
   power_iterations: 10
-  lr: 0.01
 run:
   iterations: 30
   seed: 0
@@ -103,7 +103,7 @@ def test_example_job_loads_with_types_and_defaults(example_file: Path) -> None:
     assert isinstance(job.optimizer.delta_abs, float) and job.optimizer.delta_abs == 0.0
     assert job.optimizer.inner_lr is None
     assert job.optimizer.delta_floor == 1e-12
-    assert job.optimizer.betas == [0.9, 0.999]
+    assert isinstance(job.optimizer, SMOptions) and not hasattr(job.optimizer, "betas")
     assert job.optimizer.armijo_c == 0.1 and job.optimizer.power_warm_start is True
     assert job.run == RunConfig(iterations=30, seed=0, dtype="float64", device="cpu",
                                 eval_every=10, runs_dir="runs", threads=0)
@@ -111,7 +111,7 @@ def test_example_job_loads_with_types_and_defaults(example_file: Path) -> None:
 
 def test_minimal_job_gets_defaults() -> None:
     job = job_from_dict(synthetic_raw())
-    assert job.optimizer == OptimizerConfig()
+    assert job.optimizer == SMOptions()
     assert job.run == RunConfig()
     assert job.data == DataConfig(dataset="synthetic")
     assert job.loss == "cross_entropy"
@@ -119,15 +119,15 @@ def test_minimal_job_gets_defaults() -> None:
 
 
 def test_int_is_accepted_as_float() -> None:
-    job = job_from_dict(example_raw(), ["optimizer.lr=1", "optimizer.delta_rel=2"])
-    assert job.optimizer.lr == 1.0 and isinstance(job.optimizer.lr, float)
+    job = job_from_dict(example_raw(), ["optimizer.inner_lr=1", "optimizer.delta_rel=2"])
+    assert job.optimizer.inner_lr == 1.0 and isinstance(job.optimizer.inner_lr, float)
     assert isinstance(job.optimizer.delta_rel, float)
 
 
 def test_exponent_without_dot_is_a_float() -> None:
     # YAML 1.1 reads `1e-3` as a string; a float field still takes it.
-    job = job_from_dict(example_raw(), ["optimizer.lr=1e-3", "optimizer.cg_tol=1E-8"])
-    assert job.optimizer.lr == pytest.approx(1e-3)
+    job = job_from_dict(example_raw(), ["optimizer.inner_lr=1e-3", "optimizer.cg_tol=1E-8"])
+    assert job.optimizer.inner_lr == pytest.approx(1e-3)
     assert job.optimizer.cg_tol == pytest.approx(1e-8)
 
 
@@ -142,7 +142,6 @@ def test_overrides_of_nested_keys_lists_and_null(example_file: Path) -> None:
         "model.balance=[1,1]",
         "run.device=cuda",
         "data.synthetic.seed=7",
-        "optimizer.betas=[0.8, 0.99]",
     ])
     assert job.optimizer.inner_steps == 5
     assert job.optimizer.inner_lr is None
@@ -152,7 +151,6 @@ def test_overrides_of_nested_keys_lists_and_null(example_file: Path) -> None:
     assert job.model.balance == [1, 1]
     assert job.run.device == "cuda"
     assert job.data.synthetic.seed == 7
-    assert job.optimizer.betas == [0.8, 0.99]
 
 
 def test_apply_overrides_parses_yaml_and_creates_sections() -> None:
@@ -207,6 +205,13 @@ def test_unknown_key_without_match_lists_valid_keys() -> None:
     assert "threads" in error
 
 
+def adam_if_needed(override: str) -> tuple[str, ...]:
+    """Adam's options are checked with optimizer.name switched to adam (the example is SM)."""
+    if override.startswith(("optimizer.lr", "optimizer.betas")):
+        return ("optimizer.name=adam", override)
+    return (override,)
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -227,7 +232,7 @@ def test_unknown_key_without_match_lists_valid_keys() -> None:
     ],
 )
 def test_wrong_types_are_reported(override: str, expected: str) -> None:
-    errors = errors_of(example_raw(), (override,))
+    errors = errors_of(example_raw(), adam_if_needed(override))
     assert len(errors) == 1, errors
     assert errors[0].startswith(expected), errors[0]
     assert "; " in errors[0], "every error says how to fix it"
@@ -249,7 +254,7 @@ def test_wrong_types_are_reported(override: str, expected: str) -> None:
     ],
 )
 def test_bounds_and_patterns_are_enforced(override: str, expected: str) -> None:
-    errors = errors_of(example_raw(), (override,))
+    errors = errors_of(example_raw(), adam_if_needed(override))
     assert len(errors) == 1, errors
     assert errors[0].startswith(expected), errors[0]
 
@@ -305,7 +310,7 @@ def test_section_that_is_not_a_mapping() -> None:
 def test_empty_section_means_defaults() -> None:
     raw = example_raw()
     raw["optimizer"] = None
-    assert job_from_dict(raw).optimizer == OptimizerConfig()
+    assert job_from_dict(raw).optimizer == SMOptions()
 
 
 def test_mlp_and_factory_are_exclusive() -> None:
@@ -443,5 +448,5 @@ def test_schema_rules_are_readable_as_data() -> None:
     rules = {f.name: dict(f.metadata) for f in dataclasses.fields(DataConfig)}
     assert rules["dataset"]["choices"] == ("mnist", "fashion_mnist", "synthetic", "text")
     assert rules["microbatches"]["min"] == 1
-    betas = next(f for f in dataclasses.fields(OptimizerConfig) if f.name == "betas")
+    betas = next(f for f in dataclasses.fields(AdamOptions) if f.name == "betas")
     assert betas.metadata["lt"] == 1 and betas.metadata["length"] == 2

@@ -33,22 +33,37 @@ class SchemaKey:
     key: str
     field: dataclasses.Field
     type: Any
+    # For a key of the optimizer section: each optimizer that takes it, with its field there
+    # (defaults may differ between optimizers).
+    owners: tuple[tuple[str, dataclasses.Field], ...] = ()
 
 
 def _sections(tp: Any) -> list[type]:
     return [arg for arg in (tp, *get_args(tp)) if dataclasses.is_dataclass(arg)]
 
 
-def schema_keys(cls: type = JobConfig, prefix: str = "") -> dict[str, SchemaKey]:
+def schema_keys(cls: type = JobConfig, prefix: str = "",
+                owner: str | None = None) -> dict[str, SchemaKey]:
     """Every dotted key below `cls`: each field, and the fields of any dataclass its type holds
-    (so `optimizer.inner_steps`, an int or a section, gives itself and its sub-keys)."""
+    (so `optimizer.inner_steps`, an int or a section, gives itself and its sub-keys); the
+    optimizer section gives every registered optimizer's keys, each once, with its owners."""
     keys: dict[str, SchemaKey] = {}
     hints = get_type_hints(cls)
     for spec in dataclasses.fields(cls):
         key = f"{prefix}.{spec.name}" if prefix else spec.name
-        keys[key] = SchemaKey(key, spec, hints[spec.name])
+        keys[key] = SchemaKey(key, spec, hints[spec.name],
+                              ((owner, spec),) if owner is not None else ())
+        if "variants" in spec.metadata:  # the optimizer section: each optimizer's Options
+            from sm_dist.optim import registry
+
+            for name in registry.NAMES:
+                for sub, entry in schema_keys(registry.get(name).Options, key, name).items():
+                    known = keys.get(sub)
+                    owners = (known.owners if known is not None else ()) + entry.owners
+                    keys[sub] = dataclasses.replace(entry, owners=owners)
+            continue
         for section in _sections(hints[spec.name]):
-            keys.update(schema_keys(section, key))
+            keys.update(schema_keys(section, key, owner))
     return keys
 
 
@@ -122,6 +137,9 @@ def test_documented_defaults_match_the_schema() -> None:
         cell = rows.get(key, {}).get("default")
         if cell is None:
             continue  # reported by the key-set test
+        if len({repr(_default(f)) for _, f in entry.owners if not _is_required(f)}) > 1:
+            wrong += _per_optimizer_defaults(key, cell, entry)
+            continue
         spec = entry.field
         if _is_required(spec):
             expected_ok = cell == "required"
@@ -134,6 +152,19 @@ def test_documented_defaults_match_the_schema() -> None:
             shown = "required" if _is_required(spec) else repr(_default(spec))
             wrong.append(f"{key}: the docs say {cell!r}, the schema {shown}")
     assert not wrong, "defaults in docs/configuration.md differ:\n  " + "\n  ".join(wrong)
+
+
+def _per_optimizer_defaults(key: str, cell: str, entry: SchemaKey) -> list[str]:
+    """A key whose default differs between optimizers: the cell reads `v1` (a, b); `v2` (c),
+    each optimizer named after its default."""
+    named = dict(re.findall(r"`([^`]*)` \(([^)]*)\)", cell))
+    wrong = []
+    for name, spec in entry.owners:
+        written = next((v for v, names in named.items()
+                        if name in [n.strip() for n in names.split(",")]), None)
+        if written is None or not _same(yaml.safe_load(written), _default(spec)):
+            wrong.append(f"{key}: the docs say {cell!r}, {name}'s default is {_default(spec)!r}")
+    return wrong
 
 
 def _number(value: float) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, synthetic_job, write_job
+from tests.conftest import REPO, metric_rows, run_cli, synthetic_job, write_job
 
 BALANCES = {1: [4], 2: [2, 2], 4: [1, 1, 1, 1]}
 OPTIMIZERS = {
@@ -42,7 +42,7 @@ def parity_job(stages: int, microbatches: int, optimizer: str) -> dict[str, Any]
 
 
 def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(out)
 
 
 def model_params(out: Path) -> list[dict[str, torch.Tensor]]:

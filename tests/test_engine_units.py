@@ -22,8 +22,8 @@ from sm_dist.data.batches import split_microbatches
 from sm_dist.engine.coordinator import RpcPipeline
 from sm_dist.engine.failures import StageError
 from sm_dist.engine.worker import InputTimeout, Mailbox, StageWorker
-from sm_dist.optim.sm import SMStageRule
-from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.optim.sm import FILL, SMStageOptimizer
+from sm_dist.pipeline.actions import FORWARD, Action
 from sm_dist.pipeline.executor import Call, Plan
 from sm_dist.pipeline.local import LocalChannel
 from sm_dist.run.trainer import train
@@ -76,8 +76,8 @@ def test_a_delivery_from_another_thread_wakes_the_taker() -> None:
 
 
 # --------------------------------------------------------------------------- plan order
-class Recorder(SMStageRule):
-    """SM's rule with one more method a command can call: note the plan that ran it."""
+class Recorder(SMStageOptimizer):
+    """SM's stage part with one more method a command can call: note the plan that ran it."""
 
     seen: list[int] = []
 
@@ -90,13 +90,13 @@ def test_plans_run_in_plan_id_order_whatever_order_they_arrive_in(engine) -> Non
     pipeline, world = engine(synthetic_job(model={"mlp": {"widths": [6, 3]}, "balance": [1]}))
     worker: StageWorker = world.handlers[0]
     stage = worker.stage
-    rule = Recorder(stage.hooks.optimizer, stage)  # type: ignore[attr-defined]
-    rule.seen = []
-    stage.rule = rule
+    part = Recorder(stage.optimizer.owner, stage)  # type: ignore[attr-defined]
+    part.seen = []
+    stage.optimizer = part
     futures = [worker.run_plan(Plan(plan_id, -1, [], command=Call("note", (plan_id,), True)))
                for plan_id in (2, 0, 3, 1)]  # ids 0..3 after the describe() of the pipeline
     assert [f.wait().value for f in futures] == [2, 0, 3, 1]
-    assert rule.seen == [0, 1, 2, 3]
+    assert part.seen == [0, 1, 2, 3]
 
 
 # ------------------------------------------------------------------------------- fill mode
@@ -112,22 +112,22 @@ class ScriptedChannel(LocalChannel):
         return self.asked > self.after
 
 
-def fill_run(after: int, limit: int, job: dict) -> tuple[str, SMStageRule]:
+def fill_run(after: int, limit: int, job: dict) -> tuple[str, SMStageOptimizer]:
     """Stage 1 of a 2-stage SM pipeline after its backward: W<limit> with a scripted input."""
     parsed = job_from_dict(job)
     pipeline = build_local_pipeline(parsed, CPU)
     data = load_job_data(parsed)
     pipeline.forward_backward(split_microbatches(data.train_x, data.train_y, 2), 24)
     stage = pipeline.stages[1]
-    rule = stage.hooks
-    assert isinstance(rule, SMStageRule)
-    rule.begin()
+    part = stage.optimizer
+    assert isinstance(part, SMStageOptimizer)
+    part.begin()
     from sm_dist.pipeline.executor import StageExecutor
 
     run = StageExecutor(stage, ScriptedChannel(after)).start(
-        Plan(7, 1, [Action(ActionKind.FILL, limit), Action(ActionKind.FORWARD, 0)]))
+        Plan(7, 1, [Action(FILL, limit), Action(FORWARD, 0)]))
     run.perform(0)
-    return run.result.events[0].detail, rule
+    return run.result.events[0].detail, part
 
 
 SM_JOB = synthetic_job(model={"mlp": {"widths": [6, 5, 3]}, "balance": [1, 1]},
@@ -135,15 +135,15 @@ SM_JOB = synthetic_job(model={"mlp": {"widths": [6, 5, 3]}, "balance": [1, 1]},
 
 
 def test_fill_steps_stop_when_the_next_input_arrives() -> None:
-    detail, rule = fill_run(after=3, limit=50, job=SM_JOB)
-    assert detail == "3 steps" and rule.solver is not None and rule.solver.steps == 3
+    detail, part = fill_run(after=3, limit=50, job=SM_JOB)
+    assert detail == "3 steps" and part.solver is not None and part.solver.steps == 3
 
 
 def test_fill_steps_stop_at_the_limit_or_when_the_solver_stops() -> None:
     assert fill_run(after=10**6, limit=4, job=SM_JOB)[0] == "4 steps"
-    detail, rule = fill_run(after=10**6, limit=10**4, job=SM_JOB)  # CG converges in ≤ dim steps
-    assert rule.solver is not None and rule.solver.stopped is not None
-    assert detail == f"{rule.solver.steps} steps" and rule.solver.steps < 10**4
+    detail, part = fill_run(after=10**6, limit=10**4, job=SM_JOB)  # CG converges in ≤ dim steps
+    assert part.solver is not None and part.solver.stopped is not None
+    assert detail == f"{part.solver.steps} steps" and part.solver.steps < 10**4
 
 
 # ---------------------------------------------------------------------------- failures

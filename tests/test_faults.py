@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, synthetic_job, write_job
+from tests.conftest import REPO, metric_rows, run_cli, synthetic_job, write_job
 
 pytestmark = pytest.mark.faults
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(out)
 
 
 def long_job(**run: Any) -> dict:
@@ -277,8 +277,8 @@ def test_sm_never_applies_a_step_it_predicts_raises_the_loss() -> None:
     pipeline = build_local_pipeline(job, torch.device("cpu"))
     before = [p.detach().clone() for stage in pipeline.stages for p in stage.params]
     rs = train(job, pipeline, load_job_data(job), lambda r: None)
-    assert all(v is None or v <= 0 for r in rs for v in r.local_loss)
-    stopped = [s for r in rs for s in r.inner_stopped]
+    assert all(v is None or v <= 0 for r in rs for v in r.metric("local_loss"))
+    stopped = [s for r in rs for s in r.metric("inner_stopped")]
     assert "predicted increase: step not applied" in stopped
     after = [p.detach() for stage in pipeline.stages for p in stage.params]
     assert any(torch.equal(a, b) for a, b in zip(before, after))

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import metric_rows
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch", "common.sh"]
@@ -120,7 +122,7 @@ def launch_lines(stderr: str) -> list[str]:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(run_dir)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

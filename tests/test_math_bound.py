@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from sm_dist.config.build import build_local_pipeline, load_job_data
 from sm_dist.data.batches import split_microbatches
 from sm_dist.models.build import split_stages
-from sm_dist.optim.sm import SMStageRule
+from sm_dist.optim.sm import SMStageOptimizer
 from tests.helpers_math import (
     DTYPE,
     as_matrix,
@@ -96,10 +96,10 @@ def test_local_losses_bound_the_loss_change(granularity: str) -> None:
     pipeline.forward_backward(split_microbatches(x, y, 2), len(x), False)
     losses = []
     for stage in pipeline.stages:
-        assert isinstance(stage.rule, SMStageRule)
-        stage.rule.begin()
-        assert stage.rule.solver is not None
-        losses.append(stage.rule.solver.loss)
+        assert isinstance(stage.optimizer, SMStageOptimizer)
+        stage.optimizer.begin()
+        assert stage.optimizer.solver is not None
+        losses.append(stage.optimizer.solver.loss)
     sizes = [loss.dim for loss in losses]
 
     model = nn.Sequential(*modules)

@@ -172,13 +172,13 @@ def test_stage_warm_start_accumulates_rounds_on_the_same_batch(warm: bool) -> No
     errors = []
     for _ in range(15):
         pipeline.forward_backward(mbs, len(x), True)
-        deltas = pipeline.stages[-1].rule.deltas
+        deltas = pipeline.stages[-1].optimizer.deltas
         errors.append(max(float(((deltas[j] - exact[j]).abs() / exact[j]).max())
                           for j in range(2)))
         pipeline.end_iteration()  # no update: the same Ψ every time
     # One Ψ product per power round and microbatch; the first stage sends no curvature.
-    assert pipeline.stages[-1].rule.psi_products == 15 * 2 * 2
-    assert pipeline.stages[0].rule.psi_products == 0
+    assert pipeline.stages[-1].optimizer.psi_products == 15 * 2 * 2
+    assert pipeline.stages[0].optimizer.psi_products == 0
     assert all(bool((deltas[j] <= exact[j] * (1 + 1e-12)).all()) for j in range(2))
     assert errors[0] > 1e-6  # two cold rounds are not enough here
     if warm:
@@ -197,7 +197,7 @@ def test_pipeline_granularity_reduces_sample_eigenvalues(granularity: str) -> No
         data = load_job_data(job)
         pipeline.forward_backward(split_microbatches(data.train_x, data.train_y, 3),
                                   len(data.train_x), False)
-        deltas[mode] = [pipeline.stages[-1].rule.deltas[j] for j in range(3)]
+        deltas[mode] = [pipeline.stages[-1].optimizer.deltas[j] for j in range(3)]
     every = torch.cat(deltas["sample"])
     assert len(set(every.tolist())) == len(every)  # distinct per sample
     for j in range(3):

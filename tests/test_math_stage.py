@@ -13,7 +13,7 @@ from sm_dist.math.local_loss import LocalLoss, unflatten
 from sm_dist.math.stage_function import StageFunction, affine_in_parameters
 from sm_dist.models.cnn import build_cnn
 from sm_dist.models.transformer import build_transformer
-from sm_dist.optim.sm import SMStageRule
+from sm_dist.optim.sm import SMStageOptimizer
 from tests.helpers_math import (
     ACTIVATIONS,
     DTYPE,
@@ -244,11 +244,11 @@ def test_pipeline_local_losses_match_dense(activation: str, curvature: str) -> N
             if s == len(stages) - 1:
                 c = torch.full((len(ins[j]),), 0.5 / n, dtype=DTYPE)
             else:
-                c = 2.0 * stages[s + 1].rule.deltas[j]
-            delta = None if s == 0 else stage.rule.deltas[j]
+                c = 2.0 * stages[s + 1].optimizer.deltas[j]
+            delta = None if s == 0 else stage.optimizer.deltas[j]
             dense = dense + local_hessian_dense(stage.module, ins[j], gs[j], c, delta)
-        update = stage.rule
-        assert isinstance(update, SMStageRule)
+        update = stage.optimizer
+        assert isinstance(update, SMStageOptimizer)
         # One Linear layer per stage: ReLU stages and the last (a lone Linear) take the
         # shared-backward product, tanh and GELU stages the general one.
         assert update.affine_in_params is (activation == "relu" or s == len(stages) - 1)
@@ -259,7 +259,7 @@ def test_pipeline_local_losses_match_dense(activation: str, curvature: str) -> N
             v = randn(loss.dim, gen=gen)
             assert_close(loss.hvp(v), dense @ v)
         if s > 0:
-            deltas = [stage.rule.deltas[j] for j in range(3)]
+            deltas = [stage.optimizer.deltas[j] for j in range(3)]
             if curvature == "sample":
                 assert len(set(float(d) for d in torch.cat(deltas))) > 1
             elif curvature == "microbatch":

@@ -12,8 +12,8 @@ from torch import Tensor
 from sm_dist.config.build import build_local_pipeline, build_stage_modules, load_job_data
 from sm_dist.config.job import JobConfig
 from sm_dist.data.batches import split_microbatches
-from sm_dist.optim.sm import SMStageRule
-from sm_dist.optim.torch_optimizers import TorchOptimizerRule
+from sm_dist.optim.sm import SMStageOptimizer
+from sm_dist.optim.torch_optimizers import TorchStageOptimizer
 from sm_dist.pipeline.local import LocalPipeline
 from sm_dist.run.trainer import train
 from tests.helpers_math import LN10, flat, make_job
@@ -33,14 +33,14 @@ def iterate_directly(job: JobConfig, iterations: int) -> tuple[list[float], list
         result = pipeline.forward_backward(microbatches, len(data.train_x), iteration > 0)
         losses.append(result.loss)
         for stage in pipeline.stages:
-            rule = stage.rule
-            if isinstance(rule, SMStageRule):
-                rule.begin()
-                assert rule.step(job.optimizer.inner_steps) == 1
-                assert rule.finish().inner_steps == 1
+            part = stage.optimizer
+            if isinstance(part, SMStageOptimizer):
+                part.begin()
+                assert part.step(job.optimizer.inner_steps) == 1
+                assert part.finish().inner_steps == 1
             else:
-                assert isinstance(rule, TorchOptimizerRule)
-                rule.step()
+                assert isinstance(part, TorchStageOptimizer)
+                part.step()
         pipeline.end_iteration()
         iterates.append(all_params(pipeline))
     return losses, iterates
@@ -81,7 +81,7 @@ def test_sm_one_fixed_gd_step_is_gradient_descent(activation: str, microbatches:
     torch.testing.assert_close(gd_final, sm_final, rtol=1e-12, atol=1e-15)
     assert [r.train_loss for r in sm_records] == pytest.approx(sm_losses, rel=1e-12)
     assert [r.train_loss for r in gd_records] == pytest.approx(sm_losses, rel=1e-12)
-    assert sm_records[0].inner_steps == [1, 1, 1]
+    assert sm_records[0].metric("inner_steps") == [1, 1, 1]
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])

@@ -19,7 +19,7 @@ from sm_dist.data.batches import split_microbatches
 from sm_dist.pipeline.memory import MemoryProbe
 from sm_dist.run.metrics import IterationRecord
 from sm_dist.run.monitor import LiveMonitor, format_record
-from tests.conftest import run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
 from tests.helpers_math import make_job
 from tests.test_cnn import cnn_job
 from tests.test_transformer import text_job
@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 
 
 def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(out)
 
 
 def test_the_probe_sees_a_peak_after_its_start_and_not_before() -> None:
@@ -137,7 +137,7 @@ def test_power_vectors_are_kept_unless_recompute_or_told(recompute: bool,
     pipeline.forward_backward(split_microbatches(data.train_x, data.train_y, 2),
                               len(data.train_x), True)
     for stage in pipeline.stages[1:]:  # the first stage runs no power iteration
-        assert (sorted(stage.rule.power_vectors) == [0, 1]) is keeps_vectors
+        assert (sorted(stage.optimizer.power_vectors) == [0, 1]) is keeps_vectors
 
 
 @pytest.mark.parametrize("recompute", [False, True])

@@ -12,6 +12,9 @@ from rich.console import Console
 
 from sm_dist.config.build import build_local_pipeline
 from sm_dist.config.job import job_from_dict
+from sm_dist.optim.inner_loop import InnerLoopMetrics
+from sm_dist.optim.sm_adaptive import AdaptiveMetrics
+from sm_dist.optim.steered import LineSearchMetrics
 from sm_dist.pipeline.timeline import TimelineEvent
 from sm_dist.report.run_data import RunData
 from sm_dist.report.summary import summarize
@@ -37,21 +40,34 @@ FINISHED = dataclasses.replace(SM_RECORD, iteration=2, busy_fraction=[0.5, 0.75,
                                bubble_fraction=0.2833)
 
 
+def with_section(record: IterationRecord, **fields: object) -> IterationRecord:
+    """The record with more fields in its optimizer's section."""
+    return dataclasses.replace(record, optimizer={**record.optimizer, **fields})
+
+
+def test_records_keep_the_section_apart() -> None:
+    """The optimizer's fields are the record's section, under `optimizer` in metrics.jsonl."""
+    assert SM_RECORD.optimizer["inner_steps"] == [10, 12, 30]
+    assert SM_RECORD.to_json()["optimizer"]["local_loss"] == [-0.001, -0.002, -0.003]
+    assert "inner_steps" not in SM_RECORD.to_json()
+    assert IterationRecord.from_json(SM_RECORD.to_json()) == SM_RECORD
+
+
 def test_plain_line() -> None:
-    line = format_record(SM_RECORD, 30)
+    line = format_record(SM_RECORD, 30, InnerLoopMetrics)
     assert line.startswith("iter  3/30")
     for part in ("loss 1.2346", "acc 0.500", "pred -1.230e-02", "inner 10,12,30",
                  "test_acc 0.610", "4.2s"):
         assert part in line
     armijo = format_record(IterationRecord.from_json(
         {"iteration": 1, "train_loss": 2.0, "train_acc": 0.1, "wall_time": 1.0,
-         "step_size": 0.5, "line_search_trials": 3}), 5)
+         "step_size": 0.5, "line_search_trials": 3}), 5, LineSearchMetrics)
     assert "step 0.5 (3 trials)" in armijo and "pred" not in armijo
 
 
 def test_plain_monitor_prints_one_line_per_iteration() -> None:
     out = io.StringIO()
-    with PlainMonitor(30, out) as monitor:
+    with PlainMonitor(30, out, InnerLoopMetrics) as monitor:
         monitor.progress(SM_RECORD)
         monitor.record(FINISHED)
     assert out.getvalue().count("\n") == 1 and "iter  3/30" in out.getvalue()
@@ -76,7 +92,8 @@ def test_stage_phase_repeats_the_last_reported_iteration() -> None:
 
 def test_live_view_renders_into_a_recorded_console() -> None:
     console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True)
-    monitor = LiveMonitor("demo", 30, 3, events(), console, refresh_per_second=20)
+    monitor = LiveMonitor("demo", 30, 3, events(), console, refresh_per_second=20,
+                          metrics=InnerLoopMetrics)
     with monitor:
         monitor.progress(SM_RECORD)
         monitor.record(FINISHED)
@@ -92,14 +109,16 @@ def test_live_view_renders_into_a_recorded_console() -> None:
 
 
 def test_the_adaptive_scale_and_rejections_show() -> None:
-    rejected = dataclasses.replace(SM_RECORD, step_scale=4.25, step_rejected=True)
-    assert "scale 4.25 (step rejected)" in format_record(rejected, 30)
-    tried = dataclasses.replace(rejected, line_search_trials=2, trial_loss=0.5)  # minibatches
-    assert "scale 4.25 (2 trials, step rejected)" in format_record(tried, 30)
+    rejected = with_section(SM_RECORD, step_scale=4.25, step_rejected=True)
+    assert "scale 4.25 (step rejected)" in format_record(rejected, 30, AdaptiveMetrics)
+    tried = with_section(rejected, line_search_trials=2, trial_loss=0.5)  # minibatches
+    assert "scale 4.25 (2 trials, step rejected)" in format_record(tried, 30, AdaptiveMetrics)
     console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True)
-    with LiveMonitor("demo", 30, 3, events(), console, refresh_per_second=20) as monitor:
+    with LiveMonitor("demo", 30, 3, events(), console, refresh_per_second=20,
+                     metrics=AdaptiveMetrics) as monitor:
         monitor.progress(rejected)
-        monitor.progress(dataclasses.replace(rejected, iteration=4, step_rejected=False))
+        monitor.progress(with_section(dataclasses.replace(rejected, iteration=4),
+                                      step_rejected=False))
     assert "scale 4.25, 1 rejected" in console.export_text()
 
 
@@ -108,8 +127,9 @@ def utilisation(iteration: int, busy: list[float], inner: list[int],
                 update_idle: list[float | None]) -> IterationRecord:
     """A finished record with hand-picked utilisation (binary fractions: sums are exact)."""
     return IterationRecord(iteration, 1.0, 0.5, busy_fraction=busy,
-                           bubble_fraction=1 - sum(busy) / len(busy), inner_steps=inner,
-                           turnaround_idle=[0.0, 0.0], update_idle=update_idle)
+                           bubble_fraction=1 - sum(busy) / len(busy),
+                           turnaround_idle=[0.0, 0.0], update_idle=update_idle,
+                           optimizer={"inner_steps": inner})
 
 
 # Iteration 1 includes start-up and iteration 4 is the last (no next input, `min` inner steps):
@@ -121,7 +141,7 @@ HAND_MADE = [utilisation(1, [0.25, 0.5], [10, 10], [0.5, 0.5]),
 
 
 def test_steady_means_leave_out_the_first_and_the_last_iteration() -> None:
-    means = steady_means(HAND_MADE)
+    means = steady_means(HAND_MADE, ("inner_steps",))
     assert means["busy_fraction"] == [0.625, 0.875]
     assert means["bubble_fraction"] == 0.25  # the mean over all four would be 0.484375
     assert means["inner_steps"] == [10.0, 60.5]  # the last iteration's would be 10
@@ -129,17 +149,19 @@ def test_steady_means_leave_out_the_first_and_the_last_iteration() -> None:
     assert means["turnaround_idle"] == [0.0, 0.0]
     # Fewer than three records: there is no steady one, so all of them count.
     assert steady_means(HAND_MADE[:2])["busy_fraction"] == [0.375, 0.625]
-    assert steady_means(HAND_MADE[:1])["inner_steps"] == [10.0, 10.0]
+    assert steady_means(HAND_MADE[:1], ("inner_steps",))["inner_steps"] == [10.0, 10.0]
     assert steady_means([IterationRecord(1, 1.0)])["bubble_fraction"] is None
 
 
 def test_the_last_live_frame_shows_the_summary_figures(tmp_path: Path) -> None:
     console = Console(record=True, width=80, file=io.StringIO(), force_terminal=True)
-    with LiveMonitor("demo", 4, 2, events(), console, refresh_per_second=20) as monitor:
+    with LiveMonitor("demo", 4, 2, events(), console, refresh_per_second=20,
+                     metrics=InnerLoopMetrics) as monitor:
         for record in HAND_MADE:
             monitor.progress(record)
             monitor.record(record)
-    summary = summarize(RunData(tmp_path, "demo", {}, HAND_MADE, None))
+    summary = summarize(RunData(tmp_path, "demo", {"optimizer": {"name": "sm"}}, HAND_MADE,
+                                None))
     assert monitor.means["busy_fraction"] == summary["mean_busy_fraction"] == [0.625, 0.875]
     assert monitor.means["bubble_fraction"] == summary["mean_bubble_fraction"] == 0.25
     assert monitor.means["inner_steps"] == summary["mean_inner_steps"] == [10.0, 60.5]
@@ -163,8 +185,9 @@ def stage_rows(frame: str, stages: int) -> list[list[str]]:
 # ------------------------------------------------------------------------------ narrow screens
 def test_the_live_view_fits_80_columns() -> None:
     console = Console(record=True, width=80, file=io.StringIO(), force_terminal=True)
-    with LiveMonitor("demo", 30, 3, events(), console, refresh_per_second=20) as monitor:
-        monitor.progress(dataclasses.replace(SM_RECORD, step_scale=4.25))
+    with LiveMonitor("demo", 30, 3, events(), console, refresh_per_second=20,
+                     metrics=AdaptiveMetrics) as monitor:
+        monitor.progress(with_section(SM_RECORD, step_scale=4.25))
         monitor.record(FINISHED)
     frame = last_frame(console.export_text())
     lines = frame.splitlines()
@@ -233,7 +256,7 @@ def test_torch_optimizers_show_their_learning_rate_and_no_sm_columns() -> None:
     assert header.split() == ["stage", "phase", "busy"]
     # SM's job: no learning rate (its steps come from its local models).
     sm = LiveMonitor.for_job(job_from_dict(synthetic_job()), pipeline, console)
-    assert sm.learning_rate is None
+    assert sm.notes == [] and sm.metrics is InnerLoopMetrics
 
 
 def test_line_searches_show_their_step_and_gradient_norm() -> None:
@@ -241,7 +264,8 @@ def test_line_searches_show_their_step_and_gradient_norm() -> None:
     armijo = IterationRecord.from_json({"iteration": 1, "train_loss": 1.5, "train_acc": 0.25,
                                         "step_size": 0.5, "line_search_trials": 3,
                                         "grad_norm": 0.0123})
-    with LiveMonitor("demo", 5, 2, [], console, refresh_per_second=20) as monitor:
+    with LiveMonitor("demo", 5, 2, [], console, refresh_per_second=20,
+                     metrics=LineSearchMetrics) as monitor:
         monitor.progress(armijo)
     frame = last_frame(console.export_text())
     assert "step 0.5 (3 trials)" in frame and "grad norm 1.230e-02" in frame

@@ -20,6 +20,7 @@ from sm_dist.pipeline.actions import (
     FILL_COLOUR,
     FORWARD_COLOUR,
     IDLE_COLOUR,
+    UNKNOWN_COLOUR,
     UPDATE_COLOUR,
 )
 from sm_dist.pipeline.timeline import (
@@ -45,7 +46,7 @@ from sm_dist.report.summary import (
     write_report,
 )
 from sm_dist.run.metrics import IterationRecord
-from tests.conftest import run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ITERATIONS = 4
@@ -68,7 +69,7 @@ def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def raw_records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(run_dir)
 
 
 def assert_png(path: Path, min_pixels: int = 200) -> np.ndarray:
@@ -199,9 +200,13 @@ def test_events_from_trace_inverts_chrome_trace() -> None:
             want.stage, want.iteration, want.kind, want.index, want.detail)
         assert got.start == pytest.approx(want.start - origin, abs=1e-9)
         assert got.end == pytest.approx(want.end - origin, abs=1e-9)
-    with pytest.raises(ValueError, match="Q7"):
-        events_from_trace({"traceEvents": [{"name": "Q7", "ph": "X", "tid": 0, "ts": 0,
+    with pytest.raises(ValueError, match="7Q"):
+        events_from_trace({"traceEvents": [{"name": "7Q", "ph": "X", "tid": 0, "ts": 0,
                                             "dur": 1, "args": {"iteration": 1}}]})
+    # A letter no loaded optimizer registers (a plugin's) is a kind of its own, drawn in grey.
+    (other,) = events_from_trace({"traceEvents": [{"name": "Z7", "ph": "X", "tid": 0, "ts": 0,
+                                                   "dur": 1, "args": {"iteration": 1}}]})
+    assert (other.kind.letter, other.index, other.kind.colour) == ("Z", 7, UNKNOWN_COLOUR)
 
 
 def test_default_timeline_iteration() -> None:
@@ -332,8 +337,8 @@ def test_the_legend_names_every_action_drawn(monkeypatch: pytest.MonkeyPatch,
     plot_timeline(two_stage_events(), 1, 2, tmp_path / "t.png", "hand-made")
     (legend,) = [axes.get_legend() for axes in figures[0].axes if axes.get_legend()]
     labels = [text.get_text() for text in legend.get_texts()]
-    assert labels == ["F forward", "B backward", "L build local loss, I inner steps, "
-                      "A apply update", "W fill inner steps", "idle"]
+    assert labels == ["F forward", "B backward", "A apply update, L build local loss, "
+                      "I inner steps", "W fill inner steps", "idle"]
 
 
 def test_log_axes_have_plain_tick_labels(monkeypatch: pytest.MonkeyPatch,

@@ -123,7 +123,7 @@ def test_cgblock_update_is_one_tangent_pass_per_cg_step() -> None:
     schedule = gpipe_schedule(2, 2, cgblock_update(2, 2))
     assert names(schedule) == [["F0", "F1", "B1", "B0", "L", "J0", "J1", "H1", "H0", "C",
                                 "J0", "J1", "H1", "H0", "C", "A"]] * 2
-    assert [a.step for a in schedule[0] if a.kind in "JHC"] == [0] * 5 + [1] * 5
+    assert [a.step for a in schedule[0] if a.kind.letter in "JHC"] == [0] * 5 + [1] * 5
     validate_schedule(schedule, 2)
     times = clock_cycles(gpipe_schedule(2, 2, cgblock_update(1, 2)))
     # Stage 1 waits for stage 0's J0 (tangents go up); stage 0 for stage 1's H1 (they come down).
@@ -133,5 +133,5 @@ def test_cgblock_update_is_one_tangent_pass_per_cg_step() -> None:
 
 def test_a_tangent_pass_before_the_local_model_is_refused() -> None:
     bad = [[Action("F", 0), Action("B", 0), Action("J", 0), Action("L")]]
-    with pytest.raises(ScheduleError, match="before the local model"):
+    with pytest.raises(ScheduleError, match="comes before the L it needs"):
         validate_schedule(bad, 1)

@@ -6,41 +6,46 @@ from __future__ import annotations
 import pytest
 
 from sm_dist.optim.cgblock import cg_update_actions
-from sm_dist.optim.sm import sm_update_actions
-from sm_dist.pipeline.actions import Action, ActionKind
-from sm_dist.pipeline.schedule import clock_cycles, gpipe_schedule, repeat_schedule
-from sm_dist.pipeline.simulator import LINKS, Link, Pass, simulate
+from sm_dist.optim.sm import FILL, INNER, sm_update_actions
+from sm_dist.pipeline.actions import APPLY, BACKWARD, FORWARD, TRIAL, Action
+from sm_dist.pipeline.schedule import Pass, clock_cycles, gpipe_schedule, list_schedule
+from sm_dist.pipeline.simulator import LINKS, Link, simulate
 from sm_dist.pipeline.timeline import iteration_utilisation
 
-K = ActionKind
 
-
-def unit(seconds: float = 1.0, nbytes: float = 0.0):
-    return lambda stage, action: (seconds * (action.index or 1) if action.kind is K.INNER
-                                  else seconds, nbytes)
+def unit(seconds: float = 1.0, nbytes: float = 0.0, step: float | None = None):
+    """Every action `seconds`, an inner step `step` (default: `seconds`) each."""
+    per_step = seconds if step is None else step
+    return lambda place, action: (per_step * (action.index or 0) if action.kind == INNER
+                                  else per_step if action.kind == FILL else seconds, nbytes)
 
 
 @pytest.mark.parametrize("p", [1, 2, 4, 8])
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
 def test_equal_costs_give_gpipes_idle_fraction(p: int, m: int) -> None:
-    events = simulate([Pass(1, gpipe_schedule(p, m))], unit(), LINKS["none"], lambda s: 1.0)
+    events = simulate([Pass(1, gpipe_schedule(p, m))], unit(), LINKS["none"])
     use = iteration_utilisation(events, 1, p)
     assert use is not None
     assert use.bubble_fraction == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
     assert use.duration == 2 * (m + p - 1)
 
 
-@pytest.mark.parametrize("name,schedule", [
-    ("gpipe", gpipe_schedule(4, 3, lambda s: [Action(K.APPLY)])),
-    ("sm fill", repeat_schedule(gpipe_schedule(3, 2, lambda s: sm_update_actions(s, 1, 99)), 2)),
-    ("cgblock", gpipe_schedule(3, 2, lambda s: cg_update_actions(2, 2))),
+@pytest.mark.parametrize("name,schedule,passes", [
+    ("gpipe", gpipe_schedule(4, 3, lambda s: [Action(APPLY)]), 1),
+    ("sm fill", gpipe_schedule(3, 2, lambda s: sm_update_actions(s, 1, 99)), 2),
+    ("cgblock", gpipe_schedule(3, 2, lambda s: cg_update_actions(2, 2)), 1),
 ])
-def test_a_free_link_gives_the_clock_cycles_times_the_cost(name: str, schedule) -> None:
-    """Unit slots of clock_cycles, scaled by a cost of 0.25 s per action (and per step)."""
-    slots = clock_cycles(schedule)
-    events = simulate([Pass(1, schedule)], unit(0.25), LINKS["none"], lambda s: 0.25)
+def test_a_free_link_gives_the_unit_schedule_times_the_cost(name: str, schedule,
+                                                            passes: int) -> None:
+    """The list scheduler's unit slots, scaled by a cost of 0.25 s per action (and step)."""
+    sent = [Pass(t, schedule) for t in range(passes)]
+    slots = [[(slot.start, slot.end) for slot in lane] for lane in list_schedule(sent)]
+    events = simulate(sent, unit(0.25), LINKS["none"])
     by_stage = [[(e.start, e.end) for e in events if e.stage == s] for s in range(len(slots))]
     assert by_stage == [[(0.25 * a, 0.25 * b) for a, b in stage] for stage in slots]
+    if passes == 1:
+        assert slots == [[(float(a), float(b)) for a, b in lane]
+                         for lane in clock_cycles(schedule)]
 
 
 def test_fill_steps_take_the_bubble_and_no_more() -> None:
@@ -48,10 +53,10 @@ def test_fill_steps_take_the_bubble_and_no_more() -> None:
     first microbatch reaches it, in whole inner steps, never past its limit."""
     passes = [Pass(t, gpipe_schedule(3, 2, lambda s: sm_update_actions(s, 1, 50)))
               for t in (1, 2)]
-    events = simulate(passes, unit(1.0), LINKS["none"], lambda s: 0.4)
-    fills = {e.stage: e for e in events if e.kind is K.FILL and e.iteration == 1}
+    events = simulate(passes, unit(1.0, step=0.4), LINKS["none"])
+    fills = {e.stage: e for e in events if e.kind == FILL and e.iteration == 1}
     forward0 = {e.stage: e for e in events
-                if e.kind is K.FORWARD and e.iteration == 2 and e.index == 0}
+                if e.kind == FORWARD and e.iteration == 2 and e.index == 0}
     for s, fill in fills.items():
         gap = forward0[s - 1].end - fill.start  # when the input arrives
         steps = int(fill.detail.split()[0])
@@ -59,25 +64,25 @@ def test_fill_steps_take_the_bubble_and_no_more() -> None:
         # then its update (A, 1 s), and the next forward as soon as both allow
         assert forward0[s].start == pytest.approx(max(fill.end + 1.0, forward0[s - 1].end))
     limited = simulate(passes[:1] + [Pass(2, passes[1].schedule)],
-                       unit(1.0), LINKS["none"], lambda s: 1e-3)
-    assert max(int(e.detail.split()[0]) for e in limited if e.kind is K.FILL) == 50
+                       unit(1.0, step=1e-3), LINKS["none"])
+    assert max(int(e.detail.split()[0]) for e in limited if e.kind == FILL) == 50
 
 
 def test_a_link_delays_every_transfer_by_latency_and_bytes() -> None:
     link = Link(bandwidth=1e3, latency=0.5)  # 1 kB/s: 100 bytes take 0.1 s
-    events = simulate([Pass(1, gpipe_schedule(2, 1))], unit(1.0, 100.0), link, lambda s: 1.0)
+    events = simulate([Pass(1, gpipe_schedule(2, 1))], unit(1.0, 100.0), link)
     timeline = {(e.stage, e.kind): (e.start, e.end) for e in events}
-    assert timeline[(1, K.FORWARD)] == (1.6, 2.6)
-    assert timeline[(1, K.BACKWARD)] == (2.6, 3.6)
-    assert timeline[(0, K.BACKWARD)] == (4.2, 5.2)
+    assert timeline[(1, FORWARD)] == (1.6, 2.6)
+    assert timeline[(1, BACKWARD)] == (2.6, 3.6)
+    assert timeline[(0, BACKWARD)] == (4.2, 5.2)
 
 
 def test_a_steered_pass_waits_for_everything_before_it() -> None:
     first = Pass(1, gpipe_schedule(2, 2))
-    trial = Pass(1, [[Action(K.TRIAL, 0)], [Action(K.TRIAL, 0)]], waits=True)
-    events = simulate([first, trial], unit(1.0), LINKS["none"], lambda s: 1.0)
-    end_of_first = max(e.end for e in events if e.kind is not K.TRIAL)
-    assert min(e.start for e in events if e.kind is K.TRIAL) == end_of_first
+    trial = Pass(1, [[Action(TRIAL, 0)], [Action(TRIAL, 0)]], waits=True)
+    events = simulate([first, trial], unit(1.0), LINKS["none"])
+    end_of_first = max(e.end for e in events if e.kind != TRIAL)
+    assert min(e.start for e in events if e.kind == TRIAL) == end_of_first
 
 
 # ------------------------------------------------------------------- sm-dist simulate

@@ -4,7 +4,6 @@ engine), a loss that never rises, and the costs of the retries."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from sm_dist.math.line_search import ArmijoRule
 from sm_dist.math.solvers import TruncatedCG
 from sm_dist.optim.step_scale import line_minimum, next_scale, retry_scale
 from sm_dist.run.trainer import train
-from tests.conftest import run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
 from tests.helpers_math import DTYPE, DenseLocalLoss, randn, seeded
 
 CPU = torch.device("cpu")
@@ -174,7 +173,7 @@ def trained_in_both_runtimes_ending_at_the_start(tmp_path: Path, raw: dict) -> l
         out = "single" if how == ["--single-process"] else "multi"
         result = run_cli("train", str(path), *how, "--out", out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        runs.append([json.loads(line) for line in (tmp_path / out / "metrics.jsonl").open()])
+        runs.append(metric_rows(tmp_path / out))
         final = torch.load(tmp_path / out / "model.pt")["stages"]
         for mine, theirs in zip(final, start, strict=True):
             for name in theirs:
@@ -187,19 +186,19 @@ def test_the_loss_never_rises_and_retries_cost_forward_passes() -> None:
     records = train(job, build_local_pipeline(job, CPU), load_job_data(job), lambda r: None)
     losses = [r.train_loss for r in records]
     assert all(b <= a for a, b in zip(losses, losses[1:])), losses
-    rejected = [r.iteration for r in records if r.step_rejected]
+    rejected = [r.iteration for r in records if r.metric("step_rejected")]
     assert rejected and losses[-1] < losses[0]
     for r in records:
         assert r.forward_passes - r.backward_passes == sum(1 for k in rejected
                                                            if k <= r.iteration)
-        assert r.rejected_loss is None or r.rejected_loss > r.train_loss
-        assert math.isfinite(r.step_scale)
+        assert r.metric("rejected_loss") is None or r.metric("rejected_loss") > r.train_loss
+        assert math.isfinite(r.metric("step_scale"))
 
 
 def test_without_acceptance_the_eager_step_is_kept() -> None:
     job = job_from_dict(eager_job(3, accept_steps=False))
     records = train(job, build_local_pipeline(job, CPU), load_job_data(job), lambda r: None)
-    assert not any(r.step_rejected for r in records)
+    assert not any(r.metric("step_rejected") for r in records)
     assert records[1].train_loss > records[0].train_loss  # the rise the rule would stop
 
 
@@ -223,17 +222,18 @@ def test_on_minibatches_every_kept_step_lowers_its_own_minibatchs_loss() -> None
     records = train(job, build_local_pipeline(job, CPU), load_job_data(job), lambda r: None)
     trials = 0
     for r in records:
-        assert 1 <= r.line_search_trials <= 3
-        trials += r.line_search_trials
+        assert 1 <= r.metric("line_search_trials") <= 3
+        trials += r.metric("line_search_trials")
         assert r.forward_passes == r.backward_passes + trials  # one pass per trial
-        if r.trial_loss is not None:  # a step was kept: measured on its own minibatch
-            assert r.trial_loss <= r.train_loss and r.step_scale > 0
-            assert r.step_rejected == (r.line_search_trials > 1)
+        if r.metric("trial_loss") is not None:  # a step was kept: measured on its own minibatch
+            assert r.metric("trial_loss") <= r.train_loss and r.metric("step_scale") > 0
+            assert r.metric("step_rejected") == (r.metric("line_search_trials") > 1)
         else:  # every trial rose: back to the iterate
-            assert r.step_rejected and r.step_scale == 0.0 and r.line_search_trials == 3
-        assert r.rejected_loss is None or r.rejected_loss > r.train_loss
-    assert any(r.step_rejected for r in records)  # the eager scale is caught
-    assert any(r.trial_loss is not None for r in records)
+            assert r.metric("step_rejected") and r.metric("step_scale") == 0.0
+            assert r.metric("line_search_trials") == 3
+        assert r.metric("rejected_loss") is None or r.metric("rejected_loss") > r.train_loss
+    assert any(r.metric("step_rejected") for r in records)  # the eager scale is caught
+    assert any(r.metric("trial_loss") is not None for r in records)
 
 
 def test_a_minibatch_step_no_trial_keeps_leaves_the_model_exactly_where_it_was(
@@ -251,4 +251,4 @@ def test_without_minibatch_trials_minibatch_steps_go_unjudged() -> None:
     job = job_from_dict(minibatch_job(3, minibatch_trials=0))
     records = train(job, build_local_pipeline(job, CPU), load_job_data(job), lambda r: None)
     assert all(r.forward_passes == r.backward_passes for r in records)
-    assert all(r.trial_loss is None and not r.step_rejected for r in records)
+    assert all(r.metric("trial_loss") is None and not r.metric("step_rejected") for r in records)

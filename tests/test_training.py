@@ -58,7 +58,7 @@ def test_batch_curvature_sends_one_value_per_stage() -> None:
     data = load_job_data(job)
     pipeline.forward_backward(split_microbatches(data.train_x, data.train_y, 3), 24, True)
     for stage in pipeline.stages[1:]:
-        deltas = torch.cat(list(stage.rule.deltas.values()))
+        deltas = torch.cat(list(stage.optimizer.deltas.values()))
         assert torch.all(deltas == deltas[0])
 
 
@@ -72,7 +72,7 @@ def _power_vectors(power_iterations: int, passes: int, same_batch: bool) -> list
         pipeline.forward_backward(microbatches, 24, same_batch=same_batch)
         pipeline.end_iteration()  # no update: the next pass sees the same H_zz
     # The top stage: its H_zz depends on nothing below it that the round count changes.
-    return [v for _, v in sorted(pipeline.stages[-1].rule.power_vectors.items())]
+    return [v for _, v in sorted(pipeline.stages[-1].optimizer.power_vectors.items())]
 
 
 def test_power_iteration_warm_starts_from_the_previous_iteration() -> None:

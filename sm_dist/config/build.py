@@ -97,20 +97,24 @@ def build_stage_modules(job: JobConfig) -> list[nn.Sequential]:
     return stages
 
 
+def has_minibatches(job: JobConfig) -> bool:
+    """Whether the batch changes every iteration, as far as the job file says (a batch of a
+    set whose size it does not give counts as minibatches; training knows: BatchStream.full)."""
+    batch, subset = job.data.batch, job.data.train_subset
+    return batch != "full" and (subset is None or batch < subset)
+
+
 def build_optimizer(job: JobConfig) -> Optimizer:
     """The job's optimizer (`optimizer.name` in the registry)."""
-    batch, subset = job.data.batch, job.data.train_subset
-    batches_change = batch != "full" and (subset is None or batch < subset)
-    return registry.get(job.optimizer.name)(job.optimizer, len(job.model.balance),
-                                            batches_change=batches_change)
+    return registry.get(job.optimizer.name)(job.optimizer, len(job.model.balance))
 
 
 def build_stage(job: JobConfig, index: int, module: nn.Module, device: torch.device) -> Stage:
-    """Stage `index` on `device`, with its optimizer rule attached."""
+    """Stage `index` on `device`, with its optimizer's part attached."""
     num_stages = len(job.model.balance)
     loss = get_loss(job.loss) if index == num_stages - 1 else None
     stage = Stage(index, num_stages, module.to(device), loss, seed=job.run.seed)
-    stage.rule = build_optimizer(job).stage_rule(stage)
+    stage.optimizer = build_optimizer(job).for_stage(stage)
     return stage
 
 

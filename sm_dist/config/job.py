@@ -13,6 +13,11 @@ from typing import Any
 
 import yaml
 
+from sm_dist.config.optimizer_section import (
+    every_optimizer_options,
+    optimizer_options,
+    switch_optimizer,
+)
 from sm_dist.config.schema import convert, describe_value, plural
 from sm_dist.data.config import DataConfig
 from sm_dist.data.datasets import DATASETS
@@ -26,7 +31,7 @@ from sm_dist.models.config import (
     model_errors,
 )
 from sm_dist.optim import registry
-from sm_dist.optim.registry import OptimizerConfig
+from sm_dist.optim.options import OptimizerOptions
 
 # A run name becomes a directory name, so no separators and not "." or "..".
 NAME_PATTERN = r"(?!\.+$)[A-Za-z0-9._-]+"
@@ -75,8 +80,13 @@ class JobConfig:
     model: ModelConfig
     data: DataConfig
     loss: str = field(default="cross_entropy", metadata={"choices": ("cross_entropy", "mse")})
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # The chosen optimizer's own Options (optimizer.name picks the class).
+    optimizer: OptimizerOptions = field(
+        default_factory=lambda: registry.get("sm").Options(),
+        metadata={"resolve": optimizer_options, "variants": every_optimizer_options})
     run: RunConfig = field(default_factory=RunConfig)
+
+
 
 
 class ConfigError(Exception):
@@ -92,9 +102,12 @@ class ConfigError(Exception):
         return "\n".join(lines + [f"  - {error}" for error in self.errors])
 
 
-def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
-    """Read a YAML job file, apply `key.sub=value` overrides and return the validated job."""
-    return job_from_dict(read_job_file(path), overrides, source=f"file {os.fspath(path)}")
+def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = (),
+             notes: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file, apply `key.sub=value` overrides and return the validated job
+    (`notes`: gets a line for what an override of optimizer.name dropped)."""
+    return job_from_dict(read_job_file(path), overrides, source=f"file {os.fspath(path)}",
+                         notes=notes)
 
 
 def read_job_file(path: str | os.PathLike[str]) -> Any:
@@ -116,9 +129,12 @@ def read_job_file(path: str | os.PathLike[str]) -> Any:
 
 
 def job_from_dict(
-    raw: dict[str, Any] | None, overrides: Sequence[str] = (), source: str = "<dict>"
+    raw: dict[str, Any] | None, overrides: Sequence[str] = (), source: str = "<dict>",
+    notes: list[str] | None = None
 ) -> JobConfig:
-    """Build and validate a job from a plain dict (as YAML gives), after applying overrides."""
+    """Build and validate a job from a plain dict (as YAML gives), after applying overrides.
+    An override that switches optimizer.name drops the old optimizer's own options (so that
+    one job file serves every optimizer), with a line in `notes` saying which."""
     if raw is None:  # an empty YAML file; the missing-key errors below say what to add
         raw = {}
     if not isinstance(raw, Mapping):
@@ -126,8 +142,10 @@ def job_from_dict(
                  "start the file with keys such as name:, model:, data:")
         raise ConfigError([error], source)
     errors: list[str] = []
+    before = raw
     raw = _apply_overrides(raw, overrides, errors)
     _load_optimizer_plugin(raw, errors)
+    switch_optimizer(before, raw, notes)
     built: dict[str, Any] = {}  # dotted section path -> section built without field errors
     job = convert(JobConfig, raw, "", errors, built, JobConfig)
     _cross_checks(built, errors)
@@ -235,12 +253,12 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
         if source is not None and data.microbatches > known[source]:
             errors.append(f"data.microbatches: {data.microbatches} microbatches exceed the batch "
                           f"of {known[source]} samples ({source}); use at most {known[source]}")
-    if isinstance(optimizer, OptimizerConfig):  # the name is valid: the section was built
+    if isinstance(optimizer, OptimizerOptions):  # the name is valid: the section was built
         errors.extend(registry.get(optimizer.name).check_config(optimizer))
     if isinstance(model, ModelConfig) and model.replicas > 1:
         if isinstance(data, DataConfig):
             errors.extend(replica_batch_errors(model.replicas, data, _known_sizes(data)))
-        if (isinstance(optimizer, OptimizerConfig) and optimizer.replica_mode != "exact"
+        if (isinstance(optimizer, OptimizerOptions) and optimizer.replica_mode != "exact"
                 and not registry.get(optimizer.name).can_average_steps):
             errors.append(f"optimizer.replica_mode: {optimizer.replica_mode} is for sm only; "
                           f"{optimizer.name}'s replicas sum their gradients (set "

@@ -1,4 +1,11 @@
-"""Reading nested dataclasses from plain mappings, every error reported with its dotted key."""
+"""Reading nested dataclasses from plain mappings, every error reported with its dotted key.
+
+A field whose section's class depends on the value (the optimizer section: each optimizer's
+own Options) names two functions in its metadata: `resolve(value, key, errors)` gives the
+class to read the value as (or INVALID, its error recorded) and `variants()` every class it
+may be (for the 'right key, wrong section' hint). `register_key_hint` lets such a section
+say more about a key it does not have (e.g. which other optimizer takes it).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,13 @@ import difflib
 import math
 import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING
-from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-INVALID = object()  # marks a value that failed conversion (its error is already recorded)
+INVALID: Any = object()  # marks a value that failed conversion (its error is recorded)
+# Per section base class: what to say of a key a section of it does not have (None: default).
+_KEY_HINTS: dict[type, Callable[[type, str], str | None]] = {}
 _UNION_ORIGINS = (Union, types.UnionType)
 # Per scalar type: how to name it, its plural, and an example value for "how to fix" hints.
 _TYPE_WORDS = {bool: ("true or false", "booleans", "true"), int: ("an integer", "integers", "10"),
@@ -89,7 +97,13 @@ def convert_section(
                 errors.append(_missing_error(hints[name], spec.metadata, key))
                 complete = False
             continue  # the dataclass default applies
-        value = convert(hints[name], raw[name], key, errors, built, root)
+        tp = hints[name]
+        if "resolve" in spec.metadata:  # a section whose class depends on its value
+            tp = spec.metadata["resolve"](raw[name], key, errors)
+            if tp is INVALID:
+                complete = False
+                continue
+        value = convert(tp, raw[name], key, errors, built, root)
         if value is INVALID or not _check_rules(value, spec.metadata, key, errors):
             complete = False
         else:
@@ -195,19 +209,32 @@ def _missing_error(tp: Any, rules: Mapping[str, Any], key: str) -> str:
     return f"{key}: missing required key; add it, e.g. {leaf}: {example}"
 
 
-@cache
+def register_key_hint(base: type, hint: Callable[[type, str], str | None]) -> None:
+    """What to say of an unknown key of a section whose class derives from `base`."""
+    _KEY_HINTS[base] = hint
+
+
 def _schema_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
-    """Every dotted key of the schema below `cls`, sections included."""
+    """Every dotted key of the schema below `cls`, sections included (every variant of a
+    section whose class depends on its value)."""
     keys: list[str] = []
+    specs = {spec.name: spec for spec in dataclasses.fields(cls)}
     for name, tp in get_type_hints(cls).items():
         keys.append(key := join_key(prefix, name))
-        section = next((arg for arg in (tp, *get_args(tp)) if dataclasses.is_dataclass(arg)), None)
-        keys.extend(_schema_keys(section, key) if section is not None else ())
+        variants = specs[name].metadata.get("variants") if name in specs else None
+        sections = list(variants()) if variants is not None else [
+            arg for arg in (tp, *get_args(tp)) if dataclasses.is_dataclass(arg)][:1]
+        for section in sections:
+            keys.extend(k for k in _schema_keys(section, key) if k not in keys)
     return tuple(keys)
 
 
 def _unknown_key_error(cls: type, prefix: str, name: str, root: type) -> str:
     key, valid = join_key(prefix, name), [spec.name for spec in dataclasses.fields(cls)]
+    for base, hint in _KEY_HINTS.items():
+        said = hint(cls, name) if issubclass(cls, base) else None
+        if said is not None:
+            return f"{key}: {said}"
     close = difflib.get_close_matches(name, valid, n=1)
     # A right key name in the wrong section (e.g. `lr` at the top level) is a likely slip too.
     elsewhere = [other for other in _schema_keys(root) if other.rsplit(".", 1)[-1] == name]

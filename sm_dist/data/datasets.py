@@ -84,42 +84,9 @@ def load_dataset(
             f"unknown normalize {normalize!r}: choose one of {', '.join(NORMALIZATIONS)}"
         )
     if dataset == "text":
-        try:
-            train_x, train_y, test_x, test_y = load_text(path, context, text_bytes)
-        except TextError as exc:
-            raise DataError(str(exc)) from exc
-        for subset, have, what in ((train_subset, len(train_x), "train_subset"),
-                                   (test_subset, len(test_x), "test_subset")):
-            if isinstance(subset, int) and subset > have:
-                raise DataError(f"data.{what}={subset} is more than the {have} contexts the "
-                                f"text holds (data.text_bytes={text_bytes}, data.context="
-                                f"{context}); use at most {have}, or raise data.text_bytes")
-        train_x, train_y = _take_subset(train_x, train_y, train_subset, "train_subset", dataset)
-        test_x, test_y = _take_subset(test_x, test_y, test_subset, "test_subset", dataset)
-        return Dataset(train_x, train_y, test_x, test_y, num_classes=VOCAB, name=dataset)
+        return _load_text(path, context, text_bytes, train_subset, test_subset)
     if dataset == "synthetic":
-        if synthetic is None:
-            raise DataError(
-                "dataset 'synthetic' needs its parameters: pass synthetic="
-                f"{{{', '.join(repr(k) + ': ...' for k in SYNTHETIC_KEYS)}}}"
-            )
-        train_x, train_y, test_x, test_y, num_classes = _make_synthetic(synthetic)
-        if normalize == "standard":
-            # Per-feature statistics of the training set, applied to both splits.
-            mean = train_x.mean(dim=0, keepdim=True)
-            std = train_x.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-12)
-            train_x = (train_x - mean) / std
-            test_x = (test_x - mean) / std
-        train_x, train_y = _take_subset(train_x, train_y, train_subset, "train_subset", dataset)
-        test_x, test_y = _take_subset(test_x, test_y, test_subset, "test_subset", dataset)
-        return Dataset(
-            train_x=train_x.to(dtype).contiguous(),
-            train_y=train_y,
-            test_x=test_x.to(dtype).contiguous(),
-            test_y=test_y,
-            num_classes=num_classes,
-            name=dataset,
-        )
+        return _load_synthetic(synthetic, normalize, train_subset, test_subset, dtype)
     if dataset not in ("mnist", "fashion_mnist"):
         raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
 
@@ -139,6 +106,52 @@ def load_dataset(
         test_y=test_labels.to(torch.int64),
         num_classes=10,
         name=dataset,
+    )
+
+
+def _load_text(path: str | None, context: int, text_bytes: int | None,
+               train_subset: int | None, test_subset: int | None) -> Dataset:
+    """Byte-level next-token contexts of a text (data/text.py), cut to the subsets."""
+    try:
+        train_x, train_y, test_x, test_y = load_text(path, context, text_bytes)
+    except TextError as exc:
+        raise DataError(str(exc)) from exc
+    for subset, have, what in ((train_subset, len(train_x), "train_subset"),
+                               (test_subset, len(test_x), "test_subset")):
+        if isinstance(subset, int) and subset > have:
+            raise DataError(f"data.{what}={subset} is more than the {have} contexts the "
+                            f"text holds (data.text_bytes={text_bytes}, data.context="
+                            f"{context}); use at most {have}, or raise data.text_bytes")
+    train_x, train_y = _take_subset(train_x, train_y, train_subset, "train_subset", "text")
+    test_x, test_y = _take_subset(test_x, test_y, test_subset, "test_subset", "text")
+    return Dataset(train_x, train_y, test_x, test_y, num_classes=VOCAB, name="text")
+
+
+def _load_synthetic(synthetic: dict[str, Any] | None, normalize: str,
+                    train_subset: int | None, test_subset: int | None,
+                    dtype: torch.dtype) -> Dataset:
+    """The seeded synthetic classification set, normalised, cut to the subsets."""
+    if synthetic is None:
+        raise DataError(
+            "dataset 'synthetic' needs its parameters: pass synthetic="
+            f"{{{', '.join(repr(k) + ': ...' for k in SYNTHETIC_KEYS)}}}"
+        )
+    train_x, train_y, test_x, test_y, num_classes = _make_synthetic(synthetic)
+    if normalize == "standard":
+        # Per-feature statistics of the training set, applied to both splits.
+        mean = train_x.mean(dim=0, keepdim=True)
+        std = train_x.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-12)
+        train_x = (train_x - mean) / std
+        test_x = (test_x - mean) / std
+    train_x, train_y = _take_subset(train_x, train_y, train_subset, "train_subset", "synthetic")
+    test_x, test_y = _take_subset(test_x, test_y, test_subset, "test_subset", "synthetic")
+    return Dataset(
+        train_x=train_x.to(dtype).contiguous(),
+        train_y=train_y,
+        test_x=test_x.to(dtype).contiguous(),
+        test_y=test_y,
+        num_classes=num_classes,
+        name="synthetic",
     )
 
 

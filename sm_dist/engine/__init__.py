@@ -1,2 +1,3 @@
-"""The engine: one process per stage on torch.distributed.rpc (transport.py alone imports
-it), the stage workers, the coordinator's pipeline, and launching under torchrun."""
+"""The engine: the stage workers on torch.distributed.rpc (transport.py alone imports it), the
+coordinator's pipeline, replicas and the failures it names; starting the processes is
+sm_dist/launch/'s."""

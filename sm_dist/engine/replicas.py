@@ -18,21 +18,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sm_dist.pipeline.actions import ActionKind
+from sm_dist.pipeline.actions import FORWARD, TRIAL, ActionKind
 from sm_dist.pipeline.executor import Plan, PlanResult
 
 # Kinds whose pieces are the batch's microbatches: each must give every replica a sample.
-BATCH_KINDS = (ActionKind.FORWARD.value, ActionKind.TRIAL.value)
+BATCH_KINDS = (FORWARD, TRIAL)
 
 
 class ReplicaSplitError(ValueError):
     """A batch that does not split evenly across the replicas."""
 
 
-def _shares(pieces: dict[tuple[str, int], Tensor], replicas: int) -> list[dict]:
+def _shares(pieces: dict[tuple[ActionKind, int], Tensor], replicas: int) -> list[dict]:
     """Each replica's pieces of one plan's inputs (or labels), under the same keys: replica r
     takes the r-th of `replicas` consecutive parts of every microbatch (and chunk)."""
-    out: list[dict[tuple[str, int], Tensor]] = [{} for _ in range(replicas)]
+    out: list[dict[tuple[ActionKind, int], Tensor]] = [{} for _ in range(replicas)]
     for key, piece in pieces.items():
         if key[0] in BATCH_KINDS and len(piece) < replicas:
             raise ReplicaSplitError(
@@ -59,7 +59,7 @@ def split_plan(plan: Plan, replicas: int) -> list[Plan]:
 
 def replica_state(state: dict[str, Any], replica: int) -> dict[str, Any]:
     """Replica `replica`'s checkpoint state from the stage's merged one: the parameters are
-    everyone's; the rule's state (warm starts of its own samples) and random state its own,
+    everyone's; the optimizer's state (warm starts of its own samples) and random state its own,
     or replica 0's when the checkpoint has none for it."""
     own = {key: value for key, value in state.items() if key != "replicas"}
     others = state.get("replicas") or []
@@ -74,24 +74,17 @@ def _merged_state(states: list[dict[str, Any]]) -> dict[str, Any]:
     first = states[0]
     if len(states) == 1:
         return first
-    return {**first, "replicas": [{key: s[key] for key in ("rule", "generator") if key in s}
+    return {**first, "replicas": [{key: s[key] for key in ("optimizer", "generator") if key in s}
                                   for s in states[1:]]}
 
 
 def merge_reports(reports: list[Any]) -> Any:
-    """One report for a stage: replica 0's (exact mode makes them equal) with the largest
-    curvature sent and, where the replicas' local losses differ (average_steps), their mean."""
+    """One report for a stage from its replicas': the report's own `merged` says how (by
+    default replica 0's: exact replicas compute the same)."""
     first = reports[0]
-    if first is None or len(reports) == 1 or not dataclasses.is_dataclass(first):
+    if first is None or len(reports) == 1 or not hasattr(first, "merged"):
         return first
-    changes: dict[str, Any] = {}
-    sent = [r.curvature_sent for r in reports if getattr(r, "curvature_sent", None) is not None]
-    if sent:
-        changes["curvature_sent"] = max(sent)
-    values = [r.local_loss for r in reports if getattr(r, "local_loss", None) is not None]
-    if values and len(set(values)) > 1:
-        changes["local_loss"] = sum(values) / len(values)
-    return dataclasses.replace(first, **changes)
+    return first.merged(reports)
 
 
 def merge_results(results: list[PlanResult], command: str | None) -> PlanResult:
@@ -102,7 +95,7 @@ def merge_results(results: list[PlanResult], command: str | None) -> PlanResult:
         return first
     losses: dict[int, float] = defaultdict(float)
     correct: dict[int, float] = defaultdict(float)
-    sums: dict[tuple[str, int], list[float]] = {}
+    sums: dict[tuple[ActionKind, int], list[float]] = {}
     events = []
     for r, result in enumerate(results):
         for j, value in result.losses.items():

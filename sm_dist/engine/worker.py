@@ -15,7 +15,7 @@ from torch.futures import Future
 from sm_dist.engine.failures import RemoteFailure
 from sm_dist.engine.layout import SINGLE, Layout
 from sm_dist.models.build import num_params
-from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.actions import BACKWARD, Action, ActionKind
 from sm_dist.pipeline.executor import Handler, MailKey, Plan, PlanResult, PlanRun, StageExecutor
 from sm_dist.pipeline.stage import Stage
 
@@ -113,20 +113,19 @@ class RpcChannel:
 
 class ReplicaExecutor(StageExecutor):
     """A replica's executor: after a pass's last backward the stage's gradient is summed over
-    its replicas (the rule's `after_backward`), before any update or command reads it."""
+    its replicas (the stage optimizer's `after_backward`), before any update or command reads
+    it."""
 
     def handler(self, kind: ActionKind) -> Handler:
         perform = super().handler(kind)
-        if kind is not ActionKind.BACKWARD:
+        if kind != BACKWARD:
             return perform
 
         def backward_then_reduce(run: PlanRun, action: Action) -> str:
             detail = perform(run, action)
             later = run.plan.actions[run.position + 1:]
-            if not any(a.kind is ActionKind.BACKWARD for a in later):
-                reduce = getattr(run.stage.hooks, "after_backward", None)
-                if reduce is not None:
-                    reduce()
+            if not any(a.kind == BACKWARD for a in later):
+                run.stage.optimizer.after_backward()
             return detail
 
         return backward_then_reduce
@@ -163,8 +162,8 @@ class StageWorker:
         threading.Thread(target=self._run, name=f"stage{rank}-executor", daemon=True).start()
 
     def attach_group(self, reducer: Any) -> None:
-        """The stage's replicas as the rule's reducer; from now on the stage takes plans."""
-        self.stage.hooks.reducer = reducer  # type: ignore[attr-defined]
+        """The stage's replicas as its optimizer's reducer; from now on the stage takes plans."""
+        self.stage.optimizer.reducer = reducer  # type: ignore[attr-defined]
         self._ready.set()
 
     # ------------------------------------------------------------------------ RPC surface

@@ -1,10 +1,11 @@
 """The interface every optimizer implements: what the rest of sm-dist needs to know of it.
 
 An optimizer is one subclass of `Optimizer` in its own module, listed in `registry.py`. It
-says what its backward keeps, which update actions its schedule has, how each stage runs them
-(its `StageRule`), how the coordinator steers it between passes (if it does), what it adds to
-the iteration record, which parameter `compare` sweeps, and which job-file options it adds
-(`Options`) and checks.
+says which job-file options it takes (`Options`, validated only when it is chosen), what its
+backward keeps, which actions its update phase has (their kinds registered in its module) and
+how each stage performs them (its `BaseStageOptimizer`), how the coordinator steers it
+between passes (if it does), what it adds to the iteration record (its `Metrics` section),
+and which parameter `compare` sweeps. Nothing outside its module names it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch import Tensor
 from sm_dist.math.losses import TopOfPipeline, evaluate_loss, top_of_pipeline
 from sm_dist.math.reduction import ALONE, Reducer
 from sm_dist.math.stage_function import StageFunction, affine_in_parameters
-from sm_dist.optim.options import OptimizerOptions, check_inner_steps
-from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.optim.metrics import NoMetrics, OptimizerMetrics
+from sm_dist.optim.options import OptimizerOptions
+from sm_dist.pipeline.actions import APPLY, Action, ActionKind
 from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.interface import Microbatches, Pipeline
 from sm_dist.pipeline.schedule import UpdateActions
@@ -37,22 +39,23 @@ class BackwardKeeps(enum.Enum):
 
 @dataclass
 class StageReport:
-    """What one stage's update did this iteration (for metrics and the monitor)."""
+    """What one stage's update did this iteration: the costs every run counts; an optimizer's
+    report adds its own fields (a subclass) for its metrics section."""
 
-    inner_steps: int = 0
-    local_loss: float | None = None  # the model's value at the step taken
-    curvature_sent: float | None = None  # the largest c this stage sent down
-    psi_products: int = 0  # Hessian-vector products of Ψ this iteration, backward included
-    stopped: str | None = None  # why the inner solver stopped early, if it did
-    # Second-order products this stage computed this iteration: SM's Ψ products, or CGBlock's
-    # tangents carried forward and back through this stage (one per tangent and microbatch).
+    # Second-order products this stage computed this iteration (e.g. SM's Ψ products, or the
+    # tangents an update's passes carried through this stage, one per tangent and microbatch).
     hvp_products: int = 0
-    tangents_started: int = 0  # CGBlock: tangent passes that carried this stage's own tangent
+    tangents_started: int = 0  # passes of tangents that carried this stage's own tangent
     backward_passes: int = 1  # 0 when the stage skipped the iteration's backward
-    grad_sq_norm: float | None = None  # ‖∂h/∂θ_s‖² of the step (torch optimizers)
+    grad_sq_norm: float | None = None  # ‖∂h/∂θ_s‖² of the step, where the optimizer reads it
+
+    def merged(self, replicas: list[StageReport]) -> StageReport:
+        """One report for the stage from its replicas' (this one is replica 0's): exact
+        replicas compute the same, so by default this one."""
+        return self
 
 
-class StageRule:
+class BaseStageOptimizer:
     """One stage's side of an optimizer: hooks into the stage's forward and backward, and
     handlers for the optimizer's own update actions. The defaults are plain backprop."""
 
@@ -60,11 +63,11 @@ class StageRule:
     # The stage's replicas (model.replicas): the engine sets their group; alone, none.
     reducer: Reducer = ALONE
 
-    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
-        self.optimizer = optimizer
-        self.config = optimizer.config
+    def __init__(self, owner: Optimizer, stage: Stage) -> None:
+        self.owner = owner  # the optimizer this is one stage's part of
+        self.config = owner.config
         self.stage = stage
-        self.functions: dict[int, StageFunction] = {}  # GRAPH rules: Ψ per microbatch
+        self.functions: dict[int, StageFunction] = {}  # backward keeps GRAPH: Ψ per microbatch
         self.affine_in_params = affine_in_parameters(stage.module)
         self._report = StageReport()
 
@@ -84,7 +87,7 @@ class StageRule:
 
     def _check_mode(self, mode: str) -> None:
         if mode != "loss":
-            raise ValueError(f"{self.optimizer.name} has no top-of-pipeline mode {mode!r}")
+            raise ValueError(f"{self.owner.name} has no top-of-pipeline mode {mode!r}")
 
     def backward(self, j: int, entry: MicrobatchStash, g_out: Tensor, c_out: Tensor | None,
                  same_batch: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -133,6 +136,10 @@ class StageRule:
         """Curvatures held back by the backward, released after the last one (SM's `batch`)."""
         return {}
 
+    def skips_backward(self) -> bool:
+        """Whether this iteration's backward does nothing on this stage."""
+        return False
+
     def handlers(self) -> dict[ActionKind, Handler]:
         """The functions that perform this optimizer's update actions on this stage."""
         return {}
@@ -156,14 +163,14 @@ class StageRule:
         pass
 
 
-class StepRule(StageRule):
-    """A rule whose whole update is one step at `A` (torch optimizers, DDG)."""
+class StepStageOptimizer(BaseStageOptimizer):
+    """A stage optimizer whose whole update is one step at `A` (torch optimizers, DDG)."""
 
     def step(self) -> None:
         raise NotImplementedError
 
     def handlers(self) -> dict[ActionKind, Handler]:
-        return {ActionKind.APPLY: apply_update}
+        return {APPLY: apply_update}
 
 
 @dataclass
@@ -190,57 +197,60 @@ class Optimizer:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line, for the docs and `sm-dist schedule`
     Options: ClassVar[type[OptimizerOptions]] = OptimizerOptions  # its job-file options
-    rule: ClassVar[type[StageRule]] = StageRule
-    update_kinds: ClassVar[tuple[ActionKind, ...]] = ()  # the actions of its update phase
+    Metrics: ClassVar[type[OptimizerMetrics]] = NoMetrics  # its section of the iteration record
+    stage_optimizer: ClassVar[type[BaseStageOptimizer]] = BaseStageOptimizer
+    kinds: ClassVar[tuple[ActionKind, ...]] = ()  # the action kinds of its update phase
     sweep: ClassVar[str | None] = None  # what `compare` sweeps: "inner_steps", "lr" or None
-    # The coordinator steers it (see `steering`); an optimizer may decide per job (sm_adaptive
-    # steers only with minibatches), so it is read from the instance.
-    steered: bool = False
     # optimizer.replica_mode: average_steps is open to it (its replicas can step on their own)
     can_average_steps: ClassVar[bool] = False
 
-    def __init__(self, config: OptimizerOptions, num_stages: int, *,
-                 batches_change: bool = False) -> None:
-        """`batches_change`: minibatches, no two iterations share a batch (sm_adaptive steers
-        by it)."""
+    def __init__(self, config: OptimizerOptions, num_stages: int) -> None:
         self.config = config
         self.num_stages = num_stages
 
     @classmethod
     def keeps(cls) -> BackwardKeeps:
-        return cls.rule.keeps
+        return cls.stage_optimizer.keeps
 
     @classmethod
     def check_config(cls, config: OptimizerOptions) -> list[str]:
         """Problems of the job's optimizer section for this optimizer, one message each."""
-        return check_inner_steps(config)
+        return []
 
     def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
         """Each stage's actions after its last backward (`last`: no iteration follows)."""
         return lambda stage: []
 
-    def stage_rule(self, stage: Stage) -> StageRule:
-        return self.rule(self, stage)
+    def for_stage(self, stage: Stage) -> BaseStageOptimizer:
+        """Its part on `stage`."""
+        return self.stage_optimizer(self, stage)
 
-    def steering(self) -> Steering | None:
-        """The coordinator's loop for an optimizer that needs one; None for those that update
-        inside the pipeline (their next iteration can be submitted before this one ends)."""
+    def steering(self, minibatches: bool) -> Steering | None:
+        """The coordinator's loop for an optimizer that needs one after each iteration's
+        backward (`minibatches`: the batch changes every iteration); None for those that
+        update inside the pipeline (their next iteration is submitted before this one ends)."""
         return None
 
     def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
-        """What the stages' reports add to the iteration's record."""
+        """What the stages' reports add to the iteration's record: fields of its `Metrics`
+        section, and of the record's own that a model-based optimizer sets (its
+        `predicted_decrease`; a rejected step's `train_loss`)."""
         return {}
 
-    def schedule_note(self) -> str | None:
+    def monitor_notes(self) -> list[str]:
+        """What the live view shows of the optimizer beside its metrics (e.g. a constant lr)."""
+        return []
+
+    def schedule_note(self, minibatches: bool) -> str | None:
         """What `sm-dist schedule` should add below the grid, if anything."""
         return None
 
 
 def apply_update(run: PlanRun, action: Action) -> str:
-    """`A` for rules whose update is a torch optimizer's step (`rule.step()`)."""
-    rule = run.stage.hooks
-    assert isinstance(rule, StepRule)
-    rule.step()
+    """`A` for stage optimizers whose update is one step (`step()`)."""
+    part = run.stage.optimizer
+    assert isinstance(part, StepStageOptimizer)
+    part.step()
     run.stage.end_iteration()
     return ""
 
@@ -258,17 +268,3 @@ def reduce_gradients(params: list[Tensor], reducer: Reducer) -> None:
         if g is not None:
             g.copy_(total[offset:offset + p.numel()].view_as(g))
         offset += p.numel()
-
-
-def inner_loop_fields(reports: list[StageReport]) -> dict[str, Any]:
-    """The record fields of optimizers with an inner loop per stage (SM, CGBlock)."""
-    values = [r.local_loss for r in reports]
-    return {
-        "predicted_decrease": sum(v for v in values if v is not None),
-        "inner_steps": [r.inner_steps for r in reports],
-        "local_loss": values,
-        "curvature": [r.curvature_sent for r in reports],
-        "psi_products": [r.psi_products for r in reports],
-        "inner_stopped": [r.stopped for r in reports],
-    }
-

@@ -13,43 +13,63 @@ from torch import Tensor
 from sm_dist.math.local_loss import BlockModel, flatten, unflatten
 from sm_dist.math.losses import LossCurvature, TopOfPipeline
 from sm_dist.math.solvers import TruncatedCG
-from sm_dist.optim.base import (
-    BackwardKeeps,
-    Optimizer,
-    StageReport,
-    StageRule,
-    inner_loop_fields,
+from sm_dist.optim.base import BackwardKeeps, BaseStageOptimizer, Optimizer, StageReport
+from sm_dist.optim.inner_loop import BUILD, InnerLoopMetrics, InnerLoopReport, inner_loop_fields
+from sm_dist.optim.options import (
+    ArmijoOptions,
+    InnerLoopOptions,
+    OptimizerOptions,
+    check_inner_steps,
+    fixed_inner_steps,
 )
-from sm_dist.optim.options import OptimizerOptions, check_inner_steps, fixed_inner_steps
-from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.actions import (
+    APPLY,
+    TANGENT_COLOUR,
+    UPDATE_COLOUR,
+    Action,
+    ActionKind,
+    Direction,
+    register_kind,
+)
 from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
 from sm_dist.pipeline.stage import Stage
 
-K = ActionKind
+# A tangent pass: J carries tangents of microbatch j up, H their gradient changes down; C is
+# one CG step with the product the pass left. Their `step` is the CG step they belong to.
+TANGENT_FORWARD = register_kind(ActionKind(
+    "J", "tangent forward", Direction.UP, "tangent pass", TANGENT_COLOUR, "tangent",
+    after_backward=True, needs_before="L"))
+TANGENT_BACKWARD = register_kind(ActionKind(
+    "H", "tangent backward", Direction.DOWN, "tangent pass", TANGENT_COLOUR, "tangent",
+    after_backward=True, needs_before="L"))
+CG_STEP = register_kind(ActionKind("C", "CG step", Direction.LOCAL, "update", UPDATE_COLOUR,
+                                   "update", after_backward=True))
 
 
 @dataclass(kw_only=True)
-class CGBlockOptions(OptimizerOptions):
+class CGBlockOptions(InnerLoopOptions, ArmijoOptions):
+    """CG's tolerance and the block's damping (Armijo's rule for CG's first-step fallback)."""
+    cg_tol: float = field(default=1e-10, metadata={"min": 0})
     # CG on (H_ss + cgblock_damping·I) d = −g_θ; 0 is the paper's plain block Newton.
     cgblock_damping: float = field(default=0.0, metadata={"min": 0})
 
 
 def tangent_pass(num_microbatches: int, step: int = 0) -> list[Action]:
     """One GPipe-shaped pass of tangents: J up for every microbatch, then H down."""
-    return ([Action(K.TANGENT_FORWARD, j, step=step) for j in range(num_microbatches)]
-            + [Action(K.TANGENT_BACKWARD, j, step=step)
+    return ([Action(TANGENT_FORWARD, j, step=step) for j in range(num_microbatches)]
+            + [Action(TANGENT_BACKWARD, j, step=step)
                for j in reversed(range(num_microbatches))])
 
 
 def cg_update_actions(steps: int, num_microbatches: int) -> list[Action]:
     """L, then per CG step a tangent pass and a C, then A."""
     passes = [action for k in range(steps)
-              for action in (*tangent_pass(num_microbatches, k), Action(K.CG_STEP, step=k))]
-    return [Action(K.BUILD), *passes, Action(K.APPLY)]
+              for action in (*tangent_pass(num_microbatches, k), Action(CG_STEP, step=k))]
+    return [Action(BUILD), *passes, Action(APPLY)]
 
 
-class BlockCGRule(StageRule):
+class BlockCGStageOptimizer(BaseStageOptimizer):
     """CG on this stage's block; the stage offers its direction to each tangent pass and takes
     the product after it. Same CG rules as SM's inner solver (tolerance, negative curvature,
     Armijo fallback).
@@ -62,9 +82,9 @@ class BlockCGRule(StageRule):
 
     keeps = BackwardKeeps.GRAPH
 
-    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
-        super().__init__(optimizer, stage)
-        self.damping: float = optimizer.config.cgblock_damping  # type: ignore[attr-defined]
+    def __init__(self, owner: Optimizer, stage: Stage) -> None:
+        super().__init__(owner, stage)
+        self.damping: float = owner.config.cgblock_damping  # type: ignore[attr-defined]
         self.solver: TruncatedCG | None = None
         self.loss_curvature: dict[int, LossCurvature] = {}  # last stage, per microbatch
         self.tangent_inputs: dict[tuple[int, int], Tensor] = {}  # (source, j)
@@ -88,9 +108,9 @@ class BlockCGRule(StageRule):
         return unflatten(self.solver.p, self.stage.params)
 
     def handlers(self) -> dict[ActionKind, Handler]:
-        return {K.BUILD: self._begin, K.TANGENT_FORWARD: self._tangent_forward,
-                K.TANGENT_BACKWARD: self._tangent_backward, K.CG_STEP: self._advance,
-                K.APPLY: self._finish}
+        return {BUILD: self._begin, TANGENT_FORWARD: self._tangent_forward,
+                TANGENT_BACKWARD: self._tangent_backward, CG_STEP: self._advance,
+                APPLY: self._finish}
 
     def begin(self) -> None:
         """Start CG on the block model from this iteration's gradient."""
@@ -128,7 +148,7 @@ class BlockCGRule(StageRule):
             out[stage.index] = fn.tangent(None, own)
         if stage.is_last:  # turn each tangent of z_p into the change of ∂h/∂z_p
             curvature = self.loss_curvature[j]
-            run.tops[(K.TANGENT_FORWARD, j, action.step)] = {
+            run.tops[(TANGENT_FORWARD, j, action.step)] = {
                 source: curvature.product(t) for source, t in out.items()}
         else:
             run.send_up(action, out)
@@ -140,7 +160,7 @@ class BlockCGRule(StageRule):
         stage, j = self.stage, action.index
         assert j is not None
         if stage.is_last:
-            incoming = run.tops.pop((K.TANGENT_FORWARD, j, action.step))
+            incoming = run.tops.pop((TANGENT_FORWARD, j, action.step))
         else:
             incoming = run.from_above(action, "the tangents")
         fn = self.functions[j]
@@ -181,7 +201,7 @@ class BlockCGRule(StageRule):
             for p, dp in zip(self.stage.params, unflatten(self.solver.d, self.stage.params)):
                 p.add_(dp)
         report = self.solver.report()
-        self._report = StageReport(
+        self._report = InnerLoopReport(
             inner_steps=report.steps, local_loss=report.value, stopped=report.stopped,
             hvp_products=self.tangent_products - self._tangents_before,
             tangents_started=self._started)
@@ -198,12 +218,14 @@ class CGBlock(Optimizer):
     name = "cgblock"
     summary = "CG per stage on its diagonal block of the network's Hessian (tangent passes)"
     Options = CGBlockOptions
-    rule = BlockCGRule
-    update_kinds = (K.BUILD, K.TANGENT_FORWARD, K.TANGENT_BACKWARD, K.CG_STEP, K.APPLY)
+    Metrics = InnerLoopMetrics
+    stage_optimizer = BlockCGStageOptimizer
+    kinds = (BUILD, TANGENT_FORWARD, TANGENT_BACKWARD, CG_STEP, APPLY)
     sweep = "inner_steps"
 
     @classmethod
     def check_config(cls, config: OptimizerOptions) -> list[str]:
+        assert isinstance(config, CGBlockOptions)
         return check_inner_steps(config) + fixed_inner_steps(config)
 
     def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:

@@ -9,16 +9,16 @@ from typing import Any
 from torch import Tensor
 
 from sm_dist.optim.base import Optimizer
-from sm_dist.optim.torch_optimizers import SGD, TorchOptimizerRule
+from sm_dist.optim.torch_optimizers import SGD, TorchStageOptimizer
 from sm_dist.pipeline.stage import Stage
 
 
-class DelayedGradientRule(TorchOptimizerRule):
+class DelayedGradientStageOptimizer(TorchStageOptimizer):
     """Stage s of p (counting from 1) steps with the gradient it computed p − s iterations ago;
     it takes no step until it has a gradient that old. SGD with lr, momentum, weight_decay."""
 
-    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
-        super().__init__(optimizer, stage)
+    def __init__(self, owner: Optimizer, stage: Stage) -> None:
+        super().__init__(owner, stage)
         self.delay = stage.num_stages - 1 - stage.index
         self.history: deque[list[Tensor]] = deque()
 
@@ -43,4 +43,4 @@ class DelayedGradientRule(TorchOptimizerRule):
 class DDG(SGD):
     name = "ddg"
     summary = "delayed gradients: stage s of p steps (SGD) with its gradient from p − s ago"
-    rule = DelayedGradientRule
+    stage_optimizer = DelayedGradientStageOptimizer

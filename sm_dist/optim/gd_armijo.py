@@ -7,7 +7,14 @@ import math
 
 from sm_dist.math.line_search import armijo_backtrack
 from sm_dist.optim.base import Optimizer, SteeredStep, Steering
-from sm_dist.optim.steered import StepSizeState, TrialStepRule, end_trial, trial_loss
+from sm_dist.optim.options import ArmijoOptions
+from sm_dist.optim.steered import (
+    LineSearchMetrics,
+    StepSizeState,
+    TrialStepStageOptimizer,
+    end_trial,
+    trial_loss,
+)
 from sm_dist.pipeline.interface import Microbatches, Pipeline
 
 
@@ -37,12 +44,13 @@ class ArmijoSteering(StepSizeState):
 class GDArmijo(Optimizer):
     name = "gd_armijo"
     summary = "gradient descent with an Armijo line search on the loss (forward-only trials)"
-    rule = TrialStepRule
-    steered = True
+    Options = ArmijoOptions
+    Metrics = LineSearchMetrics
+    stage_optimizer = TrialStepStageOptimizer
 
-    def steering(self) -> Steering:
+    def steering(self, minibatches: bool) -> Steering:
         return ArmijoSteering(self)
 
-    def schedule_note(self) -> str:
+    def schedule_note(self, minibatches: bool) -> str:
         return ("GD+Armijo then runs forward-only trial passes (T) until its line search "
                 "accepts a step; they depend on the loss, so iterations do not overlap.")

@@ -16,7 +16,7 @@ from typing import Any
 
 from sm_dist.optim.base import Optimizer, SteeredStep
 from sm_dist.optim.step_scale import judge_step
-from sm_dist.pipeline.actions import ActionKind
+from sm_dist.pipeline.actions import TRIAL
 from sm_dist.pipeline.executor import Call
 from sm_dist.pipeline.interface import Microbatches, Pipeline
 
@@ -30,15 +30,14 @@ class MinibatchTrials:
     def step(self, pipeline: Pipeline, iteration: int, microbatches: Microbatches, n: int,
              loss: float) -> SteeredStep:
         cfg = self.config
-        models = pipeline.command(Call("step_model", on_rule=True)).wait()
+        models = pipeline.command(Call("step_model", on_optimizer=True)).wait()
         model = sum(m[0] for m in models)  # Σ_s L_s(d_s), at unit scale
         slope = sum(m[1] for m in models)  # Σ_s g_s·d_s
         scale = models[-1][2]  # the α the update applied
         before: tuple[Call, ...] = ()
         rejected: list[float] = []
         for trial in range(1, cfg.minibatch_trials + 1):
-            loss_sum, _ = pipeline.forward_pass(iteration, ActionKind.TRIAL, microbatches,
-                                                before=before)
+            loss_sum, _ = pipeline.forward_pass(iteration, TRIAL, microbatches, before=before)
             measured = loss_sum / n
             decision = judge_step(cfg, scale, loss, measured, model, slope)
             if decision.accept:
@@ -46,15 +45,15 @@ class MinibatchTrials:
                                  model)
             rejected.append(measured)
             scale = decision.scale
-            before = (Call("retry_step", (scale,), on_rule=True),)
+            before = (Call("retry_step", (scale,), on_optimizer=True),)
         # No trial held: back to θ_t; the next iteration starts from the last, smaller α.
-        pipeline.command(Call("retry_step", (0.0,), on_rule=True)).wait()
+        pipeline.command(Call("retry_step", (0.0,), on_optimizer=True)).wait()
         return self._end(pipeline, cfg.minibatch_trials, 0.0, scale, None, rejected, model)
 
     @staticmethod
     def _end(pipeline: Pipeline, trials: int, applied: float, following: float,
              measured: float | None, rejected: list[float], model: float) -> SteeredStep:
-        pipeline.command(Call("end_step_trials", (following,), on_rule=True)).wait()
+        pipeline.command(Call("end_step_trials", (following,), on_optimizer=True)).wait()
         record: dict[str, Any] = {"step_scale": applied, "step_rejected": bool(rejected),
                                   "line_search_trials": trials, "trial_loss": measured,
                                   "predicted_decrease": applied * model}
@@ -63,7 +62,7 @@ class MinibatchTrials:
         return SteeredStep(record, trials, 0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # the scale lives in the stages' rules (and their checkpoints)
+        return {}  # the scale lives in the stages' optimizer parts (and their checkpoints)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass

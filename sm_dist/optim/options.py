@@ -1,4 +1,5 @@
-"""The options every optimizer shares; each optimizer module adds its own (see registry)."""
+"""The optimizer section's shared base and the option groups several optimizers take; each
+optimizer's own `Options` combines them with its own (see registry)."""
 
 from __future__ import annotations
 
@@ -22,34 +23,41 @@ class InnerStepsConfig:
 
 @dataclass(kw_only=True)
 class OptimizerOptions:
-    """Options more than one optimizer reads: inner steps, step sizes, Armijo's rule."""
-    name: str = "sm"  # the composed OptimizerConfig gives it the registry's choices
-    # A fixed count (bit-reproducible), or {min, max, fill_bubbles} to fill the idle time.
-    inner_steps: int | InnerStepsConfig = field(default=20, metadata={"min": 1})
-    # A fixed step for SM's gradient inner solver and SSO's inner steps; None = Armijo search.
-    inner_lr: float | None = field(default=None, metadata={"gt": 0})
-    cg_tol: float = field(default=1e-10, metadata={"min": 0})
-    armijo_c: float = field(default=0.1, metadata={"gt": 0, "lt": 1})
-    armijo_beta: float = field(default=0.9, metadata={"gt": 0, "lt": 1})
-    armijo_init: float = field(default=1.0, metadata={"gt": 0})
-    lr: float = field(default=0.01, metadata={"gt": 0})
-    momentum: float = field(default=0.0, metadata={"min": 0})
-    weight_decay: float = field(default=0.0, metadata={"min": 0})
-    betas: list[float] = field(
-        default_factory=lambda: [0.9, 0.999], metadata={"length": 2, "min": 0, "lt": 1})
-    eps: float = field(default=1e-8, metadata={"gt": 0})
+    """What every optimizer's section has: its name, and how data-parallel replicas step."""
+    name: str = "sm"  # the registry's names are the schema's choices (config/job.py)
     # With model.replicas > 1: exact (the replicas sum every gradient and product: one
     # pipeline's iterates), or average_steps (SM: each replica minimises its own local loss
     # and the replicas average the steps, one all-reduce per iteration).
     replica_mode: str = field(default="exact", metadata={"choices": ("exact", "average_steps")})
+
+
+@dataclass(kw_only=True)
+class InnerLoopOptions(OptimizerOptions):
+    """Optimizers with an inner loop per iteration (SM, CGBlock, SSO)."""
+    # A fixed count (bit-reproducible), or {min, max, fill_bubbles} to fill the idle time.
+    inner_steps: int | InnerStepsConfig = field(default=20, metadata={"min": 1})
+
+
+@dataclass(kw_only=True)
+class ArmijoOptions(OptimizerOptions):
+    """Armijo's sufficient-decrease rule, for an optimizer's line searches."""
+    armijo_c: float = field(default=0.1, metadata={"gt": 0, "lt": 1})
+    armijo_beta: float = field(default=0.9, metadata={"gt": 0, "lt": 1})
+    armijo_init: float = field(default=1.0, metadata={"gt": 0})
 
     def armijo_rule(self) -> ArmijoRule:
         """The sufficient-decrease rule of every Armijo search (spec's c and β)."""
         return ArmijoRule(c=self.armijo_c, beta=self.armijo_beta)
 
 
-def check_inner_steps(options: OptimizerOptions) -> list[str]:
-    """The inner-steps section's own consistency (whatever the optimizer)."""
+@dataclass(kw_only=True)
+class LearningRateOptions(OptimizerOptions):
+    """A constant learning rate (what `compare --lrs` sweeps)."""
+    lr: float = field(default=0.01, metadata={"gt": 0})
+
+
+def check_inner_steps(options: InnerLoopOptions) -> list[str]:
+    """The inner-steps section's own consistency."""
     steps = options.inner_steps
     if isinstance(steps, InnerStepsConfig) and steps.max < steps.min:
         return [f"optimizer.inner_steps.max: max {steps.max} is below min {steps.min}; "
@@ -57,7 +65,7 @@ def check_inner_steps(options: OptimizerOptions) -> list[str]:
     return []
 
 
-def fixed_inner_steps(options: OptimizerOptions) -> list[str]:
+def fixed_inner_steps(options: InnerLoopOptions) -> list[str]:
     """For optimizers whose inner steps are pipeline passes: no bubbles to fill."""
     if isinstance(options.inner_steps, InnerStepsConfig):
         return [f"optimizer.inner_steps: {options.name} needs a fixed number of inner steps "

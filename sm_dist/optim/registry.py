@@ -1,15 +1,14 @@
-"""Every optimizer by its job-file name, and the optimizer section composed of their options.
+"""Every optimizer by its job-file name, and what the optimizer section may hold for each.
 
 Adding an optimizer: one module with an `Optimizer` subclass, and one line in BUILTIN. An
 optimizer outside the package is named in the job file as 'package.module:Class' (imported
-by `load`, like a model factory); it takes the shared options only.
+by `load`, like a model factory), with its own `Options` as any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass, field
 
 from sm_dist.optim.base import Optimizer
 from sm_dist.optim.cgblock import CGBlock
@@ -77,19 +76,30 @@ def names_sweeping(parameter: str) -> tuple[str, ...]:
     return tuple(name for name, opt in _REGISTRY.items() if opt.sweep == parameter)
 
 
-def _option_classes() -> tuple[type, ...]:
-    """Each optimizer's Options in reverse BUILTIN order (so that the fields come in BUILTIN
-    order after the shared ones; an Options extending another's must be listed after it)."""
-    found = [opt.Options for opt in BUILTIN if opt.Options is not OptimizerOptions]
-    return (*reversed(list(dict.fromkeys(found))), OptimizerOptions)
+def option_names(name: str) -> set[str]:
+    """The keys of optimizer `name`'s section."""
+    return {f.name for f in dataclasses.fields(get(name).Options)}
 
 
-@dataclass(kw_only=True)
-class OptimizerConfig(*_option_classes()):  # type: ignore[misc]
-    """The optimizer: SM with its inner solver, or a baseline (spec §6); each optimizer's
-    module defines the options only it reads."""
-    name: str = field(default="sm", metadata={"choices": NAMES})
+def owners_of(option: str) -> list[str]:
+    """The optimizers whose section has the key `option`, in registry order."""
+    return [name for name, opt in _REGISTRY.items()
+            if option in {f.name for f in dataclasses.fields(opt.Options)}]
 
 
-assert {f.name for f in dataclasses.fields(OptimizerOptions)} <= {
-    f.name for f in dataclasses.fields(OptimizerConfig)}
+def switch_section(section: dict, name: str) -> tuple[dict, list[str]]:
+    """An optimizer section turned to optimizer `name`: the keys the old optimizer had and
+    `name` does not take are dropped (returned, sorted), so that one job file serves every
+    optimizer. A key neither has stays, for validation to name."""
+    old = section.get("name", OptimizerOptions.name)
+    keep = option_names(name)
+    theirs = option_names(old) if isinstance(old, str) and known(old) else set()
+    dropped = sorted(key for key in section if key in theirs and key not in keep)
+    switched = {key: value for key, value in section.items() if key not in dropped}
+    switched["name"] = name
+    return switched, dropped
+
+
+def known(name: str) -> bool:
+    """Whether `name` is a registered optimizer (a 'module:Class' is, once loaded)."""
+    return name in _REGISTRY

@@ -20,25 +20,42 @@ from sm_dist.math.curvature import (
 from sm_dist.math.local_loss import LocalLoss, PartFunction, flatten, unflatten
 from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
 from sm_dist.math.stage_function import RecomputedStageFunction, StageFunction
-from sm_dist.optim.base import (
-    BackwardKeeps,
-    Optimizer,
-    StageReport,
-    StageRule,
-    inner_loop_fields,
+from sm_dist.optim.base import BackwardKeeps, BaseStageOptimizer, Optimizer, StageReport
+from sm_dist.optim.inner_loop import BUILD, InnerLoopMetrics, InnerLoopReport, inner_loop_fields
+from sm_dist.optim.options import (
+    ArmijoOptions,
+    InnerLoopOptions,
+    InnerStepsConfig,
+    OptimizerOptions,
+    check_inner_steps,
 )
-from sm_dist.optim.options import InnerStepsConfig, OptimizerOptions, check_inner_steps
-from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.actions import (
+    APPLY,
+    FILL_COLOUR,
+    UPDATE_COLOUR,
+    Action,
+    ActionKind,
+    Direction,
+    register_kind,
+)
 from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
 from sm_dist.pipeline.stage import MicrobatchStash, Stage
 
-K = ActionKind
+INNER = register_kind(ActionKind("I", "inner steps", Direction.LOCAL, "update", UPDATE_COLOUR,
+                                 "update", after_backward=True, counts_steps=True))
+# Inner steps while the stage's next input has not arrived: they fill a bubble (spec §5).
+FILL = register_kind(ActionKind("W", "fill inner steps", Direction.LOCAL, "update (fill)",
+                                FILL_COLOUR, "fill", after_backward=True, fills_idle=True,
+                                counts_steps=True, step_cost_of="I"))
 
 
 @dataclass(kw_only=True)
-class SMOptions(OptimizerOptions):
+class SMOptions(InnerLoopOptions, ArmijoOptions):
     """SM's local losses (spec §2): curvature, damping, cubic term, inner solver."""
+    # A fixed step for the gradient inner solver; None = Armijo search on the local loss.
+    inner_lr: float | None = field(default=None, metadata={"gt": 0})
+    cg_tol: float = field(default=1e-10, metadata={"min": 0})
     inner_solver: str = field(default="cg", metadata={"choices": ("cg", "gradient")})
     curvature: str = field(
         default="sample", metadata={"choices": ("sample", "microbatch", "batch")})
@@ -64,21 +81,21 @@ class SMOptions(OptimizerOptions):
 def sm_update_actions(stage: int, steps: int, fill_up_to: int = 0) -> list[Action]:
     """L, I<steps>, then (fill mode, stages above the first) W<fill_up_to>, then A. Stage 0
     gets its next input from the coordinator at once: it has no bubble to fill."""
-    actions = [Action(K.BUILD), Action(K.INNER, steps)]
+    actions = [Action(BUILD), Action(INNER, steps)]
     if fill_up_to and stage > 0:
-        actions.append(Action(K.FILL, fill_up_to))
-    return actions + [Action(K.APPLY)]
+        actions.append(Action(FILL, fill_up_to))
+    return actions + [Action(APPLY)]
 
 
-class SMStageRule(StageRule):
+class SMStageOptimizer(BaseStageOptimizer):
     """SM on one stage: curvature sent down in the backward, L_s built from its stage
     functions, N inner steps on it, then θ ← θ_t + d."""
 
     keeps = BackwardKeeps.CURVATURE
 
-    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
-        super().__init__(optimizer, stage)
-        self.options: SMOptions = optimizer.config  # type: ignore[assignment]
+    def __init__(self, owner: Optimizer, stage: Stage) -> None:
+        super().__init__(owner, stage)
+        self.options: SMOptions = owner.config  # type: ignore[assignment]
         self.functions: dict[int, PartFunction] = {}  # type: ignore[assignment]
         self.deltas: dict[int, Tensor] = {}  # per microbatch: the δ of its samples
         self.eigenvalues: dict[int, Tensor] = {}  # curvature: batch, until the last backward
@@ -215,7 +232,7 @@ class SMStageRule(StageRule):
             self.next_step = 2.0 * solver.last_step
         products = sum(fn.products for fn in self.functions.values())
         self.psi_products += products - self._products_before  # the inner loop's
-        self._report = StageReport(
+        self._report = InnerLoopReport(
             inner_steps=report.steps, local_loss=report.value,
             curvature_sent=self.max_curvature_sent, psi_products=products,
             stopped=stopped, hvp_products=products)
@@ -259,8 +276,7 @@ class SMStageRule(StageRule):
         return bool(self.reducer.all_reduce_sum(flag)[0] > 0)
 
     def handlers(self) -> dict[ActionKind, Handler]:
-        return {K.BUILD: self._build, K.INNER: self._inner, K.FILL: self._fill,
-                K.APPLY: self._apply}
+        return {BUILD: self._build, INNER: self._inner, FILL: self._fill, APPLY: self._apply}
 
     def _build(self, run: PlanRun, action: Action) -> str:
         self.begin()
@@ -303,8 +319,9 @@ class SM(Optimizer):
     name = "sm"
     summary = "Surrogate Minimization: N inner steps per stage on its local loss (the paper)"
     Options = SMOptions
-    rule = SMStageRule
-    update_kinds = (K.BUILD, K.INNER, K.FILL, K.APPLY)
+    Metrics = InnerLoopMetrics
+    stage_optimizer = SMStageOptimizer
+    kinds = (BUILD, INNER, FILL, APPLY)
     sweep = "inner_steps"
     can_average_steps = True
 
@@ -335,4 +352,4 @@ class SM(Optimizer):
         return lambda stage: sm_update_actions(stage, steps, fill)
 
     def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
-        return inner_loop_fields(reports)  # type: ignore[arg-type]
+        return inner_loop_fields(reports)

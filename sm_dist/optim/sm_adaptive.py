@@ -31,16 +31,16 @@ from sm_dist.math.local_loss import LocalLoss, flatten, unflatten
 from sm_dist.math.losses import TopOfPipeline
 from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
 from sm_dist.optim.base import MicrobatchStash, Optimizer, StageReport
+from sm_dist.optim.inner_loop import BUILD, InnerLoopMetrics, InnerLoopReport
+from sm_dist.optim.metrics import Section, metric
 from sm_dist.optim.minibatch_trials import MinibatchTrials
 from sm_dist.optim.options import OptimizerOptions
-from sm_dist.optim.sm import SM, SMOptions, SMStageRule, sm_update_actions
+from sm_dist.optim.sm import FILL, INNER, SM, SMOptions, SMStageOptimizer, sm_update_actions
 from sm_dist.optim.step_scale import SCALE_RULES, Decision, judge_step
-from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.pipeline.actions import APPLY, Action, ActionKind
 from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
 from sm_dist.pipeline.stage import Stage
-
-K = ActionKind
 
 
 @dataclass(kw_only=True)
@@ -63,7 +63,7 @@ class SMAdaptiveOptions(SMOptions):
 
 
 @dataclass
-class AdaptiveReport(StageReport):
+class AdaptiveReport(InnerLoopReport):
     """A stage's report with the pipeline-wide step decision the top of it made."""
 
     scale: float = 1.0  # α of the step applied at the end of this iteration
@@ -76,12 +76,46 @@ class AdaptiveReport(StageReport):
     trial_loss: float | None = None  # the rejected step's measured loss (last stage only)
 
 
-class SMAdaptiveRule(SMStageRule):
-    """SM's stage rule plus the step held for acceptance, the scale, and the notes."""
+@dataclass
+class AdaptiveMetrics(InnerLoopMetrics):
+    """The inner loops' section, and the pipeline's step decision: the scale α of the step
+    applied; whether this iteration's forward pass measured a step that was rejected (the
+    record's train_loss is then the accepted iterate's, and rejected_loss what the rejected
+    step measured); on minibatches, the minibatch's loss after the step kept (trial_loss) and
+    the forward-only trials that judged it."""
 
-    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
-        super().__init__(optimizer, stage)
-        self.adaptive: SMAdaptiveOptions = optimizer.config  # type: ignore[assignment]
+    counted = ("step_rejected",)
+    step_scale: float | None = metric("scale", format=".3g")
+    step_rejected: bool | None = metric("step rejected")
+    rejected_loss: float | None = metric("rejected loss", format=".4g")
+    trial_loss: float | None = metric("trial loss", format=".4g")
+    line_search_trials: int | None = metric("trials")
+
+    @classmethod
+    def line_parts(cls, section: Section) -> list[str]:
+        """"scale 4.25 (2 trials, step rejected)" after the inner loops' parts."""
+        parts = super().line_parts(section)
+        if section.get("step_scale") is not None:
+            trials = section.get("line_search_trials")
+            notes = [f"{trials} trials"] if trials else []
+            notes += ["step rejected"] if section.get("step_rejected") else []
+            parts.append(f"scale {section['step_scale']:.3g}"
+                         + (f" ({', '.join(notes)})" if notes else ""))
+        return parts
+
+    @classmethod
+    def summary_items(cls, section: Section, counts: dict[str, int]) -> list[str]:
+        if section.get("step_scale") is None:
+            return []
+        return [f"scale {section['step_scale']:.3g}, {counts.get('step_rejected', 0)} rejected"]
+
+
+class AdaptiveStageOptimizer(SMStageOptimizer):
+    """SM on one stage plus the step held for acceptance, the scale, and the notes."""
+
+    def __init__(self, owner: Optimizer, stage: Stage) -> None:
+        super().__init__(owner, stage)
+        self.adaptive: SMAdaptiveOptions = owner.config  # type: ignore[assignment]
         self.scale = self.adaptive.step_scale
         self.base: list[Tensor] | None = None  # θ before the step last applied
         self.last_d: Tensor | None = None  # that step's direction d (flat, unit scale)
@@ -160,6 +194,9 @@ class SMAdaptiveRule(SMStageRule):
     def sends_curvature(self) -> bool:
         return not self.rejected
 
+    def skips_backward(self) -> bool:
+        return self.rejected
+
     # -------------------------------------------------------------------------- update
     def make_solver(self, loss: LocalLoss) -> TruncatedCG | GradientDescentArmijo:
         cfg = self.adaptive
@@ -202,18 +239,20 @@ class SMAdaptiveRule(SMStageRule):
         self.scale, self.pending = following, False
 
     def handlers(self) -> dict[ActionKind, Handler]:
-        return {**super().handlers(), K.BUILD: self._build_unless_rejected,
-                K.INNER: self._inner_unless_rejected, K.FILL: self._fill_unless_rejected,
-                K.APPLY: self._apply_or_retry}
+        return {**super().handlers(), BUILD: self._build_unless_rejected,
+                INNER: self._inner_unless_rejected, FILL: self._fill_unless_rejected,
+                APPLY: self._apply_or_retry}
 
+    # A rejected step skips the iteration's update: its actions say so ("skipped"), and the
+    # simulator replays them as free.
     def _build_unless_rejected(self, run: PlanRun, action: Action) -> str:
-        return "" if self.rejected else self._build(run, action)
+        return "skipped" if self.rejected else self._build(run, action)
 
     def _inner_unless_rejected(self, run: PlanRun, action: Action) -> str:
-        return "0 steps" if self.rejected else self._inner(run, action)
+        return "skipped" if self.rejected else self._inner(run, action)
 
     def _fill_unless_rejected(self, run: PlanRun, action: Action) -> str:
-        return "0 steps" if self.rejected else self._fill(run, action)
+        return "skipped" if self.rejected else self._fill(run, action)
 
     def _apply_or_retry(self, run: PlanRun, action: Action) -> str:
         if not self.rejected:
@@ -225,7 +264,7 @@ class SMAdaptiveRule(SMStageRule):
         last_iteration = action.index == 1  # end on the accepted iterate, not a new trial
         self.retry_step(0.0 if last_iteration else decision.scale)
         self.last_scale, self.pending = decision.scale, not last_iteration
-        self._report = self._adaptive_report(StageReport(backward_passes=0))
+        self._report = self._adaptive_report(InnerLoopReport(backward_passes=0))
         self.stage.end_iteration()
         return "rejected"
 
@@ -265,21 +304,21 @@ class SMAdaptive(SM):
     summary = ("SM with an adaptive model scale and step acceptance: the loss never rises in "
                "full batch, nor on the minibatch that proposed a step")
     Options = SMAdaptiveOptions
-    rule = SMAdaptiveRule
+    Metrics = AdaptiveMetrics
+    stage_optimizer = AdaptiveStageOptimizer
     can_average_steps = False  # one accept-or-reject decision needs one model of the step
 
-    def __init__(self, config: OptimizerOptions, num_stages: int, *,
-                 batches_change: bool = False) -> None:
-        super().__init__(config, num_stages, batches_change=batches_change)
-        assert isinstance(config, SMAdaptiveOptions)
-        # With minibatches the coordinator judges each step by a trial (and so steers).
-        self.steered = batches_change and config.accept_steps and config.minibatch_trials > 0
+    def _judges_by_trials(self, minibatches: bool) -> bool:
+        """With minibatches the coordinator judges each step by a trial (and so steers)."""
+        cfg = self.config
+        assert isinstance(cfg, SMAdaptiveOptions)
+        return minibatches and cfg.accept_steps and cfg.minibatch_trials > 0
 
-    def steering(self) -> MinibatchTrials | None:
-        return MinibatchTrials(self) if self.steered else None
+    def steering(self, minibatches: bool) -> MinibatchTrials | None:
+        return MinibatchTrials(self) if self._judges_by_trials(minibatches) else None
 
-    def schedule_note(self) -> str | None:
-        if not self.steered:
+    def schedule_note(self, minibatches: bool) -> str | None:
+        if not self._judges_by_trials(minibatches):
             return None
         return ("With minibatches, sm_adaptive then runs a forward-only trial pass (T) of the "
                 "same minibatch to judge the step (more if it is rejected); it depends on the "
@@ -289,7 +328,7 @@ class SMAdaptive(SM):
         minimum, fill = self.inner_step_counts(last)
         # The last iteration's A is A1: a rejected step there goes back to the accepted iterate.
         return lambda stage: [*sm_update_actions(stage, minimum, fill)[:-1],
-                              Action(K.APPLY, 1 if last else None)]
+                              Action(APPLY, 1 if last else None)]
 
     def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
         fields = super().record_fields(reports)

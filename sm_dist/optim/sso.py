@@ -21,20 +21,54 @@ from sm_dist.math.line_search import armijo_backtrack
 from sm_dist.math.losses import TopOfPipeline
 from sm_dist.math.stage_function import per_sample
 from sm_dist.optim.base import Optimizer, SteeredStep, Steering
-from sm_dist.optim.options import OptimizerOptions, check_inner_steps, fixed_inner_steps
-from sm_dist.optim.steered import StepSizeState, TrialStepRule, end_trial, take_step, trial_loss
+from sm_dist.optim.inner_loop import steps_text
+from sm_dist.optim.metrics import metric
+from sm_dist.optim.options import (
+    ArmijoOptions,
+    InnerLoopOptions,
+    OptimizerOptions,
+    check_inner_steps,
+    fixed_inner_steps,
+)
+from sm_dist.optim.steered import (
+    LineSearchMetrics,
+    StepSizeState,
+    TrialStepStageOptimizer,
+    end_trial,
+    take_step,
+    trial_loss,
+)
 from sm_dist.pipeline.interface import Microbatches, Pipeline
 
 SURROGATE = "surrogate"  # the last stage's top-of-pipeline mode for q
 
 
 @dataclass(kw_only=True)
-class SSOOptions(OptimizerOptions):
+class SSOOptions(InnerLoopOptions, ArmijoOptions):
+    """SSO's inner steps on its surrogate: a fixed step or Armijo's search, and its scale."""
+    # A fixed step for the inner steps; None = Armijo search on the surrogate.
+    inner_lr: float | None = field(default=None, metadata={"gt": 0})
     # The surrogate's curvature 1/η = sso_scale · L_loss / n (>= 1 keeps it an upper bound).
     sso_scale: float = field(default=1.0, metadata={"gt": 0})
 
 
-class SSOStageRule(TrialStepRule):
+@dataclass
+class SSOMetrics(LineSearchMetrics):
+    """The line search's metrics and the inner steps taken on the surrogate (the same on
+    every stage: the steps are pipeline passes)."""
+
+    inner_steps: list[int] | None = metric("inner", format=steps_text, heading="inner steps",
+                                           per_stage=True, line=True, column=True, mean=True)
+    inner_stopped: list[str | None] | None = metric("stopped", per_stage=True)
+
+    @classmethod
+    def line_parts(cls, section: Any) -> list[str]:
+        inner = section.get("inner_steps")
+        steps = [f"inner {','.join(str(s) for s in inner)}"] if inner is not None else []
+        return steps + super().line_parts(section)
+
+
+class SSOStageOptimizer(TrialStepStageOptimizer):
     """Trial steps on every stage; on the last stage also the anchor of q: (z_p^t, ∇ℓ(z_p^t),
     1/η per sample) of each microbatch, kept for the surrogate passes of the iteration."""
 
@@ -128,18 +162,19 @@ class SSO(Optimizer):
     name = "sso"
     summary = "one surrogate of the whole network, N steps on it, each a pipeline pass"
     Options = SSOOptions
-    rule = SSOStageRule
+    Metrics = SSOMetrics
+    stage_optimizer = SSOStageOptimizer
     sweep = "inner_steps"
-    steered = True
 
     @classmethod
     def check_config(cls, config: OptimizerOptions) -> list[str]:
+        assert isinstance(config, SSOOptions)
         return check_inner_steps(config) + fixed_inner_steps(config)
 
-    def steering(self) -> Steering:
+    def steering(self, minibatches: bool) -> Steering:
         return SSOSteering(self)
 
-    def schedule_note(self) -> str:
+    def schedule_note(self, minibatches: bool) -> str:
         return (f"SSO then takes {self.config.inner_steps} steps on its surrogate: each after "
                 "the first is another forward and backward pass like this one (F, B), and each "
                 "Armijo trial a forward-only pass (T); the coordinator steers them, so "

@@ -4,24 +4,50 @@ people run on GPipe today), each stage stepping after its own last backward."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from sm_dist.optim.base import Optimizer, StageReport, StepRule
-from sm_dist.pipeline.actions import Action, ActionKind
+from sm_dist.optim.base import Optimizer, StageReport, StepStageOptimizer
+from sm_dist.optim.metrics import OptimizerMetrics, metric
+from sm_dist.optim.options import LearningRateOptions
+from sm_dist.pipeline.actions import APPLY, Action
 from sm_dist.pipeline.schedule import UpdateActions
 from sm_dist.pipeline.stage import Stage
 
 
-class TorchOptimizerRule(StepRule):
+@dataclass(kw_only=True)
+class SGDOptions(LearningRateOptions):
+    """torch.optim.SGD's momentum and weight decay."""
+    momentum: float = field(default=0.0, metadata={"min": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+
+
+@dataclass(kw_only=True)
+class AdamOptions(LearningRateOptions):
+    """torch.optim.Adam's moments, ε and weight decay."""
+    betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.999], metadata={"length": 2, "min": 0, "lt": 1})
+    eps: float = field(default=1e-8, metadata={"gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+
+
+@dataclass
+class GradientMetrics(OptimizerMetrics):
+    """The norm of the gradient the step used, over every stage."""
+
+    grad_norm: float | None = metric("grad norm", format=".3e")
+
+
+class TorchStageOptimizer(StepStageOptimizer):
     """One torch optimizer over this stage's parameters, stepped at `A`."""
 
-    def __init__(self, optimizer: Optimizer, stage: Stage) -> None:
-        super().__init__(optimizer, stage)
-        assert isinstance(optimizer, TorchOptimizer)
-        self.torch_optimizer = optimizer.build(stage.params)
+    def __init__(self, owner: Optimizer, stage: Stage) -> None:
+        super().__init__(owner, stage)
+        assert isinstance(owner, TorchOptimizer)
+        self.torch_optimizer = owner.build(stage.params)
 
     def step(self) -> None:
         self._report = StageReport(grad_sq_norm=self.stage.grad_sq_norm())
@@ -37,15 +63,17 @@ class TorchOptimizerRule(StepRule):
 class TorchOptimizer(Optimizer):
     """An optimizer whose update is a torch optimizer's step on every stage."""
 
-    rule: ClassVar[type[TorchOptimizerRule]] = TorchOptimizerRule
-    update_kinds = (ActionKind.APPLY,)
+    Options: ClassVar[type[LearningRateOptions]] = LearningRateOptions
+    Metrics = GradientMetrics
+    stage_optimizer: ClassVar[type[TorchStageOptimizer]] = TorchStageOptimizer
+    kinds = (APPLY,)
     sweep = "lr"
 
     def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
         raise NotImplementedError
 
     def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
-        return lambda stage: [Action(ActionKind.APPLY)]
+        return lambda stage: [Action(APPLY)]
 
     def record_fields(self, reports: list[StageReport]) -> dict[str, Any]:
         """The gradient norm the step used, over every stage."""
@@ -53,6 +81,10 @@ class TorchOptimizer(Optimizer):
         if any(square is None for square in squares):
             return {}
         return {"grad_norm": math.sqrt(sum(squares))}  # type: ignore[arg-type]
+
+    def monitor_notes(self) -> list[str]:
+        """Its lr is constant: the job's value is the one every step used."""
+        return [f"lr {self.config.lr:g}"]  # type: ignore[attr-defined]
 
 
 class GD(TorchOptimizer):
@@ -66,6 +98,7 @@ class GD(TorchOptimizer):
 class SGD(TorchOptimizer):
     name = "sgd"
     summary = "torch.optim.SGD with lr, momentum and weight_decay"
+    Options = SGDOptions
 
     def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
         cfg = self.config
@@ -76,6 +109,7 @@ class SGD(TorchOptimizer):
 class Adam(TorchOptimizer):
     name = "adam"
     summary = "torch.optim.Adam with lr, betas, eps and weight_decay"
+    Options = AdamOptions
 
     def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
         cfg = self.config

@@ -1,9 +1,12 @@
-"""The vocabulary of a schedule: action kinds (with direction, phase and colour) and actions."""
+"""The vocabulary of a schedule: action kinds (registered by letter, each with its direction,
+phase and colour) and actions. The pipeline's own kinds are here; an optimizer registers the
+kinds of its update phase in its own module."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class ScheduleError(ValueError):
@@ -18,85 +21,106 @@ class Direction(enum.Enum):
     LOCAL = "local"  # needs nothing from another stage
 
 
-@dataclass(frozen=True)
-class KindInfo:
-    """Everything the schedule, the timeline, the monitor and the plots say about one kind."""
+# Colours of the timeline plot, by phase group (optimizers pick theirs from these too).
+FORWARD_COLOUR = "#4c72b0"  # inputs travelling up
+BACKWARD_COLOUR = "#dd8452"  # gradients travelling down
+UPDATE_COLOUR = "#3a923a"  # the update phase
+FILL_COLOUR = "#a6d9a6"  # inner steps that fill a bubble, a lighter shade of the update
+TANGENT_COLOUR = "#8172b3"  # passes of an update phase through the pipeline (both directions)
+IDLE_COLOUR = "#e3e3e3"  # the lane behind the bars: what stays visible is idle time
+UNKNOWN_COLOUR = "#999999"  # a kind read from a trace whose optimizer is not loaded here
 
+
+@dataclass(frozen=True, eq=False)
+class ActionKind:
+    """One thing a stage can be asked to do, named by one letter; equal kinds share it.
+
+    What the schedule needs to know of a kind is said here, so that the scheduler, the
+    executor, the simulator, the timeline, the monitor and the plots treat an optimizer's own
+    kinds as they treat the pipeline's.
+    """
+
+    letter: str
     name: str  # what the trace and the plot legend call it
     direction: Direction
     phase: str  # the monitor's word for a stage doing it
     colour: str  # the timeline plot's bar colour (RGB hex)
     legend: str  # the plot legend's group
+    after_backward: bool = False  # only after the stage's last backward of the pass (updates)
+    fills_idle: bool = False  # lasts until the stage's next input arrives (a bubble's filler)
+    counts_steps: bool = False  # its index is a number of steps; its detail "k steps" the taken
+    step_cost_of: str | None = None  # a step of it costs what one step of this kind costs
+    needs_before: str | None = None  # a kind that must come earlier in the stage's list
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActionKind) and other.letter == self.letter
 
-# Colours of the timeline plot, by phase group.
-FORWARD_COLOUR = "#4c72b0"  # inputs travelling up
-BACKWARD_COLOUR = "#dd8452"  # gradients travelling down
-UPDATE_COLOUR = "#3a923a"  # the update phase
-FILL_COLOUR = "#a6d9a6"  # inner steps that fill a bubble, a lighter shade of the update
-TANGENT_COLOUR = "#8172b3"  # CGBlock's tangent passes (second-order, both directions)
-IDLE_COLOUR = "#e3e3e3"  # the lane behind the bars: what stays visible is idle time
+    def __hash__(self) -> int:
+        return hash(self.letter)
 
+    def __str__(self) -> str:
+        return self.letter
 
-class ActionKind(enum.StrEnum):
-    """One letter per thing a stage can be asked to do; `info` says the rest.
+    def __repr__(self) -> str:
+        return f"ActionKind({self.letter!r}, {self.name!r})"
 
-    A str enum, so that a kind equals its letter ("F"), prints as it, pickles small and reads
-    back from a trace file as it was written.
-    """
-
-    FORWARD = "F"  # forward of microbatch j, keeping what the backward needs
-    BACKWARD = "B"  # backward of microbatch j
-    EVALUATE = "E"  # forward-only pass of evaluation chunk k
-    TRIAL = "T"  # forward-only pass of microbatch j at trial parameters
-    BUILD = "L"  # build the stage's local model from the backward
-    INNER = "I"  # n inner steps on the local model
-    FILL = "W"  # up to n more inner steps while the stage's next input has not arrived
-    APPLY = "A"  # apply the update, end the iteration
-    TANGENT_FORWARD = "J"  # carry tangents of microbatch j up
-    TANGENT_BACKWARD = "H"  # carry their gradient changes down
-    CG_STEP = "C"  # one CG step with the product a tangent pass left
-
-    def __hash__(self) -> int:  # as its letter's, so that ("F", 0) and (FORWARD, 0) are one key
-        return hash(self.value)
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Plans travel as the letter alone: every process registers the same kinds.
+        return kind_of, (self.letter,)
 
     @property
-    def info(self) -> KindInfo:
-        return KIND_INFO[self]
-
-    @property
-    def direction(self) -> Direction:
-        return KIND_INFO[self].direction
-
-    @classmethod
-    def parse(cls, letter: str) -> ActionKind:
-        try:
-            return cls(letter)
-        except ValueError:
-            known = ", ".join(k.value for k in cls)
-            raise ScheduleError(f"unknown action kind {letter!r}; one of {known}") from None
+    def travels(self) -> bool:
+        """Whether it carries a microbatch or chunk index between stages (F, B, E, T, ...)."""
+        return self.direction is not Direction.LOCAL
 
 
-_UP, _DOWN, _LOCAL = Direction.UP, Direction.DOWN, Direction.LOCAL
-KIND_INFO: dict[ActionKind, KindInfo] = {
-    ActionKind.FORWARD: KindInfo("forward", _UP, "forward", FORWARD_COLOUR, "forward"),
-    ActionKind.BACKWARD: KindInfo("backward", _DOWN, "backward", BACKWARD_COLOUR, "backward"),
-    ActionKind.EVALUATE: KindInfo("evaluate", _UP, "evaluate", FORWARD_COLOUR, "forward"),
-    ActionKind.TRIAL: KindInfo("trial forward", _UP, "trial", FORWARD_COLOUR, "forward"),
-    ActionKind.BUILD: KindInfo("build local loss", _LOCAL, "update", UPDATE_COLOUR, "update"),
-    ActionKind.INNER: KindInfo("inner steps", _LOCAL, "update", UPDATE_COLOUR, "update"),
-    ActionKind.FILL: KindInfo("fill inner steps", _LOCAL, "update (fill)", FILL_COLOUR, "fill"),
-    ActionKind.APPLY: KindInfo("apply update", _LOCAL, "update", UPDATE_COLOUR, "update"),
-    ActionKind.TANGENT_FORWARD: KindInfo("tangent forward", _UP, "tangent pass",
-                                         TANGENT_COLOUR, "tangent"),
-    ActionKind.TANGENT_BACKWARD: KindInfo("tangent backward", _DOWN, "tangent pass",
-                                          TANGENT_COLOUR, "tangent"),
-    ActionKind.CG_STEP: KindInfo("CG step", _LOCAL, "update", UPDATE_COLOUR, "update"),
-}
-FORWARD_KINDS = tuple(k for k in ActionKind if k.direction is Direction.UP)
-BACKWARD_KINDS = tuple(k for k in ActionKind if k.direction is Direction.DOWN)
-# The kinds that carry a microbatch or chunk index (the others carry a step count or nothing).
-INDEXED_KINDS = FORWARD_KINDS + BACKWARD_KINDS
+_KINDS: dict[str, ActionKind] = {}
+
+
+def register_kind(new: ActionKind) -> ActionKind:
+    """Make `new` known by its letter (again with the same definition is fine)."""
+    if len(new.letter) != 1 or not new.letter.isalpha():
+        raise ValueError(f"an action kind's letter is one letter, not {new.letter!r}")
+    known = _KINDS.get(new.letter)
+    if known is not None and vars(known) != vars(new):
+        raise ValueError(f"action kind {new.letter!r} is already {known.name!r}; choose "
+                         "another letter")
+    _KINDS[new.letter] = new
+    return new
+
+
+def kind_of(letter: str) -> ActionKind:
+    """The registered kind of `letter`."""
+    try:
+        return _KINDS[letter]
+    except KeyError:
+        known = ", ".join(_KINDS)
+        raise ScheduleError(f"unknown action kind {letter!r}; one of {known}") from None
+
+
+def kind_in_trace(letter: str) -> ActionKind:
+    """The kind of a letter read from a trace: registered, or (its optimizer not loaded in
+    this process) a local kind drawn in grey under its own letter."""
+    if letter in _KINDS:
+        return _KINDS[letter]
+    return ActionKind(letter, letter, Direction.LOCAL, "update", UNKNOWN_COLOUR, "other")
+
+
+def known_kinds() -> list[ActionKind]:
+    """Every registered kind, in the order of registration (the plot legend's order)."""
+    return list(_KINDS.values())
+
+
+_UP, _DOWN = Direction.UP, Direction.DOWN
+FORWARD = register_kind(ActionKind("F", "forward", _UP, "forward", FORWARD_COLOUR, "forward"))
+BACKWARD = register_kind(ActionKind("B", "backward", _DOWN, "backward", BACKWARD_COLOUR,
+                                    "backward"))
+EVALUATE = register_kind(ActionKind("E", "evaluate", _UP, "evaluate", FORWARD_COLOUR,
+                                    "forward"))
+TRIAL = register_kind(ActionKind("T", "trial forward", _UP, "trial", FORWARD_COLOUR, "forward"))
+# Every optimizer ends its update phase with it: apply the step, end the stage's iteration.
+APPLY = register_kind(ActionKind("A", "apply update", Direction.LOCAL, "update", UPDATE_COLOUR,
+                                 "update", after_backward=True))
 
 
 @dataclass(frozen=True)
@@ -104,16 +128,15 @@ class Action:
     """One thing one stage does: a kind and its index (microbatch, chunk, or step count)."""
 
     kind: ActionKind
-    index: int | None = None  # microbatch / chunk for F, B, E, T, J, H; step count for I, W
-    iteration: int = 0  # distinguishes repeated plans when several are drawn in one grid
-    step: int = 0  # CGBlock: which CG step's tangent pass a J, H or C belongs to
+    index: int | None = None  # microbatch / chunk of a travelling kind; a step count else
+    step: int = 0  # which repetition of the same kind and index in one plan (a CG step's pass)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ActionKind):  # a letter, as tests and grids write it
-            object.__setattr__(self, "kind", ActionKind.parse(self.kind))
+            object.__setattr__(self, "kind", kind_of(self.kind))
 
     def __str__(self) -> str:
-        return self.kind.value if self.index is None else f"{self.kind.value}{self.index}"
+        return self.kind.letter if self.index is None else f"{self.kind.letter}{self.index}"
 
 
 Schedule = list[list[Action]]  # one ordered list per stage

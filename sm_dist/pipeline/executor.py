@@ -3,8 +3,8 @@
 A stage's plan (its actions for one pass) runs action by action on its `Stage`. Tensors to and
 from the neighbouring stages go through a `Channel`: RPC in the engine
 (`sm_dist.engine.worker`), an in-process mailbox in the single-process pipeline
-(`sm_dist.pipeline.local`). Forward and backward kinds are handled here; an optimizer's update
-kinds by its stage rule (`StageHooks.handlers`).
+(`sm_dist.pipeline.local`). The pipeline's own kinds (forward, backward, forward-only) are
+handled here; an optimizer's kinds by its part on the stage (`StageOptimizer.handlers`).
 """
 
 from __future__ import annotations
@@ -17,26 +17,33 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from sm_dist.pipeline.actions import Action, ActionKind, Direction
+from sm_dist.pipeline.actions import (
+    BACKWARD,
+    EVALUATE,
+    FORWARD,
+    TRIAL,
+    Action,
+    ActionKind,
+    Direction,
+)
 from sm_dist.pipeline.memory import MemoryReading
 from sm_dist.pipeline.schedule import next_input
 from sm_dist.pipeline.stage import Stage
 from sm_dist.pipeline.timeline import TimelineEvent
 
-K = ActionKind
-MailKey = Hashable  # (plan id, kind, index) or, for tangent passes, (plan id, kind, index, step)
+MailKey = Hashable  # (plan id, kind letter, index, step)
 
 
 @dataclass(frozen=True)
 class Call:
-    """A method of a stage, or of its optimizer rule, that a plan asks for (commands, trials)."""
+    """A method of a stage, or of its optimizer's part, that a plan asks for (commands, trials)."""
 
     method: str
     args: tuple = ()
-    on_rule: bool = False  # call stage.rule.<method> instead of stage.<method>
+    on_optimizer: bool = False  # call stage.optimizer.<method> instead of stage.<method>
 
     def apply(self, stage: Stage) -> Any:
-        return getattr(stage.hooks if self.on_rule else stage, self.method)(*self.args)
+        return getattr(stage.optimizer if self.on_optimizer else stage, self.method)(*self.args)
 
 
 @dataclass
@@ -46,11 +53,11 @@ class Plan:
     plan_id: int  # plans run in this order on every stage
     iteration: int
     actions: list[Action]
-    inputs: dict[tuple[str, int], Tensor] = field(default_factory=dict)  # stage 0's x
-    labels: dict[tuple[str, int], Tensor] = field(default_factory=dict)  # last stage's y
+    inputs: dict[tuple[ActionKind, int], Tensor] = field(default_factory=dict)  # stage 0's x
+    labels: dict[tuple[ActionKind, int], Tensor] = field(default_factory=dict)  # last y
     n: int = 0  # samples in the batch, the loss's 1/n
     same_batch: bool = False
-    top: str = "loss"  # what the last stage computes: the loss, or a rule's own mode
+    top: str = "loss"  # what the last stage computes: the loss, or an optimizer's own mode
     before: tuple[Call, ...] = ()  # calls before the actions (e.g. set a trial step)
     command: Call | None = None  # a call after the actions; its value is the plan's
 
@@ -62,8 +69,9 @@ class PlanResult:
     # Correct predictions per microbatch: a count, or for sequences the sum over samples of
     # the share of tokens right (losses.py), so that correct / n is the accuracy either way.
     correct: dict[int, float] = field(default_factory=dict)
-    sums: dict[tuple[str, int], tuple[float, float, int]] = field(default_factory=dict)  # E, T
-    report: Any = None  # the rule's report of its last update
+    sums: dict[tuple[ActionKind, int], tuple[float, float, int]] = field(
+        default_factory=dict)  # forward-only passes: (Σ loss, correct, samples) per chunk
+    report: Any = None  # the stage optimizer's report of its last update
     memory: MemoryReading | None = None  # the stage process's memory after the plan
     events: list[TimelineEvent] = field(default_factory=list)
     value: Any = None  # the command's result
@@ -111,14 +119,12 @@ class PlanRun:
 
     # ------------------------------------------------------------------ for the handlers
     def _key(self, action: Action) -> MailKey:
-        base = (self.plan.plan_id, action.kind.value, action.index)
-        return base if action.kind not in (K.TANGENT_FORWARD, K.TANGENT_BACKWARD) else (
-            *base, action.step)
+        return (self.plan.plan_id, action.kind.letter, action.index, action.step)
 
     def from_below(self, action: Action, what: str) -> Any:
         """The tensor for `action` from the stage below (stage 0: its input from the plan)."""
         if self.stage.is_first:
-            return self.plan.inputs[(action.kind.value, action.index)]
+            return self.plan.inputs[(action.kind, action.index)]
         below = self.stage.index - 1
         value = self.channel.receive(self._key(action), below, f"{what} of {action} from "
                                      f"stage {below} (rank {below})")
@@ -172,11 +178,12 @@ class PlanRun:
             torch.cuda.synchronize(self.stage.device)
         self.result.events.append(TimelineEvent(self.stage.index, self.plan.iteration,
                                                 action.kind, action.index, self.started,
-                                                time.time(), detail, self.sent))
+                                                time.time(), detail, self.sent,
+                                                plan=self.plan.plan_id))
 
     def finish(self) -> PlanResult:
         self.channel.flush()
-        self.result.report = self.stage.hooks.report()
+        self.result.report = self.stage.optimizer.report()
         self.result.memory = self.stage.memory.reading()
         if self.plan.command is not None:
             self.result.value = self.plan.command.apply(self.stage)
@@ -184,89 +191,93 @@ class PlanRun:
 
 
 # An action's implementation: it gets the running plan and the action, and returns a detail
-# for the timeline (e.g. "12 steps").
+# for the timeline (e.g. "12 steps"; "skipped" when it did nothing, which the simulator then
+# replays as free).
 Handler = Callable[[PlanRun, Action], str]
 
 
 # ----------------------------------------------------------------------- generic handlers
 def forward_microbatch(run: PlanRun, action: Action) -> str:
-    stage, hooks, j = run.stage, run.stage.hooks, action.index
+    stage, optimizer, j = run.stage, run.stage.optimizer, action.index
     assert j is not None
     received = run.from_below(action, "the input")
     # Stage 0's input comes from the plan; the others' with the note of the stage below.
     x, note = (received, None) if stage.is_first else received
-    hooks.take_forward_note(j, note)
-    z = stage.forward_microbatch(j, x, run.plan.labels.get((K.FORWARD.value, j)))
+    optimizer.take_forward_note(j, note)
+    z = stage.forward_microbatch(j, x, run.plan.labels.get((FORWARD, j)))
     if stage.is_last:
         top = stage.top_of_pipeline(j, run.plan.n, run.plan.top)
-        run.tops[(K.FORWARD, j)] = (top.grad, top.curvature)
+        run.tops[(FORWARD, j)] = (top.grad, top.curvature)
         run.result.losses[j], run.result.correct[j] = float(top.loss), top.correct
     else:
-        run.send_up(action, (z, hooks.forward_note(j)))
+        run.send_up(action, (z, optimizer.forward_note(j)))
     return ""
 
 
 def backward_microbatch(run: PlanRun, action: Action) -> str:
-    stage, hooks, j = run.stage, run.stage.hooks, action.index
+    stage, optimizer, j = run.stage, run.stage.optimizer, action.index
     assert j is not None
     if stage.is_last:  # the top of the pipeline starts the notes that go down
-        g, c = run.tops.pop((K.FORWARD, j))
-        note = hooks.backward_note(j, run.plan.same_batch)
+        g, c = run.tops.pop((FORWARD, j))
+        note = optimizer.backward_note(j, run.plan.same_batch)
     else:
         g, c, note = run.from_above(action, "the gradient")
-    hooks.take_backward_note(j, note)
+    optimizer.take_backward_note(j, note)
+    skipped = optimizer.skips_backward()
     g_in, c_in = stage.backward_microbatch(j, g, c, run.plan.same_batch)
+    detail = "skipped" if skipped else ""
     if stage.is_first:
-        return ""
-    if hooks.sends_curvature() and c_in is None:  # held back until the last backward
+        return detail
+    if optimizer.sends_curvature() and c_in is None:  # held back until the last backward
         run.executor.held[j] = (g_in, note)
-        if not any(a.kind is K.BACKWARD for a in run.plan.actions[run.position + 1:]):
-            late = hooks.release_held()
+        if not any(a.kind == BACKWARD for a in run.plan.actions[run.position + 1:]):
+            late = optimizer.release_held()
             for k, (held, held_note) in run.executor.held.items():
-                run.send_down(Action(K.BACKWARD, k), (held, late[k], held_note))
+                run.send_down(Action(BACKWARD, k), (held, late[k], held_note))
             run.executor.held.clear()
-        return ""
+        return detail
     run.send_down(action, (g_in, c_in, note))
-    return ""
+    return detail
 
 
 def forward_only(run: PlanRun, action: Action) -> str:
     stage = run.stage
-    key = (action.kind.value, action.index)
+    key = (action.kind, action.index)
     z = stage.forward_only(run.from_below(action, "the input"))
     if stage.is_last:
         assert action.index is not None
         y = run.plan.labels[key].to(z.device)
-        loss_sum, correct = stage.hooks.evaluate_top(action.index, z, y, run.plan.top)
+        loss_sum, correct = stage.optimizer.evaluate_top(action.index, z, y, run.plan.top)
         run.result.sums[key] = (loss_sum, correct, len(z))
     else:
         run.send_up(action, z)
     return ""
 
 
-GENERIC_HANDLERS: dict[ActionKind, Handler] = {
-    K.FORWARD: forward_microbatch, K.BACKWARD: backward_microbatch,
-    K.EVALUATE: forward_only, K.TRIAL: forward_only,
+PIPELINE_HANDLERS: dict[ActionKind, Handler] = {
+    FORWARD: forward_microbatch, BACKWARD: backward_microbatch,
+    EVALUATE: forward_only, TRIAL: forward_only,
 }
 
 
 class StageExecutor:
-    """Performs plans on one stage: the generic kinds here, the update kinds by its rule."""
+    """Performs plans on one stage: the pipeline's kinds here, the optimizer's by its part."""
 
     def __init__(self, stage: Stage, channel: Channel) -> None:
         self.stage = stage
         self.channel = channel
         self.tops: dict[Hashable, Any] = {}
-        # curvature: batch — gradients (and their notes) held until the last backward
+        # Gradients (and their notes) an optimizer holds back until the stage's last backward
+        # (SM's curvature over the whole batch needs every microbatch first).
         self.held: dict[int, tuple[Tensor | None, Any]] = {}
-        self._handlers = {**GENERIC_HANDLERS, **stage.hooks.handlers()}
+        self._handlers = {**PIPELINE_HANDLERS, **stage.optimizer.handlers()}
 
     def handler(self, kind: ActionKind) -> Handler:
         try:
             return self._handlers[kind]
         except KeyError:
             raise RuntimeError(f"stage {self.stage.index}: this optimizer has no action "
-                               f"{kind.value} ({kind.info.name})") from None
+                               f"{kind.letter} ({kind.name})") from None
 
     def start(self, plan: Plan) -> PlanRun:
         return PlanRun(self, plan)

@@ -9,10 +9,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from torch import Tensor
 
-from sm_dist.pipeline.actions import ActionKind, Schedule
+from sm_dist.pipeline.actions import EVALUATE, FORWARD, ActionKind, Schedule
 from sm_dist.pipeline.executor import Call, Plan, PlanResult
 from sm_dist.pipeline.memory import MemoryReading
-from sm_dist.pipeline.schedule import forward_only_schedule, gpipe_schedule
+from sm_dist.pipeline.schedule import Pass, forward_only_schedule, gpipe_schedule
 from sm_dist.pipeline.timeline import EventLog, TimelineEvent
 
 Microbatches = list[tuple[Tensor, Tensor]]
@@ -42,13 +42,13 @@ class IterationRequest:
     eval_chunks: Microbatches | None = None  # evaluated after the update: test set first,
     test_chunks: int = 0  # this many of them; the rest are the training set's
     last: bool = False  # no iteration follows: nothing to wait for, so no bubble to fill
-    top: str = "loss"  # what the last stage computes (a rule may define its own, e.g. SSO's)
+    top: str = "loss"  # what the last stage computes (an optimizer may define its own: SSO's)
 
 
 @dataclass
 class IterationResult:
     batch: BatchResult
-    reports: list[Any]  # one per stage: its rule's report
+    reports: list[Any]  # one per stage: its optimizer's report
     test: tuple[float, float, int] | None = None  # (Σ loss, correct, samples) after the update
     train: tuple[float, float, int] | None = None  # the same over the whole training set
     memory: list[MemoryReading | None] | None = None  # per stage, after the pass
@@ -94,7 +94,9 @@ class Pipeline:
 
     Every pass becomes one plan per stage, numbered in order; a subclass sends them
     (`_dispatch`). Stage 0 gets the inputs and the last stage the labels; everything else
-    travels between the stages.
+    travels between the stages. Every pass with actions is also handed to `dispatch_sink` as
+    it is sent (plans.jsonl: what the simulator replays), marked as waiting when nothing sent
+    before it was still unread.
     """
 
     num_stages: int
@@ -105,37 +107,46 @@ class Pipeline:
     # Whether every stage runs in this one process (then one memory figure covers them all).
     shares_process = False
     action_sink: Callable[[list[TimelineEvent]], None] | None = None
+    dispatch_sink: Callable[[int, Pass], None] | None = None
 
     def __init__(self, num_stages: int) -> None:
         self.num_stages = num_stages
         self.events = EventLog()
         self._next_plan = 0
+        self._unread: set[int] = set()  # plans sent whose results nobody has waited for
 
     def _dispatch(self, plans: list[Plan]) -> Pending[list[PlanResult]]:
         raise NotImplementedError
 
     def _send(self, iteration: int, schedule: Schedule,
-              data: dict[tuple[str, int], tuple[Tensor, Tensor]],
+              data: dict[tuple[ActionKind, int], tuple[Tensor, Tensor]],
               per_stage_args: Sequence[tuple] | None = None, command: Call | None = None,
               **options: Any) -> Pending[list[PlanResult]]:
         plan_id, self._next_plan = self._next_plan, self._next_plan + 1
+        if self.dispatch_sink is not None and any(schedule):
+            self.dispatch_sink(plan_id, Pass(iteration, schedule, waits=not self._unread))
+        self._unread.add(plan_id)
         plans = []
         for s, actions in enumerate(schedule):
             call = command
             if command is not None and per_stage_args is not None:
-                call = Call(command.method, per_stage_args[s], command.on_rule)
+                call = Call(command.method, per_stage_args[s], command.on_optimizer)
             plan = Plan(plan_id, iteration, actions, command=call, **options)
             if s == 0:
                 plan.inputs = {key: x for key, (x, _) in data.items()}
             if s == self.num_stages - 1:
                 plan.labels = {key: y for key, (_, y) in data.items()}
             plans.append(plan)
-        return self._dispatch(plans)
+        return Then(self._dispatch(plans), lambda results: self._read(plan_id, results))
+
+    def _read(self, plan_id: int, results: list[PlanResult]) -> list[PlanResult]:
+        self._unread.discard(plan_id)
+        return results
 
     def submit(self, request: IterationRequest) -> Pending[IterationResult]:
         chunks = request.eval_chunks or []
-        data = {(ActionKind.FORWARD.value, j): mb for j, mb in enumerate(request.microbatches)}
-        data.update({(ActionKind.EVALUATE.value, k): chunk for k, chunk in enumerate(chunks)})
+        data = {(FORWARD, j): mb for j, mb in enumerate(request.microbatches)}
+        data.update({(EVALUATE, k): chunk for k, chunk in enumerate(chunks)})
         pending = self._send(request.iteration, request.schedule, data, n=request.n,
                              same_batch=request.same_batch, top=request.top)
 
@@ -143,7 +154,7 @@ class Pipeline:
             last = results[-1]
             batch = BatchResult(sum(last.losses[j] for j in sorted(last.losses)),
                                 sum(last.correct.values()), request.n)
-            evals = [last.sums[(ActionKind.EVALUATE.value, k)] for k in range(len(chunks))]
+            evals = [last.sums[(EVALUATE, k)] for k in range(len(chunks))]
             return IterationResult(batch, [r.report for r in results],
                                    _totals(evals[:request.test_chunks]),
                                    _totals(evals[request.test_chunks:]),
@@ -154,7 +165,7 @@ class Pipeline:
     def forward_backward(self, microbatches: Microbatches, n: int, same_batch: bool = False,
                          top: str = "loss", iteration: int = 0) -> BatchResult:
         """A forward and backward pass with no update: the gradient stays in every stage's
-        p.grad (and the rule keeps what its backward keeps) until `end_iteration`."""
+        p.grad (and the optimizer keeps what its backward keeps) until `end_iteration`."""
         schedule = gpipe_schedule(self.num_stages, len(microbatches))
         request = IterationRequest(iteration, microbatches, n, same_batch, schedule, top=top)
         return self.submit(request).wait().batch
@@ -167,10 +178,10 @@ class Pipeline:
                      before: tuple[Call, ...] = (), top: str = "loss") -> tuple[float, int]:
         """A forward-only pass of `chunks`: the last stage's summed values and correct count."""
         schedule = forward_only_schedule(self.num_stages, len(chunks), kind)
-        data = {(kind.value, k): chunk for k, chunk in enumerate(chunks)}
+        data = {(kind, k): chunk for k, chunk in enumerate(chunks)}
         results = self._send(iteration, schedule, data, before=before, top=top).wait()
         sums = results[-1].sums
-        ordered = [sums[(kind.value, k)] for k in range(len(chunks))]
+        ordered = [sums[(kind, k)] for k in range(len(chunks))]
         return sum(s[0] for s in ordered), sum(s[1] for s in ordered)
 
     def perform(self, schedule: Schedule, iteration: int = 0) -> list[PlanResult]:
@@ -187,7 +198,7 @@ class Pipeline:
 
     def evaluate(self, iteration: int, x: Tensor, y: Tensor) -> tuple[float, int]:
         """Summed loss and correct predictions over a data set, forward-only, in chunks."""
-        return self.forward_pass(iteration, ActionKind.EVALUATE, eval_chunks(x, y))
+        return self.forward_pass(iteration, EVALUATE, eval_chunks(x, y))
 
     def start_memory_measurement(self) -> None:
         """Every stage's memory peak from now on (training starts)."""

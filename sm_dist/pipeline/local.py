@@ -1,5 +1,5 @@
 """LocalPipeline: every stage in this process, the schedule run one action at a time (the
-engine's oracle: the same plans through the same handlers, without threads or RPC)."""
+engine's reference: the same plans through the same handlers, without threads or RPC)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from sm_dist.pipeline.actions import ScheduleError
 from sm_dist.pipeline.executor import MailKey, Plan, PlanResult, StageExecutor
 from sm_dist.pipeline.interface import Done, Pending, Pipeline
+from sm_dist.pipeline.schedule import Pass, Position, list_schedule
 from sm_dist.pipeline.stage import Stage
 
 
@@ -19,14 +20,16 @@ class LocalChannel:
         self.mailboxes = mailboxes
         self.index = index
 
+    @property
+    def mailbox(self) -> dict[MailKey, Any]:
+        """What the neighbours have sent this stage and it has not taken yet."""
+        return self.mailboxes[self.index]
+
     def receive(self, key: MailKey, source: int, what: str) -> Any:
         try:
             return self.mailboxes[self.index].pop(key)
         except KeyError:  # LocalPipeline runs an action only once its input is there
             raise ScheduleError(f"stage {self.index} needs {what} before it was sent") from None
-
-    def has(self, key: MailKey) -> bool:
-        return key in self.mailboxes[self.index]
 
     def send(self, stage: int, key: MailKey, payload: Any) -> None:
         self.mailboxes[stage][key] = payload
@@ -42,11 +45,11 @@ class LocalChannel:
 
 
 class LocalPipeline(Pipeline):
-    """Runs the stages of one pipeline in one process: stage by stage, each as far as its
-    inputs allow, until every action of the pass is done. Every stage performs exactly its
-    plan's order, through the engine's handlers, so both give the same numbers; the order
-    across stages is fixed too (it does not depend on timing). With no bubbles in one
-    process, fill steps take none."""
+    """Runs the stages of one pipeline in one process: the list scheduler performs each action
+    as it schedules it (stage by stage, each as far as its inputs allow). Every stage performs
+    exactly its plan's order, through the engine's handlers, so both give the same numbers;
+    the order across stages is fixed too (it does not depend on timing). With no bubbles in
+    one process, fill steps take none."""
 
     shares_process = True
 
@@ -61,21 +64,16 @@ class LocalPipeline(Pipeline):
     def _dispatch(self, plans: list[Plan]) -> Pending[list[PlanResult]]:
         runs = [executor.start(plan) for executor, plan in zip(self.executors, plans,
                                                                  strict=True)]
-        done = [0] * len(plans)
-        while any(done[s] < len(plan.actions) for s, plan in enumerate(plans)):
-            progressed = False
-            for s, plan in enumerate(plans):
-                while done[s] < len(plan.actions):
-                    key = runs[s].input_key(done[s])
-                    if key is not None and not self.channels[s].has(key):
-                        break  # a neighbour has not sent it yet
-                    runs[s].perform(done[s])
-                    done[s] += 1
-                    progressed = True
-            if not progressed:
-                stuck = ", ".join(f"stage {s} at {plan.actions[done[s]]}"
-                                  for s, plan in enumerate(plans) if done[s] < len(plan.actions))
-                raise ScheduleError(f"the schedule deadlocks: {stuck} wait for each other")
+
+        def ready(at: Position) -> bool:  # what the stage waits for has really been sent
+            key = runs[at[0]].input_key(at[2])
+            return key is None or key in self.channels[at[0]].mailbox
+
+        def perform(at: Position) -> None:
+            runs[at[0]].perform(at[2])
+
+        list_schedule([Pass(plans[0].iteration, [plan.actions for plan in plans])],
+                      ready=ready, perform=perform)
         results = [run.finish() for run in runs]
         if self.action_sink is not None:
             self.action_sink([event for result in results for event in result.events])

@@ -1,12 +1,12 @@
-"""A discrete-event simulation of schedules on one device per stage: each action takes its
-measured cost, each transfer a link's latency plus its bytes over the bandwidth.
+"""A simulation of passes on one device per stage: the list scheduler of pipeline/schedule.py
+with each action's measured cost and each transfer a link's latency plus its bytes over the
+bandwidth.
 
-The same dependencies as the engine: an input kind waits for the stage below to finish it and
-its tensor to cross the link, a backward kind for the stage above; a stage runs its actions in
-plan order; a fill (`W`) takes steps of one inner step's cost until the input of the stage's
-next forward kind arrives (or its limit); a pass the coordinator steers starts only when every
-action of the pass before it has ended. The result is a timeline of `TimelineEvent`s, read by
-the same utilisation code and plots as a real run's.
+A kind that fills the idle time (SM's `W`) takes steps of what one step of its step kind costs
+until the input of the stage's next input action arrives (or its limit), and stops on the
+step boundary after it; a pass that waits starts only when every action before it has ended.
+The result is a timeline of `TimelineEvent`s, read by the same utilisation code and plots as a
+real run's.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sm_dist.pipeline.actions import FORWARD_KINDS, Action, ActionKind, Schedule, ScheduleError
-from sm_dist.pipeline.schedule import dependencies
+from sm_dist.pipeline.actions import Action, kind_of
+from sm_dist.pipeline.schedule import Pass, Place, Timing, list_schedule
 from sm_dist.pipeline.timeline import TimelineEvent
-
-K = ActionKind
 
 
 @dataclass(frozen=True)
@@ -43,96 +41,41 @@ LINKS = {
     "none": Link(math.inf, 0.0),  # free transfers: the schedule's own shape
 }
 
-
-@dataclass(frozen=True)
-class Pass:
-    """One pass the coordinator sends: every stage's actions, and whether it must wait for
-    everything sent before it to end (passes the coordinator steers)."""
-
-    iteration: int
-    schedule: Schedule
-    waits: bool = False
+# What an action costs where it runs (stage, pass): (seconds, bytes it sends to its neighbour).
+CostModel = Callable[[Place, Action], tuple[float, float]]
 
 
-# What an action costs on its stage: (seconds, bytes it sends to its neighbour).
-CostModel = Callable[[int, Action], tuple[float, float]]
+def fill_steps(action: Action, start: float, input_at: float | None, step: float) -> int:
+    """The steps a fill takes from `start` when its input arrives at `input_at`: until the
+    first step boundary at or after the arrival, at most the fill's limit (its index)."""
+    if input_at is None or input_at <= start or step <= 0:
+        return 0
+    return min(action.index or 0, math.ceil((input_at - start) / step))
 
 
-def simulate(passes: list[Pass], cost: CostModel, link: Link,
-             inner_step: Callable[[int], float]) -> list[TimelineEvent]:
-    """The timeline of `passes` run back to back on one device per stage. `inner_step(s)` is
-    the cost of one inner step on stage s (what a fill step takes)."""
-    num_stages = len(passes[0].schedule) if passes else 0
-    lanes: list[list[tuple[int, Action]]] = [[] for _ in range(num_stages)]
-    for number, one in enumerate(passes):
-        for s, actions in enumerate(one.schedule):
-            lanes[s].extend((number, a) for a in actions)
-    done: dict[tuple[int, int, Action], tuple[float, float]] = {}  # (pass, s, a) -> end, bytes
-    pass_end = [0.0] * len(passes)
-    remaining = [sum(len(a) for a in one.schedule) for one in passes]
-    free, pointer = [0.0] * num_stages, [0] * num_stages
-    events: list[TimelineEvent] = []
+def simulate(passes: list[Pass], cost: CostModel, link: Link) -> list[TimelineEvent]:
+    """The timeline of `passes` run back to back on one device per stage."""
+    def step_cost(place: Place, action: Action) -> float:
+        letter = action.kind.step_cost_of or action.kind.letter
+        return cost(place, Action(kind_of(letter), 1))[0]
 
-    def ready(number: int, s: int, action: Action) -> float | None:
-        """When `action`'s input from a neighbour is there (0 if it needs none); None: not
-        known yet."""
-        times = []
-        for other, dep in dependencies(s, action, num_stages):
-            key = (number, other, dep)
-            if key not in done:
-                return None
-            end, nbytes = done[key]
-            times.append(end + link.transfer(nbytes))
-        return max(times, default=0.0)
+    def fill(place: Place, action: Action, start: float, input_at: float | None) -> float:
+        step = step_cost(place, action)
+        return fill_steps(action, start, input_at, step) * step
 
-    while any(pointer[s] < len(lanes[s]) for s in range(num_stages)):
-        progressed = False
-        for s in range(num_stages):
-            while pointer[s] < len(lanes[s]):
-                number, action = lanes[s][pointer[s]]
-                first = pointer[s] == 0 or lanes[s][pointer[s] - 1][0] != number
-                barrier = 0.0
-                if first and passes[number].waits and number > 0:
-                    if any(remaining[k] for k in range(number)):
-                        break  # the coordinator waits for the passes before this one
-                    barrier = max(pass_end[:number])
-                arrives = ready(number, s, action)
-                if arrives is None:
-                    break
-                start = max(free[s], arrives, barrier)
-                seconds, nbytes = cost(s, action)
-                if action.kind is K.FILL:
-                    wait = _fill_until(lanes[s], pointer[s], s, ready)
-                    if wait is None:
-                        break  # the fill lasts until that input is known to arrive
-                    step = inner_step(s)
-                    limit = action.index or 0
-                    steps = 0 if wait <= start or step <= 0 else min(
-                        limit, math.ceil((wait - start) / step))
-                    seconds, detail = steps * step, f"{steps} steps"
-                else:
-                    detail = f"{action.index} steps" if action.kind is K.INNER else ""
-                end = start + seconds
-                done[(number, s, action)] = (end, nbytes)
-                events.append(TimelineEvent(s, passes[number].iteration, action.kind,
-                                            action.index, start, end, detail))
-                free[s] = end
-                pass_end[number] = max(pass_end[number], end)
-                remaining[number] -= 1
-                pointer[s] += 1
-                progressed = True
-        if not progressed:
-            stuck = ", ".join(f"stage {s} at {lanes[s][pointer[s]][1]}"
-                              for s in range(num_stages) if pointer[s] < len(lanes[s]))
-            raise ScheduleError(f"the simulated schedule deadlocks: {stuck}")
+    timing = Timing(duration=lambda p, a: cost(p, a)[0],
+                    transfer=lambda p, a: link.transfer(cost(p, a)[1]), fill=fill)
+    events = []
+    for s, lane in enumerate(list_schedule(passes, timing)):
+        for slot in lane:
+            action = slot.action
+            detail = ""
+            if action.kind.fills_idle:
+                step = step_cost((s, slot.number), action)
+                detail = f"{round((slot.end - slot.start) / step) if step > 0 else 0} steps"
+            elif action.kind.counts_steps:
+                detail = f"{action.index} steps"
+            events.append(TimelineEvent(s, passes[slot.number].iteration, action.kind,
+                                        action.index, slot.start, slot.end, detail))
+    events.sort(key=lambda e: (e.start, e.stage))
     return events
-
-
-def _fill_until(lane: list[tuple[int, Action]], position: int, s: int,
-                ready: Callable[[int, int, Action], float | None]) -> float | None:
-    """When the input a fill waits for arrives: the next forward kind of the stage, in this
-    pass or a later one; 0 when nothing follows (the last pass has no bubble to fill)."""
-    for number, action in lane[position + 1:]:
-        if action.kind in FORWARD_KINDS:
-            return ready(number, s, action)
-    return 0.0

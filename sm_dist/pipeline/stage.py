@@ -1,8 +1,8 @@
 """Stage: one pipeline stage's layers, its microbatch forward and backward, and its hooks.
 
 The stage is generic: what its backward keeps, what the top of the pipeline computes and what
-its update actions do belong to the optimizer's per-stage rule (`StageHooks`), attached as
-`stage.rule` by `sm_dist.optim`.
+its update actions do belong to the optimizer's part on this stage (a `StageOptimizer`), attached
+as `stage.optimizer` by `sm_dist.config.build`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ class MicrobatchStash:
     recorded: bool = True  # False: the forward ran without a graph; the backward reruns it
 
 
-class StageHooks(Protocol):
-    """What an optimizer adds to a stage (implemented by `sm_dist.optim.base.StageRule`)."""
+class StageOptimizer(Protocol):
+    """An optimizer's part on one stage: what it adds to the stage's forward and backward, and
+    what it does in its own actions (implemented by `sm_dist.optim.base.BaseStageOptimizer`)."""
 
     def top_of_pipeline(self, j: int, out: Tensor, y: Tensor, n: int,
                         mode: str) -> TopOfPipeline: ...
@@ -51,13 +52,17 @@ class StageHooks(Protocol):
                  same_batch: bool) -> tuple[Tensor | None, Tensor | None]: ...
     def sends_curvature(self) -> bool: ...
     def keeps_forward_graph(self) -> bool: ...
-    # Notes: small values a rule sends along with the pipeline's own messages (up with each
-    # forward, down with each backward, the top of the pipeline starting the latter).
+    # Notes: small values an optimizer sends along with the pipeline's own messages (up with
+    # each forward, down with each backward, the top of the pipeline starting the latter).
     def forward_note(self, j: int) -> Any: ...
     def take_forward_note(self, j: int, note: Any) -> None: ...
     def backward_note(self, j: int, same_batch: bool) -> Any: ...
     def take_backward_note(self, j: int, note: Any) -> None: ...
     def release_held(self) -> dict[int, Tensor]: ...
+    def skips_backward(self) -> bool:
+        """Whether this iteration's backward does nothing (the timeline says 'skipped')."""
+    def after_backward(self) -> None:
+        """After a pass's last backward (with replicas: sum the gradients over them)."""
     def handlers(self) -> dict[ActionKind, Callable[..., str]]: ...
     def report(self) -> Any: ...
     def end_iteration(self) -> None: ...
@@ -66,7 +71,7 @@ class StageHooks(Protocol):
 
 
 class Stage:
-    """One stage of the pipeline: its layers, its per-microbatch stash, its optimizer rule.
+    """One stage of the pipeline: its layers, its per-microbatch stash, its optimizer's part.
 
     The caller (the executor of a schedule) decides the order of the calls; the stage only
     knows how to run one microbatch forward or backward.
@@ -86,22 +91,27 @@ class Stage:
         self.device = next(module.parameters()).device
         self.stash: dict[int, MicrobatchStash] = {}
         self.generator = torch.Generator().manual_seed(seed * 1000 + index)
-        self.rule: StageHooks | None = None  # set by the optimizer (sm_dist.optim)
+        self._optimizer: StageOptimizer | None = None  # attached by sm_dist.config.build
         self.memory = MemoryProbe(self.device)
 
     @property
-    def hooks(self) -> StageHooks:
-        assert self.rule is not None, "no optimizer rule attached to this stage"
-        return self.rule
+    def optimizer(self) -> StageOptimizer:
+        """The optimizer's part on this stage."""
+        assert self._optimizer is not None, "no optimizer attached to this stage"
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, part: StageOptimizer) -> None:
+        self._optimizer = part
 
     # ----------------------------------------------------------------------------- forward
     def forward_microbatch(self, j: int, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Run f_s on microbatch j, keep what the backward needs, return the output (detached)."""
         z_in = x.to(self.device).detach().requires_grad_(not self.is_first)
         y = None if y is None else y.to(self.device)
-        # A rule that rebuilds its graphs (SM's recompute) keeps only the input until the
+        # An optimizer that rebuilds its graphs (SM's recompute) keeps only the input until the
         # backward: then one microbatch's graph is alive at a time instead of all of them.
-        recorded = self.hooks.keeps_forward_graph()
+        recorded = self.optimizer.keeps_forward_graph()
         with torch.set_grad_enabled(recorded):
             out = self.module(z_in)
         self.stash[j] = MicrobatchStash(z_in, out, y, recorded)
@@ -114,22 +124,22 @@ class Stage:
 
     def top_of_pipeline(self, j: int, n: int, mode: str) -> TopOfPipeline:
         """Last stage: the loss of microbatch j in a batch of n and the (g, c) its backward
-        starts from (or what the rule's `mode` puts there instead, e.g. SSO's surrogate)."""
+        starts from (or what the optimizer's `mode` puts there instead, e.g. SSO's surrogate)."""
         entry = self.stash[j]
         assert self.loss is not None and entry.y is not None
-        return self.hooks.top_of_pipeline(j, entry.out.detach(), entry.y, n, mode)
+        return self.optimizer.top_of_pipeline(j, entry.out.detach(), entry.y, n, mode)
 
     # ---------------------------------------------------------------------------- backward
     def backward_microbatch(self, j: int, g_out: Tensor, c_out: Tensor | None,
                             same_batch: bool = False) -> tuple[Tensor | None, Tensor | None]:
         """Backpropagate microbatch j: accumulate ∂h/∂θ_s, return (g_in, c_in) for the stage
-        below (c_in None on the first stage, for rules that send no curvature, and while the
-        rule holds it back until `release_held`)."""
+        below (c_in None on the first stage, for optimizers that send no curvature, and while
+        the optimizer holds it back until `release_held`)."""
         entry = self.stash.pop(j)
         if not entry.recorded:  # the same forward again, now recording (deterministic)
             with torch.enable_grad():
                 entry = MicrobatchStash(entry.z_in, self.module(entry.z_in), entry.y)
-        return self.hooks.backward(j, entry, g_out, c_out, same_batch)
+        return self.optimizer.backward(j, entry, g_out, c_out, same_batch)
 
     def accumulate_grad(self, grads: list[Tensor]) -> None:
         for p, g in zip(self.params, grads):
@@ -137,9 +147,9 @@ class Stage:
 
     # ------------------------------------------------------------------ state and commands
     def end_iteration(self) -> None:
-        """Drop the iteration's stash, the rule's per-iteration state and the gradients."""
+        """Drop the iteration's stash, the optimizer's per-iteration state and the gradients."""
         self.stash.clear()
-        self.hooks.end_iteration()
+        self.optimizer.end_iteration()
         for p in self.params:
             p.grad = None
 
@@ -152,12 +162,12 @@ class Stage:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to continue exactly: parameters, optimizer state, random state."""
-        return {"module": self.state_dict(), "rule": to_cpu(self.hooks.state_dict()),
+        return {"module": self.state_dict(), "optimizer": to_cpu(self.optimizer.state_dict()),
                 "generator": self.generator.get_state()}
 
     def restore_checkpoint(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state["module"])
-        self.hooks.load_state_dict(state["rule"])
+        self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
 
     def start_memory_measurement(self) -> None:

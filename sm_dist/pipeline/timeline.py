@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sm_dist.pipeline.actions import ActionKind
-
-K = ActionKind
+from sm_dist.pipeline.actions import BACKWARD, FORWARD, ActionKind, Direction, kind_in_trace
 
 
 @dataclass(frozen=True)
@@ -26,14 +24,15 @@ class TimelineEvent:
     detail: str = ""  # e.g. the inner steps an update slice took
     sent: int = 0  # bytes the action sent to its neighbours
     replica: int = 0  # which of the stage's data-parallel replicas (model.replicas)
+    plan: int = -1  # the id of the plan it belongs to (-1: not from a dispatched plan)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ActionKind):
-            object.__setattr__(self, "kind", ActionKind.parse(self.kind))
+            object.__setattr__(self, "kind", kind_in_trace(self.kind))
 
     @property
     def label(self) -> str:
-        return self.kind.value if self.index is None else f"{self.kind.value}{self.index}"
+        return self.kind.letter if self.index is None else f"{self.kind.letter}{self.index}"
 
 
 class EventLog(list):
@@ -126,8 +125,8 @@ def _utilisation(events: Sequence[TimelineEvent], iteration: int, num_stages: in
         mine = [(e.start, e.end) for e in events if e.stage == s]
         busy.append(_covered(mine, lo, hi) / duration)
         stage_own = [e for e in own if e.stage == s]
-        forwards = [e for e in stage_own if e.kind is K.FORWARD]
-        backwards = [e for e in stage_own if e.kind is K.BACKWARD]
+        forwards = [e for e in stage_own if e.kind == FORWARD]
+        backwards = [e for e in stage_own if e.kind == BACKWARD]
         if forwards and backwards:
             gap_lo, gap_hi = max(e.end for e in forwards), min(e.start for e in backwards)
             turnaround.append(max(gap_hi - gap_lo - _covered(mine, gap_lo, gap_hi), 0.0)
@@ -135,7 +134,7 @@ def _utilisation(events: Sequence[TimelineEvent], iteration: int, num_stages: in
         else:
             turnaround.append(0.0)
         following = [e.start for e in events if e.stage == s and e.iteration > iteration
-                     and e.kind in (K.FORWARD, K.EVALUATE, K.TRIAL)]
+                     and e.kind.direction is Direction.UP]
         if backwards and following:
             gap_lo, gap_hi = max(e.end for e in backwards), min(following)
             update.append(max(gap_hi - gap_lo - _covered(mine, gap_lo, gap_hi), 0.0) / duration)
@@ -173,10 +172,11 @@ def chrome_trace(events: Iterable[TimelineEvent], host_of_stage: dict[int, str] 
 
 def _trace_event(e: TimelineEvent, origin: float) -> dict[str, Any]:
     # One process row per replica (pid), a thread row per stage in it.
-    return {"name": e.label, "cat": e.kind.info.name, "ph": "X", "pid": e.replica,
+    return {"name": e.label, "cat": e.kind.name, "ph": "X", "pid": e.replica,
             "tid": e.stage,
             "ts": (e.start - origin) * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6,
-            "args": {"iteration": e.iteration, **({"detail": e.detail} if e.detail else {}),
+            "args": {"iteration": e.iteration, "plan": e.plan,
+                     **({"detail": e.detail} if e.detail else {}),
                      **({"bytes": e.sent} if e.sent else {})}}
 
 
@@ -225,25 +225,26 @@ def read_trace(path: Path) -> dict[str, Any]:
 
 def events_from_trace(trace: dict[str, Any]) -> list[TimelineEvent]:
     """The events of a trace that `chrome_trace` wrote, times in seconds from the trace's first
-    action (the trace keeps no wall-clock origin). Raises ValueError on an action that sm-dist
-    does not write."""
+    action (the trace keeps no wall-clock origin). A letter no loaded optimizer registers is
+    read as a kind of its own (`kind_in_trace`). Raises ValueError on a name that is not an
+    action's (a letter and an index)."""
     events = []
     for item in trace.get("traceEvents", []):
         if item.get("ph") != "X":  # metadata: the stages' row names
             continue
         name = str(item.get("name", ""))
         letter, number = name[:1], name[1:]
-        if letter not in {k.value for k in ActionKind} or not (number == ""
-                                                                or number.isdigit()):
+        if not letter.isalpha() or not (number == "" or number.isdigit()):
             raise ValueError(f"unknown action {name!r} in the trace (expected e.g. F0, B3, L, W9)")
         args = item.get("args", {})
         start = float(item["ts"]) / 1e6
         events.append(TimelineEvent(stage=int(item["tid"]), iteration=int(args["iteration"]),
-                                    kind=ActionKind(letter),
+                                    kind=kind_in_trace(letter),
                                     index=int(number) if number else None,
                                     start=start, end=start + float(item["dur"]) / 1e6,
                                     detail=str(args.get("detail", "")),
                                     sent=int(args.get("bytes", 0)),
-                                    replica=int(item.get("pid", 0))))
+                                    replica=int(item.get("pid", 0)),
+                                    plan=int(args.get("plan", -1))))
     return events
 

@@ -15,7 +15,7 @@ from typing import Any
 from sm_dist.config.job import JobConfig, dump_job, load_job
 from sm_dist.exit_codes import EXIT_OK, EXIT_RUNTIME
 from sm_dist.report.compare_plot import plot_compare
-from sm_dist.report.compare_tables import compare_markdown, grid_lines, group_results
+from sm_dist.report.compare_tables import compare_markdown, group_results
 from sm_dist.report.compare_time import pipeline_times, time_section
 from sm_dist.report.grid import (
     CompareError,
@@ -24,6 +24,7 @@ from sm_dist.report.grid import (
     check_list,
     default_at,
     expand_grid,
+    grid_lines,
     plan_runs,
     run_path,
 )
@@ -150,7 +151,10 @@ def compare_main(job_path: str, overrides: Sequence[str], optimizers: Sequence[s
         parse_link(link)
     except SimulateError as err:
         raise CompareError(str(err)) from None
-    points = expand_grid(base, optimizers, inner_steps, depths, lrs)
+    notes: list[str] = []
+    points = expand_grid(base, optimizers, inner_steps, depths, lrs, notes)
+    for note in notes:
+        print(f"sm-dist: note: {note}", file=sys.stderr, flush=True)
     iterations = base.run.iterations
     check_list("--at", at)
     if at is not None and not all(1 <= k <= iterations for k in at):

@@ -7,12 +7,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from sm_dist.config.job import JobConfig
 from sm_dist.optim.options import InnerStepsConfig
 from sm_dist.report.grid import (
-    INNER_STEP_OPTIMIZERS,
     LR_SWEEP_OPTIMIZERS,
     RunResult,
     lr_text,
@@ -141,7 +138,7 @@ def steady_iteration_time(run: RunData) -> float | None:
 
 
 def _stage_total(record: IterationRecord, key: str) -> int | float | None:
-    value = getattr(record, key)
+    value = record.value(key)
     if isinstance(value, list):
         return sum(v for v in value if v is not None)
     return value
@@ -219,27 +216,6 @@ def rises(run: RunData) -> int:
 
 
 # ------------------------------------------------------------------------------ markdown
-def grid_lines(base: JobConfig, optimizers: Sequence[str], inner_steps: Sequence[int] | None,
-               depths: Sequence[int] | None, lrs: Sequence[float] | None) -> list[str]:
-    """The grid in words, for the header of compare.md."""
-    def listed(values: Sequence[Any]) -> str:
-        return ", ".join(str(v) for v in values)
-
-    lines = [f"optimizers: {listed(optimizers)}"]
-    if set(optimizers) & set(INNER_STEP_OPTIMIZERS):
-        steps = listed(inner_steps) if inner_steps is not None else (
-            f"{steps_text(base.optimizer.inner_steps)} (the job's)")
-        lines.append(f"N (inner steps of {listed(INNER_STEP_OPTIMIZERS)}): {steps}")
-    if depths is not None and base.model.mlp is not None:
-        lines.append(f"depths (Linear layers, hidden width {base.model.mlp.widths[1]}): "
-                     f"{listed(depths)}")
-    if set(optimizers) & set(LR_SWEEP_OPTIMIZERS):
-        swept = listed([lr_text(lr) for lr in lrs]) if lrs is not None else (
-            f"{lr_text(base.optimizer.lr)} (the job's)")
-        lines.append(f"learning rates of {listed(LR_SWEEP_OPTIMIZERS)}: {swept}")
-    return lines
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """A markdown table, the first column left-aligned and the others right-aligned."""
     align = ["---"] + ["---:"] * (len(header) - 1)
@@ -340,8 +316,9 @@ def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_pat
              f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}", "",
              "The training loss of an iteration is measured by its forward pass, before its "
              "update; the test accuracy after the update, every `run.eval_every` iterations "
-             "and at the last. GD, SGD, Adam and DDG appear at their best learning rate (the "
-             "lowest final training loss; every rate is in the sweep tables). Losses have 4 "
+             f"and at the last. {', '.join(LR_SWEEP_OPTIMIZERS)} appear at their best learning "
+             "rate (the lowest final training loss; every rate is in the sweep tables). Losses "
+             "have 4 "
              "significant digits; `non-finite` is a loss that overflowed (the run diverged).", ""]
     lines += ["## Training loss and test accuracy at chosen iterations (as the paper's Table 1)",
               "", "Test accuracy is that of the last evaluation at or before the iteration; "
@@ -363,23 +340,33 @@ def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_pat
     for title, rows in figure_rows(groups):
         lines += [f"### {title}", "", *_equal_passes_table(rows), ""]
     lines += ["## Cost", "", "Per run, at its end: pipeline forward and backward passes over the "
-              "batch (GD+Armijo's trial steps count as forward passes), Hessian-vector "
+              "batch (forward-only trial passes count as forward passes), Hessian-vector "
               "products summed over the stages and tangent passes where the run records them, "
               "the wall time (the first iteration includes start-up) and the mean time of an "
               "iteration after the first.", "", *_cost_table(results), ""]
+    lines += _sweeps_diverged_and_failed(groups, results)
+    return "\n".join(lines)
+
+
+def _sweeps_diverged_and_failed(groups: list[DepthGroup],
+                                results: Sequence[RunResult]) -> list[str]:
+    """compare.md's last sections: the learning-rate sweeps, the runs that diverged and the
+    runs that failed (each only when there is one)."""
+    lines: list[str] = []
     sweeps = [(group, name, sweep) for group in groups for name, sweep in group.sweeps.items()
               if len(sweep) > 1]
     if sweeps:
         lines += ["## Learning-rate sweeps", ""]
         for group, name, sweep in sweeps:
             lines += [f"### {name}, {group.heading}", "", *_sweep_table(sweep), ""]
-    diverged = [(r, run, k) for r, run in done if (k := first_non_finite(run)) is not None]
+    diverged = [(r, run, k) for r, run in finished(results)
+                if (k := first_non_finite(run)) is not None]
     if diverged:
         lines += ["## Diverged runs", "", "A run stops at the first iteration whose training "
                   "loss is not finite or more than 10^4 times its first (run.on_nonfinite: "
                   "stop); the tables show `non-finite` from there on.", ""]
-        for r, run, k in diverged:  # stopped.txt's first clause; the rest is on checkpoints
-            why = run.stopped.split(": the optimizer")[0] if run.stopped else None
+        for r, run, k in diverged:
+            why = run.stop.reason if run.stop is not None else None
             lines.append(f"- {r.point.label}: " + (f"stopped at iteration {k}: {why}" if why else
                          f"the training loss was not finite from iteration {k}"))
         lines.append("")
@@ -390,4 +377,4 @@ def compare_markdown(results: Sequence[RunResult], *, at: Sequence[int], job_pat
             log = f"; log `{result.log}`" if result.log is not None else ""
             lines.append(f"- {result.point.label}: {result.reason}{log}")
         lines.append("")
-    return "\n".join(lines)
+    return lines

@@ -17,7 +17,9 @@ from sm_dist.config.job import (
     job_to_dict,
     load_job,
 )
+from sm_dist.config.optimizer_section import switch_note
 from sm_dist.config.schema import plural
+from sm_dist.optim import registry
 from sm_dist.optim.options import InnerStepsConfig
 from sm_dist.optim.registry import names_sweeping
 from sm_dist.report.run_data import RunData
@@ -116,14 +118,47 @@ def check_list(option: str, values: Sequence[Any] | None) -> None:
         seen.add(value)
 
 
+def job_option(base: JobConfig, key: str, takers: Sequence[str]) -> Any:
+    """The job's value of an option some optimizers take (inner_steps, lr): its own when its
+    optimizer takes it, else the default of the first that does."""
+    if hasattr(base.optimizer, key):
+        return getattr(base.optimizer, key)
+    return getattr(registry.get(takers[0]).Options(), key)
+
+
+def grid_lines(base: JobConfig, optimizers: Sequence[str], inner_steps: Sequence[int] | None,
+               depths: Sequence[int] | None, lrs: Sequence[float] | None) -> list[str]:
+    """The grid in words, for the header of compare.md."""
+    def listed(values: Sequence[Any]) -> str:
+        return ", ".join(str(v) for v in values)
+
+    lines = [f"optimizers: {listed(optimizers)}"]
+    if set(optimizers) & set(INNER_STEP_OPTIMIZERS):
+        steps = listed(inner_steps) if inner_steps is not None else (
+            f"{steps_text(job_option(base, 'inner_steps', INNER_STEP_OPTIMIZERS))} "
+            "(the job's)")
+        lines.append(f"N (inner steps of {listed(INNER_STEP_OPTIMIZERS)}): {steps}")
+    if depths is not None and base.model.mlp is not None:
+        lines.append(f"depths (Linear layers, hidden width {base.model.mlp.widths[1]}): "
+                     f"{listed(depths)}")
+    if set(optimizers) & set(LR_SWEEP_OPTIMIZERS):
+        swept = listed([lr_text(lr) for lr in lrs]) if lrs is not None else (
+            f"{lr_text(job_option(base, 'lr', LR_SWEEP_OPTIMIZERS))} (the job's)")
+        lines.append(f"learning rates of {listed(LR_SWEEP_OPTIMIZERS)}: {swept}")
+    return lines
+
+
 def expand_grid(base: JobConfig, optimizers: Sequence[str],
                 inner_steps: Sequence[int] | None = None, depths: Sequence[int] | None = None,
-                lrs: Sequence[float] | None = None) -> list[GridPoint]:
+                lrs: Sequence[float] | None = None,
+                notes: list[str] | None = None) -> list[GridPoint]:
     """Every run of the grid, depth by depth, in the order of `optimizers`: an inner-step
     optimizer once per N (default: the job's optimizer.inner_steps), an lr-swept one once per
     learning rate (default: the job's optimizer.lr), the others once. Each job is `base`
-    with its name, optimizer.name, inner_steps or lr and (for a depth) model changed, and is
-    validated: an optimizer the schema does not know is a ConfigError naming it."""
+    with its name, optimizer.name (the job's optimizer's own options left out for another),
+    inner_steps or lr and (for a depth) model changed, and is validated: an optimizer the
+    schema does not know is a ConfigError naming it. `notes` gets a line per optimizer whose
+    points leave out some of the job's options."""
     for option, values in (("--optimizers", optimizers), ("--inner-steps", inner_steps),
                            ("--depths", depths), ("--lrs", lrs)):
         check_list(option, values)
@@ -143,8 +178,10 @@ def expand_grid(base: JobConfig, optimizers: Sequence[str],
         if bad:
             raise CompareError(f"--depths {bad[0]}: a depth is a number of layers, at least 1")
     steps_list: list[int | InnerStepsConfig] = (
-        list(inner_steps) if inner_steps is not None else [base.optimizer.inner_steps])
-    lr_list = list(lrs) if lrs is not None else [base.optimizer.lr]
+        list(inner_steps) if inner_steps is not None
+        else [job_option(base, "inner_steps", INNER_STEP_OPTIMIZERS)])
+    lr_list = list(lrs) if lrs is not None else [job_option(base, "lr", LR_SWEEP_OPTIMIZERS)]
+    _note_switches(base, optimizers, notes)
     points = []
     for depth in depths if depths is not None else [None]:
         for name in optimizers:
@@ -160,11 +197,25 @@ def expand_grid(base: JobConfig, optimizers: Sequence[str],
     return points
 
 
+def _note_switches(base: JobConfig, optimizers: Sequence[str], notes: list[str] | None) -> None:
+    """A line per optimizer of the grid that leaves out some of the job's own options."""
+    if notes is None:
+        return
+    for name in dict.fromkeys(optimizers):
+        if name != base.optimizer.name and registry.known(name):
+            _, dropped = registry.switch_section(job_to_dict(base)["optimizer"], name)
+            if dropped:
+                notes.append(switch_note(base.optimizer.name, name, dropped))
+
+
 def _point_job(base: JobConfig, label: str, optimizer: str, depth: int | None,
                steps: int | InnerStepsConfig | None, lr: float | None) -> JobConfig:
     raw = job_to_dict(base)
     raw["name"] = label
-    raw["optimizer"]["name"] = optimizer
+    if registry.known(optimizer):
+        raw["optimizer"], _ = registry.switch_section(raw["optimizer"], optimizer)
+    else:  # a 'module:Class' the job's validation imports (and names if it cannot)
+        raw["optimizer"]["name"] = optimizer
     if steps is not None:
         raw["optimizer"]["inner_steps"] = steps if isinstance(steps, int) else asdict(steps)
     if lr is not None:

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import Formatter, LogFormatter, MaxNLocator
 
-from sm_dist.pipeline.actions import IDLE_COLOUR, INDEXED_KINDS, ActionKind
+from sm_dist.pipeline.actions import IDLE_COLOUR, ActionKind, known_kinds
 from sm_dist.pipeline.timeline import (
     TimelineEvent,
     events_from_trace,
@@ -54,8 +54,8 @@ def series(records: Sequence[IterationRecord], x_key: str, y_key: str,
     skipped. `x_of(record)` computes x instead of reading field `x_key`."""
     xs, ys = [], []
     for record in records:
-        x = x_of(record) if x_of is not None else getattr(record, x_key)
-        y = getattr(record, y_key)
+        x = x_of(record) if x_of is not None else record.value(x_key)
+        y = record.value(y_key)
         if x is not None and y is not None:
             xs.append(x)
             ys.append(y)
@@ -192,28 +192,68 @@ def _text_fits(text: str, width_px: float) -> bool:
 def _bar_label(event: TimelineEvent, width_px: float) -> str:
     """The text drawn inside a bar, only where it fits whole: the action (F0, B1), or an
     update's letter with the steps it took (W 37 steps) or alone; else none."""
-    if event.kind in INDEXED_KINDS:
+    if event.kind.travels:
         candidates = [event.label]
     else:  # an update's index is a step budget, not a microbatch: what it did says more
-        candidates = [f"{event.kind.value} {event.detail}"] if event.detail else []
-        candidates.append(event.kind.value)
+        candidates = [f"{event.kind.letter} {event.detail}"] if event.detail else []
+        candidates.append(event.kind.letter)
     return next((text for text in candidates if _text_fits(text, width_px)), "")
 
 
 def _legend_entries(drawn: set[ActionKind]) -> list[tuple[str, str]]:
     """(colour, label) per colour of the kinds drawn, each letter with its action's name
-    (F forward, L build local loss), in the order of ActionKind."""
+    (F forward, L build local loss), in the order the kinds were registered (a kind of an
+    optimizer not loaded here last)."""
     groups: dict[str, tuple[str, list[str]]] = {}
-    for kind in ActionKind:
-        if kind in drawn:
-            colour, names = groups.setdefault(kind.info.legend, (kind.info.colour, []))
-            names.append(f"{kind.value} {kind.info.name}")
+    known = known_kinds()
+    ordered = [k for k in known if k in drawn] + sorted(drawn - set(known), key=str)
+    for kind in ordered:
+        colour, names = groups.setdefault(kind.legend, (kind.colour, []))
+        names.append(f"{kind.letter} {kind.name}")
     return [(colour, ", ".join(names)) for colour, names in groups.values()]
 
 
 def _short_bar_width(width_ms: float, px_per_ms: float) -> float:
     """A bar's drawn width: at least MIN_BAR_PX, so that a microsecond forward still shows."""
     return max(width_ms, MIN_BAR_PX / px_per_ms)
+
+
+def _timeline_axes(axes: Any, num_stages: int, iteration: int, window_ms: float, title: str,
+                   utilisation: Any) -> None:
+    """The timeline's lanes, axis label and title, with each lane's busy share."""
+    axes.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)],
+                    fontsize=FONT_SIZE)
+    axes.set_xlabel(f"time from the first action of iteration {iteration} (ms)",
+                    fontsize=FONT_SIZE)
+    facts = f"window {window_ms:.1f} ms"
+    if utilisation is not None:
+        facts += f", pipeline idle {utilisation.bubble_fraction:.0%}"
+        for stage, busy in enumerate(utilisation.busy_fraction):
+            # Each lane's busy share, just right of the plot: the numbers metrics.jsonl holds.
+            axes.text(1.005, stage, f"busy {busy:.0%}", transform=axes.get_yaxis_transform(),
+                      va="center", ha="left", fontsize=FONT_SIZE - 1)
+    axes.set_title(f"{title}\n{facts}", fontsize=FONT_SIZE + 1)
+    axes.tick_params(axis="y", length=0)
+    for side in ("top", "right", "left"):
+        axes.spines[side].set_visible(False)
+
+
+def _timeline_legend(figure: Any, axes: Any, drawn: set[ActionKind],
+                     other_iterations: bool) -> None:
+    """The timeline's legend below its x label: the kinds drawn, idle, another iteration."""
+    legend = [Patch(facecolor=colour, label=label) for colour, label in _legend_entries(drawn)]
+    legend.append(Patch(facecolor=IDLE_COLOUR, label="idle"))
+    if other_iterations:
+        legend.append(Patch(facecolor="#999999", edgecolor="white", hatch="///",
+                            label="another iteration"))
+    # As many columns as the widest label leaves room for in the figure's width.
+    widest = max(len(patch.get_label()) for patch in legend)
+    room = figure.get_figwidth() * 72 / (0.6 * (FONT_SIZE - 1) * widest + 4 * FONT_SIZE)
+    # Below the x label: half an inch down, whatever the number of lanes makes the axes' height.
+    below = -0.55 * DPI / axes.get_window_extent().height
+    axes.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, below),
+                ncol=max(1, min(len(legend), int(room))), fontsize=FONT_SIZE - 1,
+                frameon=False)
 
 
 def plot_timeline(events: Sequence[TimelineEvent] | dict[str, Any], iteration: int,
@@ -232,7 +272,6 @@ def plot_timeline(events: Sequence[TimelineEvent] | dict[str, Any], iteration: i
         raise ValueError(f"no actions of iteration {iteration} in the timeline")
     lo, hi = window
     window_ms = max(hi - lo, 1e-9) * 1e3
-    utilisation = iteration_utilisation(events, iteration, num_stages)
 
     figure = new_figure(10.0, 1.6 + 0.55 * num_stages)
     axes = figure.add_subplot()
@@ -257,42 +296,17 @@ def plot_timeline(events: Sequence[TimelineEvent] | dict[str, Any], iteration: i
         edge = 0.6 if width * px_per_ms > 3 * MIN_BAR_PX else 0.0
         axes.broken_barh([(x, _short_bar_width(width, px_per_ms))],
                          (event.stage - LANE_HEIGHT / 2, LANE_HEIGHT),
-                         facecolors=event.kind.info.colour, edgecolors="white",
+                         facecolors=event.kind.colour, edgecolors="white",
                          linewidth=edge, hatch="///" if foreign else None, zorder=2)
         text = _bar_label(event, width * px_per_ms)
         if text:
-            dark = event.kind.info.legend in ("forward", "update")
+            dark = event.kind.legend in ("forward", "update")
             axes.text(x + width / 2, event.stage, text, ha="center", va="center",
                       fontsize=FONT_SIZE - 2, color="white" if dark else "black", zorder=3,
                       clip_on=True)
 
-    axes.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)],
-                    fontsize=FONT_SIZE)
-    axes.set_xlabel(f"time from the first action of iteration {iteration} (ms)",
-                    fontsize=FONT_SIZE)
-    facts = f"window {window_ms:.1f} ms"
-    if utilisation is not None:
-        facts += f", pipeline idle {utilisation.bubble_fraction:.0%}"
-        for stage, busy in enumerate(utilisation.busy_fraction):
-            # Each lane's busy share, just right of the plot: the numbers metrics.jsonl holds.
-            axes.text(1.005, stage, f"busy {busy:.0%}", transform=axes.get_yaxis_transform(),
-                      va="center", ha="left", fontsize=FONT_SIZE - 1)
-    axes.set_title(f"{title}\n{facts}", fontsize=FONT_SIZE + 1)
-    axes.tick_params(axis="y", length=0)
-    for side in ("top", "right", "left"):
-        axes.spines[side].set_visible(False)
+    _timeline_axes(axes, num_stages, iteration, window_ms, title,
+                   iteration_utilisation(events, iteration, num_stages))
 
-    legend = [Patch(facecolor=colour, label=label) for colour, label in _legend_entries(drawn)]
-    legend.append(Patch(facecolor=IDLE_COLOUR, label="idle"))
-    if other_iterations:
-        legend.append(Patch(facecolor="#999999", edgecolor="white", hatch="///",
-                            label="another iteration"))
-    # As many columns as the widest label leaves room for in the figure's width.
-    widest = max(len(patch.get_label()) for patch in legend)
-    room = figure.get_figwidth() * 72 / (0.6 * (FONT_SIZE - 1) * widest + 4 * FONT_SIZE)
-    # Below the x label: half an inch down, whatever the number of lanes makes the axes' height.
-    below = -0.55 * DPI / axes.get_window_extent().height
-    axes.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, below),
-                ncol=max(1, min(len(legend), int(room))), fontsize=FONT_SIZE - 1,
-                frameon=False)
+    _timeline_legend(figure, axes, drawn, other_iterations)
     save_figure(figure, path)

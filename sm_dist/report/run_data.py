@@ -11,9 +11,11 @@ from typing import Any
 
 import yaml
 
+from sm_dist.optim import registry
+from sm_dist.optim.metrics import NoMetrics, OptimizerMetrics
 from sm_dist.pipeline.timeline import events_from_trace, read_trace
 from sm_dist.run.metrics import IterationRecord, MetricsError, read_metrics
-from sm_dist.run.run_dir import STOPPED_FILE
+from sm_dist.run.run_dir import StopNote, read_stop_note
 
 
 class ReportError(Exception):
@@ -29,7 +31,21 @@ class RunData:
     config: dict[str, Any]  # config.yaml, the resolved job
     records: list[IterationRecord]  # metrics.jsonl, one per finished iteration
     trace: dict[str, Any] | None  # trace.json (absent for --single-process runs)
-    stopped: str | None = None  # why the run stopped early (stopped.txt), if it did
+    stop: StopNote | None = None  # why the run stopped early (stopped.json), if it did
+
+    @property
+    def stopped(self) -> str | None:
+        """What the run said when it stopped early (None: it did not)."""
+        return self.stop.message if self.stop is not None else None
+
+    @property
+    def metrics(self) -> type[OptimizerMetrics]:
+        """Its optimizer's metrics section (none for an optimizer that cannot be loaded here)."""
+        name = (self.config.get("optimizer") or {}).get("name")
+        try:
+            return registry.get(name).Metrics if isinstance(name, str) else NoMetrics
+        except registry.UnknownOptimizer:
+            return NoMetrics
 
 
 def load_run(path: str | Path) -> RunData:
@@ -65,9 +81,7 @@ def load_run(path: str | Path) -> RunData:
             events_from_trace(trace)
         except (KeyError, TypeError, ValueError) as err:
             raise ReportError(f"{path / 'trace.json'} is not an sm-dist trace ({err})") from None
-    stopped_path = path / STOPPED_FILE
-    stopped = stopped_path.read_text(encoding="utf-8").strip() if stopped_path.is_file() else None
-    return RunData(path, path.resolve().name, config, records, trace, stopped)
+    return RunData(path, path.resolve().name, config, records, trace, read_stop_note(path))
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[RunData]:

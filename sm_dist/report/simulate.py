@@ -1,6 +1,6 @@
-"""`sm-dist simulate`: a run's own schedule replayed on one device per stage, from the action
-costs it measured (`actions.json` of a single-process run, or an engine run's `trace.json`)
-and a link model."""
+"""`sm-dist simulate`: the passes a run dispatched (plans.jsonl) replayed on one device per
+stage, each action at the cost the run measured for it (`actions.json` of a single-process
+run, or an engine run's `trace.json`), each transfer over a link model."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sm_dist.config.build import build_optimizer
-from sm_dist.config.job import JobConfig, job_from_dict
-from sm_dist.optim.options import InnerStepsConfig
-from sm_dist.pipeline.actions import INDEXED_KINDS, Action, ActionKind
-from sm_dist.pipeline.interface import EVAL_CHUNK
-from sm_dist.pipeline.schedule import forward_only_schedule, gpipe_schedule
-from sm_dist.pipeline.simulator import LINKS, CostModel, Link, Pass, simulate
+from sm_dist.config.job import job_from_dict
+from sm_dist.pipeline.actions import EVALUATE, Action, Schedule
+from sm_dist.pipeline.plan_log import PLAN_LOG, read_plan_log
+from sm_dist.pipeline.schedule import Pass
+from sm_dist.pipeline.simulator import LINKS, CostModel, Link, simulate
 from sm_dist.pipeline.timeline import (
     TimelineEvent,
     events_from_trace,
@@ -26,9 +24,6 @@ from sm_dist.pipeline.timeline import (
     read_trace,
 )
 from sm_dist.report.run_data import ReportError, RunData
-from sm_dist.run.metrics import IterationRecord
-
-K = ActionKind
 
 
 class SimulateError(ReportError):
@@ -53,104 +48,145 @@ def parse_link(text: str) -> tuple[str, Link]:
 
 @dataclass
 class MeasuredCosts:
-    """Median seconds and bytes per unit of every (stage, kind): per microbatch or chunk for
-    the indexed kinds, per inner step for I and W, per action for the others."""
+    """Median seconds and bytes per unit of every (stage, kind letter): per microbatch or
+    chunk for the travelling kinds, per step for the kinds that count steps, per action for the
+    others; actions that did nothing ("skipped") are left out of the medians."""
 
-    seconds: dict[tuple[int, ActionKind], float]
-    nbytes: dict[tuple[int, ActionKind], float]
+    seconds: dict[tuple[int, str], float]
+    nbytes: dict[tuple[int, str], float]
     source: str  # the file they came from
 
-    def inner_step(self, stage: int) -> float:
-        return self.seconds.get((stage, K.INNER), 0.0)
-
-    def model(self, scale: float = 1.0) -> CostModel:
-        """Per action; `scale` multiplies the per-microbatch costs (a different split)."""
-        def cost(stage: int, action: Action) -> tuple[float, float]:
-            key = (stage, action.kind)
-            seconds, nbytes = self.seconds.get(key, 0.0), self.nbytes.get(key, 0.0)
-            if action.kind in INDEXED_KINDS and action.kind is not K.EVALUATE:
-                return seconds * scale, nbytes * scale
-            if action.kind is K.INNER:
-                return seconds * (action.index or 0), 0.0
-            return seconds, nbytes
-        return cost
+    def unit(self, stage: int, action: Action) -> tuple[float, float]:
+        """(seconds, bytes) of one unit of `action`'s kind on `stage` (a fill's step: a step
+        of the kind it fills with)."""
+        key = (stage, action.kind.step_cost_of or action.kind.letter)
+        return self.seconds.get(key, 0.0), self.nbytes.get(key, 0.0)
 
 
 def _units(event: TimelineEvent) -> int:
-    if event.kind in (K.INNER, K.FILL):
+    """How many units an event's cost covers (0: it did nothing)."""
+    if event.detail == "skipped":
+        return 0
+    if event.kind.counts_steps:
         return int(event.detail.split()[0]) if event.detail else 0
     return 1
 
 
-def measured_costs(run: RunData, iterations: range | None = None) -> MeasuredCosts:
-    """The run's action costs, from actions.json (single process: one action at a time) or
-    else trace.json (the engine: measured while the stages shared the machine)."""
+def read_events(run: RunData) -> tuple[list[TimelineEvent], str]:
+    """The run's measured actions: actions.json (single process: one action at a time) or else
+    trace.json (the engine: measured while the stages shared the machine)."""
     for name in ("actions.json", "trace.json"):
         path = run.path / name
         if path.is_file():
-            events = events_from_trace(read_trace(path))
-            break
-    else:
-        raise SimulateError(f"{run.path} has neither actions.json nor trace.json: no measured "
-                            "action costs to simulate from (runs since sm-dist 0.2 write them)")
-    per_second: dict[tuple[int, ActionKind], list[float]] = defaultdict(list)
-    per_byte: dict[tuple[int, ActionKind], list[float]] = defaultdict(list)
+            return events_from_trace(read_trace(path)), name
+    raise SimulateError(f"{run.path} has neither actions.json nor trace.json: no measured "
+                        "action costs to simulate from")
+
+
+def measured_costs(events: list[TimelineEvent], source: str,
+                   iterations: range | None = None) -> MeasuredCosts:
+    """The medians of the events' costs per unit, per stage and kind."""
+    per_second: dict[tuple[int, str], list[float]] = defaultdict(list)
+    per_byte: dict[tuple[int, str], list[float]] = defaultdict(list)
     for e in events:
-        if iterations is not None and e.iteration not in iterations:
-            continue
         units = _units(e)
-        if units == 0:
+        if units == 0 or (iterations is not None and e.iteration not in iterations):
             continue
-        kind = K.INNER if e.kind is K.FILL else e.kind
-        per_second[(e.stage, kind)].append((e.end - e.start) / units)
-        per_byte[(e.stage, kind)].append(e.sent / units)
+        key = (e.stage, e.kind.step_cost_of or e.kind.letter)
+        per_second[key].append((e.end - e.start) / units)
+        per_byte[key].append(e.sent / units)
     if not per_second:
-        raise SimulateError(f"{run.path}: no measured actions in the chosen iterations")
+        raise SimulateError(f"{source}: no measured actions in the chosen iterations")
     return MeasuredCosts({k: statistics.median(v) for k, v in per_second.items()},
-                         {k: statistics.median(v) for k, v in per_byte.items()}, name)
+                         {k: statistics.median(v) for k, v in per_byte.items()}, source)
 
 
-def run_passes(job: JobConfig, records: list[IterationRecord], microbatches: int,
-               test_samples: int | None) -> list[Pass]:
-    """Every pass the run's coordinator sent, iteration by iteration, as its records tell:
-    the iteration's own pass with the inner steps each stage took, the line-search trials and
-    surrogate passes of a steered optimizer, the evaluations."""
-    optimizer = build_optimizer(job)
-    p = len(job.model.balance)
-    chunks = -(-test_samples // EVAL_CHUNK) if test_samples else 1
-    fill = isinstance(job.optimizer.inner_steps, InnerStepsConfig)
+@dataclass
+class Replay:
+    """The run's dispatched passes as they ran: a step-counting action's index is the steps
+    it took; `skipped` holds (pass, stage, action) of the actions that did nothing."""
+
+    passes: list[Pass]
+    skipped: set[tuple[int, int, Action]]
+
+
+def dispatched(run: RunData, events: list[TimelineEvent],
+               iterations: range | None = None) -> Replay:
+    """plans.jsonl's passes (those of `iterations`), each action as its event says it ran."""
+    path = run.path / PLAN_LOG
+    if not path.is_file():
+        raise SimulateError(f"{run.path} has no {PLAN_LOG} (the passes its coordinator sent); "
+                            "train the run again with this version to simulate it")
+    ran: dict[tuple[int, int], list[TimelineEvent]] = defaultdict(list)
+    for e in events:
+        if e.replica == 0:
+            ran[(e.plan, e.stage)].append(e)
     passes: list[Pass] = []
-    previous: IterationRecord | None = None
-    for record in records:
-        last = record is records[-1]
-        update = optimizer.update_actions(microbatches, last)
-        steps = record.inner_steps
-        if steps is not None and not fill:
-            def update(s: int, base=update, steps=steps) -> list[Action]:
-                return [Action(a.kind, steps[s]) if a.kind is K.INNER else a for a in base(s)]
-        evaluated = record.test_loss is not None
-        if record.step_rejected and not optimizer.steered:  # backward and inner loop skipped
-            schedule = [[Action(K.FORWARD, j) for j in range(microbatches)] + [Action(K.APPLY)]
-                        for _ in range(p)]
-        else:
-            schedule = gpipe_schedule(p, microbatches, update,
-                                      chunks if evaluated and not optimizer.steered else 0)
-        passes.append(Pass(record.iteration, schedule, waits=optimizer.steered))
-        if optimizer.steered:
-            forward = (record.forward_passes or 0) - ((previous.forward_passes or 0)
-                                                      if previous else 0)
-            backward = (record.backward_passes or 0) - ((previous.backward_passes or 0)
-                                                        if previous else 0)
-            for _ in range(max(backward - 1, 0)):  # SSO's surrogate passes
-                passes.append(Pass(record.iteration, gpipe_schedule(p, microbatches), True))
-            for _ in range(max(forward - backward, 0)):  # forward-only trials
-                passes.append(Pass(record.iteration,
-                                   forward_only_schedule(p, microbatches, K.TRIAL), True))
-            if evaluated:
-                passes.append(Pass(record.iteration,
-                                   forward_only_schedule(p, chunks, K.EVALUATE), True))
-        previous = record
-    return passes
+    skipped: set[tuple[int, int, Action]] = set()
+    for plan_id, sent in read_plan_log(path):
+        if iterations is not None and sent.iteration not in iterations:
+            continue
+        number, schedule = len(passes), []
+        for s, actions in enumerate(sent.schedule):
+            done = ran.get((plan_id, s), [])
+            lane = []
+            for position, action in enumerate(actions):
+                event = done[position] if position < len(done) else None
+                action = _as_ran(action, event)
+                if event is not None and event.detail == "skipped":
+                    skipped.add((number, s, action))
+                lane.append(action)
+            schedule.append(lane)
+        passes.append(Pass(sent.iteration, schedule, sent.waits))
+    if not passes:
+        raise SimulateError(f"{run.path}: no dispatched passes in the chosen iterations")
+    return Replay(passes, skipped)
+
+
+def _as_ran(action: Action, event: TimelineEvent | None) -> Action:
+    """A step-counting action with the steps it took (a fill keeps its limit: the simulation
+    decides how long it fills; a skipped one takes none)."""
+    if event is None or not action.kind.counts_steps:
+        return action
+    if event.detail == "skipped":
+        return Action(action.kind, 0, action.step)
+    if action.kind.fills_idle:
+        return action
+    return Action(action.kind, _units(event), action.step)
+
+
+def resplit(schedule: Schedule, microbatches: int) -> Schedule:
+    """The same passes with each batch cut into `microbatches` instead: every run of one
+    travelling kind over the batch's microbatches (F0..F3, B3..B0) becomes one over the new
+    count, in the same direction; evaluation chunks stay."""
+    out = []
+    for actions in schedule:
+        lane: list[Action] = []
+        for action in actions:
+            if not action.kind.travels or action.kind == EVALUATE:
+                lane.append(action)
+            elif not lane or lane[-1].kind != action.kind or lane[-1].step != action.step:
+                descending = action.index not in (0, None)
+                order = range(microbatches - 1, -1, -1) if descending else range(microbatches)
+                lane.extend(Action(action.kind, j, action.step) for j in order)
+        out.append(lane)
+    return out
+
+
+def replay_cost(costs: MeasuredCosts, replay: Replay, scale: float) -> CostModel:
+    """Each action's cost: its kind's measured unit times its units (`scale` multiplies the
+    per-microbatch costs, for another split); an action that did nothing costs nothing."""
+    def cost(place: tuple[int, int], action: Action) -> tuple[float, float]:
+        stage, number = place
+        if (number, stage, action) in replay.skipped:
+            return 0.0, 0.0
+        seconds, nbytes = costs.unit(stage, action)
+        if action.kind.travels and action.kind != EVALUATE:
+            return seconds * scale, nbytes * scale
+        if action.kind.counts_steps and not action.kind.fills_idle:
+            return seconds * (action.index or 0), 0.0
+        return seconds, nbytes
+    return cost
 
 
 @dataclass
@@ -202,19 +238,21 @@ class Simulation:
 
 def simulate_run(run: RunData, link: str = "none", microbatches: int | None = None,
                  iterations: range | None = None) -> Simulation:
-    """Replay `run` on one device per stage over `link`, with `microbatches` per batch (the
-    per-microbatch costs scaled by the run's microbatches over the new count)."""
+    """Replay the passes `run` dispatched on one device per stage over `link`, each action
+    at its measured cost; with `microbatches` per batch instead of the run's (the
+    per-microbatch costs scaled by the run's count over the new one)."""
     job = job_from_dict(run.config, source=f"{run.path / 'config.yaml'}")
     link_name, model = parse_link(link)
-    records = [r for r in run.records if iterations is None or r.iteration in iterations]
-    if not records:
-        raise SimulateError(f"{run.path}: no iterations in the chosen range")
-    costs = measured_costs(run, iterations)
+    events, source = read_events(run)
+    costs = measured_costs(events, source, iterations)
+    replay = dispatched(run, events, iterations)
     used = job.data.microbatches
     count = microbatches or used
-    passes = run_passes(job, records, count, test_samples(run.config))
-    events = simulate(passes, costs.model(used / count), model, costs.inner_step)
-    return Simulation(events, [r.iteration for r in records], link_name, model, count, costs)
+    passes = replay.passes if count == used else [
+        Pass(p.iteration, resplit(p.schedule, count), p.waits) for p in replay.passes]
+    timeline = simulate(passes, replay_cost(costs, replay, used / count), model)
+    numbers = sorted({p.iteration for p in passes})
+    return Simulation(timeline, numbers, link_name, model, count, costs)
 
 
 def simulation_json(sim: Simulation) -> str:
@@ -232,14 +270,6 @@ def parse_range(text: str) -> range:
     except ValueError:
         raise SimulateError(f"--iterations {text!r}: write FIRST:LAST, e.g. 2:50") from None
 
-
-
-def test_samples(config: dict[str, Any]) -> int:
-    """The size of a run's test set, from its config (evaluation chunks are cut from it)."""
-    data = config.get("data", {})
-    if data.get("dataset") == "synthetic":
-        return int(data.get("synthetic", {}).get("test_size", 256))
-    return int(data.get("test_subset") or 10_000)  # MNIST and Fashion-MNIST test sets
 
 
 def simulate_main(run_dir: str, link: str, microbatches: int | None, iterations: str | None,

@@ -30,20 +30,20 @@ from sm_dist.run.run_dir import unique_dir
 def _last(records: Sequence[IterationRecord], key: str) -> tuple[Any, int | None]:
     """The last non-null value of `key` and its iteration."""
     for record in reversed(records):
-        if getattr(record, key) is not None:
-            return getattr(record, key), record.iteration
+        if record.value(key) is not None:
+            return record.value(key), record.iteration
     return None, None
 
 
 def _best(records: Sequence[IterationRecord], key: str, lowest: bool
           ) -> tuple[Any, int | None]:
     """The lowest (or highest) non-null value of `key` and its first iteration."""
-    found = [r for r in records if getattr(r, key) is not None]
+    found = [r for r in records if r.value(key) is not None]
     if not found:
         return None, None
     pick = min if lowest else max
-    record = pick(found, key=lambda r: getattr(r, key))  # min/max keep the first of equals
-    return getattr(record, key), record.iteration
+    record = pick(found, key=lambda r: r.value(key))  # min/max keep the first of equals
+    return record.value(key), record.iteration
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -78,8 +78,9 @@ def summarize(run: RunData) -> dict[str, Any]:
       `mean_bubble_fraction`, the pipeline's idle share; per stage `mean_busy_fraction`,
       `mean_turnaround_idle`, `mean_update_idle`, the share of the iteration the stage
       computed, was idle between its last forward and first backward, and between its last
-      backward and its next forward (these four multi-process runs only); `mean_inner_steps`,
-      the inner steps each stage took (optimizers with an inner loop)
+      backward and its next forward (these four multi-process runs only); and the optimizer
+      section's fields its Metrics average (`means_of`), e.g. `mean_inner_steps`, the inner
+      steps each stage took (optimizers with an inner loop)
     """
     records, config = run.records, run.config
     balance = _section(config, "model").get("balance")
@@ -92,7 +93,8 @@ def summarize(run: RunData) -> dict[str, Any]:
     full_loss, full_at = _last(records, "full_train_loss")
     full_acc, _ = _last(records, "full_train_acc")
     best_full, _ = _best(records, "full_train_loss", lowest=True)
-    means = steady_means(records)
+    section_means = run.metrics.means_of()
+    means = steady_means(records, section_means)
     last = records[-1]
     return {
         "name": run.name,
@@ -126,7 +128,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "replicas": (replicas := _section(config, "model").get("replicas", 1)),
         "slowest_replica": None if run.trace is None or replicas == 1 else
         slowest_replicas(events_from_trace(run.trace), len(balance)),  # type: ignore[arg-type]
-        **{f"mean_{key}": means[key] for key in STEADY_FIELDS},
+        **{f"mean_{key}": means[key] for key in STEADY_FIELDS + section_means},
     }
 
 

@@ -1,9 +1,11 @@
 """The iteration record: one typed line of metrics.jsonl per finished iteration, its JSON form,
 and the one reader of metrics.jsonl (report, compare, --resume and the monitor use it).
 
-JSON form: one object per line, keys as the field names below. A field a run does not measure
-is absent (None in memory); a number that is not finite (NaN, inf) is written as null, and a
-line cut short by a crash (the last one, with no newline) is skipped when read back.
+JSON form: one object per line, keys as the field names below; the optimizer's own section
+(its `Metrics`, e.g. SM's inner steps per stage) is the object under `optimizer`. A field a
+run does not measure is absent (None in memory); a number that is not finite (NaN, inf) is
+written as null, and a line cut short by a crash (the last one, with no newline) is skipped
+when read back.
 """
 
 from __future__ import annotations
@@ -44,29 +46,11 @@ class IterationRecord:
     full_train_loss: float | None = None
     full_train_acc: float | None = None
     epoch: float | None = None
-    # Optimizers with an inner loop per stage (SM, CGBlock; SSO's steered loop), per stage.
-    predicted_decrease: float | None = None  # the models' predicted change of h
-    inner_steps: list[int] | None = None
-    local_loss: list[float | None] | None = None
-    curvature: list[float | None] | None = None  # the largest c each stage sent down
-    psi_products: list[int] | None = None
-    inner_stopped: list[str | None] | None = None
-    # The previous iteration's prediction against what this iteration's forward measured.
+    # A model-based optimizer's predicted change of h by this iteration's step, and (full
+    # batch) the previous iteration's prediction against what this iteration's forward measured.
+    predicted_decrease: float | None = None
     actual_decrease_prev: float | None = None
     decrease_ratio_prev: float | None = None
-    # sm_adaptive: the scale α of the step applied; whether this iteration's forward pass
-    # measured a step that was rejected (train_loss is then the accepted iterate's, and
-    # rejected_loss what the rejected step measured).
-    step_scale: float | None = None
-    step_rejected: bool | None = None
-    rejected_loss: float | None = None
-    # sm_adaptive on minibatches: the minibatch's loss after the step that was kept, measured
-    # by a forward-only trial of the same minibatch (line_search_trials counts them).
-    trial_loss: float | None = None
-    # Line searches the coordinator steers (GD+Armijo, SSO).
-    step_size: float | None = None
-    line_search_trials: int | None = None
-    grad_norm: float | None = None
     # Utilisation over the iteration's window (engine runs only), see pipeline/timeline.py.
     busy_fraction: list[float] | None = None
     bubble_fraction: float | None = None
@@ -77,17 +61,37 @@ class IterationRecord:
     peak_memory_mb: list[float] | None = None
     training_memory_mb: list[float] | None = None
     memory_kind: str | None = None  # "resident" (CPU processes) or "cuda_allocated"
+    # The optimizer's own section: its Metrics fields by name (sm_dist/optim/metrics.py).
+    optimizer: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, name: str) -> Any:
+        """A field of the optimizer's section (None where it has none)."""
+        return self.optimizer.get(name)
+
+    def value(self, name: str) -> Any:
+        """A field of the record's own, or else of its optimizer's section."""
+        if name != "optimizer" and name in _OWN_FIELDS:
+            return getattr(self, name)
+        return self.optimizer.get(name)
 
     def to_json(self) -> dict[str, Any]:
         """The record's JSON object (absent fields left out, non-finite numbers null)."""
-        return {f.name: _finite_or_none(value) for f in dataclasses.fields(self)
-                if (value := getattr(self, f.name)) is not None}
+        data = {f.name: _finite_or_none(value) for f in dataclasses.fields(self)
+                if f.name != "optimizer" and (value := getattr(self, f.name)) is not None}
+        section = {k: _finite_or_none(v) for k, v in self.optimizer.items() if v is not None}
+        return {**data, "optimizer": section} if section else data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IterationRecord:
-        """A record from its JSON object; keys this version does not know are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        """A record from its JSON object; keys this version does not know go to the
+        optimizer's section (records of earlier versions kept the section's keys at the top)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"optimizer"}
+        section = dict(data.get("optimizer") or {})
+        section.update({k: v for k, v in data.items() if k not in known and k != "optimizer"})
+        return cls(**{k: v for k, v in data.items() if k in known}, optimizer=section)
+
+
+_OWN_FIELDS = {f.name for f in dataclasses.fields(IterationRecord)}
 
 
 @dataclass
@@ -109,19 +113,21 @@ class Costs:
         self.hvp_products = [a + b for a, b in zip(self.hvp_products, per_stage, strict=True)]
 
 
-# What `SteadyMeans` averages: the engine's utilisation and the inner steps per stage.
-STEADY_FIELDS = ("bubble_fraction", "busy_fraction", "turnaround_idle", "update_idle",
-                 "inner_steps")
+# What `SteadyMeans` averages of every run: the engine's utilisation.
+STEADY_FIELDS = ("bubble_fraction", "busy_fraction", "turnaround_idle", "update_idle")
 
 
 class SteadyMeans:
-    """Means of STEADY_FIELDS over the steady iterations of the records added in order: all but
-    the first (it includes start-up) and the newest (the last has no next input, so its window
-    ends at its own last action and a fill-mode update takes only `min` steps); all of them
-    while there are fewer than three. The one definition that the summary, the report and the
-    live monitor use, so that the monitor's last frame shows the summary's figures."""
+    """Means over the steady iterations of the records added in order: all but the first (it
+    includes start-up) and the newest (the last has no next input, so its window ends at its
+    own last action and a fill-mode update takes only `min` steps); all of them while there
+    are fewer than three. Of STEADY_FIELDS and the optimizer section's `section_fields` (its
+    Metrics' `means_of`, e.g. SM's inner steps per stage). The one definition that the
+    summary, the report and the live monitor use, so that the monitor's last frame shows the
+    summary's figures."""
 
-    def __init__(self) -> None:
+    def __init__(self, section_fields: tuple[str, ...] = ()) -> None:
+        self.keys = STEADY_FIELDS + section_fields
         self._edges: list[IterationRecord] = []  # the first and the newest record
         self._sums: dict[str, list[float]] = {}
         self._counts: dict[str, list[int]] = {}
@@ -129,7 +135,7 @@ class SteadyMeans:
 
     def add(self, record: IterationRecord) -> None:
         if len(self._edges) == 2:  # the newest so far is steady now that one follows it
-            _accumulate(self._edges.pop(), self._sums, self._counts)
+            _accumulate(self._edges.pop(), self.keys, self._sums, self._counts)
             self.steady += 1
         self._edges.append(record)
 
@@ -139,9 +145,9 @@ class SteadyMeans:
         if not self.steady:  # fewer than three records: every one counts
             sums, counts = {}, {}
             for record in self._edges:
-                _accumulate(record, sums, counts)
+                _accumulate(record, self.keys, sums, counts)
         means: dict[str, Any] = {}
-        for key in STEADY_FIELDS:
+        for key in self.keys:
             if key not in sums:
                 means[key] = None
                 continue
@@ -150,11 +156,12 @@ class SteadyMeans:
         return means
 
 
-def _accumulate(record: IterationRecord, sums: dict[str, list[float]],
+def _accumulate(record: IterationRecord, keys: tuple[str, ...], sums: dict[str, list[float]],
                 counts: dict[str, list[int]]) -> None:
-    """Add the record's STEADY_FIELDS to per-stage sums and counts (nulls left out)."""
-    for key in STEADY_FIELDS:
-        value = getattr(record, key)
+    """Add the record's `keys` (its own fields or its section's) to per-stage sums and counts
+    (nulls left out)."""
+    for key in keys:
+        value = getattr(record, key) if key in STEADY_FIELDS else record.metric(key)
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
@@ -168,9 +175,10 @@ def _accumulate(record: IterationRecord, sums: dict[str, list[float]],
                 count[stage] += 1
 
 
-def steady_means(records: list[IterationRecord]) -> dict[str, Any]:
+def steady_means(records: list[IterationRecord],
+                 section_fields: tuple[str, ...] = ()) -> dict[str, Any]:
     """`SteadyMeans` of a run's records."""
-    means = SteadyMeans()
+    means = SteadyMeans(section_fields)
     for record in records:
         means.add(record)
     return means.means()

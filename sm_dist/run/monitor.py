@@ -14,31 +14,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from sm_dist.config.build import build_optimizer
 from sm_dist.config.job import JobConfig
 from sm_dist.models.build import num_params
-from sm_dist.optim.registry import get as get_optimizer
-from sm_dist.optim.torch_optimizers import TorchOptimizer
+from sm_dist.optim.metrics import NoMetrics, OptimizerMetrics
 from sm_dist.pipeline.interface import Pipeline
 from sm_dist.pipeline.timeline import TimelineEvent, slowest_replicas
 from sm_dist.run.metrics import IterationRecord, SteadyMeans
 
-MEANS_NOTE = "bubble, busy, inner steps: means over steady iterations (not the first or last)"
+Metrics = type[OptimizerMetrics]
 
 
-def format_record(record: IterationRecord, iterations: int) -> str:
-    """One plain progress line per iteration."""
+def means_note(metrics: Metrics) -> str:
+    """What the live view's steady means are of."""
+    labels = ["bubble", "busy"] + [metrics.shown(n).heading or metrics.shown(n).label
+                                   for n in metrics.means_of()]
+    return f"{', '.join(labels)}: means over steady iterations (not the first or last)"
+
+
+def format_record(record: IterationRecord, iterations: int,
+                  metrics: Metrics = NoMetrics) -> str:
+    """One plain progress line per iteration (`metrics`: the optimizer's section's class)."""
     parts = [f"iter {record.iteration:>{len(str(iterations))}}/{iterations}",
              f"loss {record.train_loss:.4f}", f"acc {record.train_acc:.3f}"]
-    if record.predicted_decrease is not None and record.inner_steps is not None:
+    if record.predicted_decrease is not None:
         parts.append(f"pred {record.predicted_decrease:+.3e}")
-        parts.append("inner " + ",".join(str(s) for s in record.inner_steps))
-    if record.step_scale is not None:
-        notes = [f"{record.line_search_trials} trials"] if record.line_search_trials else []
-        notes += ["step rejected"] if record.step_rejected else []
-        parts.append(f"scale {record.step_scale:.3g}"
-                     + (f" ({', '.join(notes)})" if notes else ""))
-    if record.step_size is not None:
-        parts.append(f"step {record.step_size:.3g} ({record.line_search_trials} trials)")
+    parts += metrics.line_parts(record.optimizer)
     if record.test_acc is not None and record.test_loss is not None:
         parts.append(f"test_loss {record.test_loss:.4f} test_acc {record.test_acc:.3f}")
     if record.full_train_loss is not None and record.full_train_acc is not None:
@@ -69,16 +70,18 @@ def stage_phase(events: Sequence[TimelineEvent], stage: int, now: float) -> str:
     elapsed = now - template[-1].end  # time since the stage reported its last action
     for event in template:
         if event.start - origin <= elapsed < event.end - origin:
-            return event.kind.info.phase
+            return event.kind.phase
     return "idle"
 
 
 class PlainMonitor:
     """One line per iteration, for logs and terminals without the live view."""
 
-    def __init__(self, iterations: int, stream: TextIO | None = None) -> None:
+    def __init__(self, iterations: int, stream: TextIO | None = None,
+                 metrics: Metrics = NoMetrics) -> None:
         self.iterations = iterations
         self.stream = stream
+        self.metrics = metrics
 
     def __enter__(self) -> PlainMonitor:
         return self
@@ -88,7 +91,8 @@ class PlainMonitor:
 
     def progress(self, record: IterationRecord) -> None:
         """A new iteration's result, printed at once (its utilisation is not known yet)."""
-        print(format_record(record, self.iterations), file=self.stream, flush=True)
+        print(format_record(record, self.iterations, self.metrics), file=self.stream,
+              flush=True)
 
     def record(self, record: IterationRecord) -> None:
         pass
@@ -151,11 +155,6 @@ def _mib_text(mib: float) -> str:
     return f"{mib:.0f} MiB"
 
 
-def _steps_text(steps: float) -> str:
-    """A count of inner steps, or its mean to a tenth of a step."""
-    return f"{steps:.0f}" if steps == round(steps) else f"{steps:.1f}"
-
-
 def _at(values: list[Any] | None, stage: int) -> Any:
     return None if values is None or stage >= len(values) else values[stage]
 
@@ -165,19 +164,22 @@ class LiveMonitor:
 
     The training loop only stores what the stages already sent (iteration results and their
     timelines); drawing reads that state, so the monitor sends nothing to the stages and costs
-    the loop a few assignments per iteration. Bubble, busy shares and inner steps are means
-    over the steady iterations (`SteadyMeans`, as in summary.json), so that the last frame and
-    the summary printed after it agree.
+    the loop a few assignments per iteration. Bubble, busy shares and the optimizer section's
+    averaged fields (e.g. inner steps) are means over the steady iterations (`SteadyMeans`, as
+    in summary.json), so that the last frame and the summary printed after it agree. The
+    optimizer's section is shown as its `metrics` class says, with its `notes` beside it.
     """
 
     def __init__(self, name: str, iterations: int, num_stages: int,
                  events: list[TimelineEvent], console: Console | None = None,
-                 refresh_per_second: float = 2.0, learning_rate: float | None = None) -> None:
+                 refresh_per_second: float = 2.0, metrics: Metrics = NoMetrics,
+                 notes: Sequence[str] = ()) -> None:
         self.name = name
         self.iterations = iterations
         self.num_stages = num_stages
         self.events = events  # the pipeline's own list, appended to as results arrive
-        self.learning_rate = learning_rate  # torch optimizers: their constant lr
+        self.metrics = metrics
+        self.notes = list(notes)  # e.g. a torch optimizer's constant lr
         self._seen = 0  # events already sorted into `recent`
         # Each stage's events of its last two reported iterations: all stage_phase needs,
         # so a redraw costs the same in the thousandth iteration as in the first.
@@ -186,8 +188,8 @@ class LiveMonitor:
         self.latest: IterationRecord | None = None
         self.test: IterationRecord | None = None
         self.full_train: IterationRecord | None = None  # the last whole-training-set evaluation
-        self.rejected = 0  # sm_adaptive: steps rejected so far
-        self.steady = SteadyMeans()  # of the finished records (one behind `latest`)
+        self.counts: dict[str, int] = {}  # the section's `counted` fields, over the run so far
+        self.steady = SteadyMeans(metrics.means_of())  # of the finished records
         self.means: dict[str, Any] = self.steady.means()
         self._lock = threading.Lock()
         self.stopped = False  # training is over: no stage is doing anything any more
@@ -201,11 +203,10 @@ class LiveMonitor:
     @classmethod
     def for_job(cls, job: JobConfig, pipeline: Pipeline,
                 console: Console | None = None) -> LiveMonitor:
-        """The live view of `job` on `pipeline`; a torch optimizer's lr is constant, so the
-        job's value is the one every step used."""
-        torch_step = issubclass(get_optimizer(job.optimizer.name), TorchOptimizer)
+        """The live view of `job` on `pipeline`."""
+        optimizer = build_optimizer(job)
         return cls(job.name, job.run.iterations, pipeline.num_stages, pipeline.events, console,
-                   learning_rate=job.optimizer.lr if torch_step else None)
+                   metrics=optimizer.Metrics, notes=optimizer.monitor_notes())
 
     def __enter__(self) -> LiveMonitor:
         self.live.start()
@@ -219,7 +220,8 @@ class LiveMonitor:
     def progress(self, record: IterationRecord) -> None:
         with self._lock:
             self.latest = record
-            self.rejected += bool(record.step_rejected)
+            for name in self.metrics.counted:
+                self.counts[name] = self.counts.get(name, 0) + bool(record.metric(name))
             if record.test_acc is not None:
                 self.test = record
             if record.full_train_loss is not None:
@@ -236,8 +238,8 @@ class LiveMonitor:
             latest, test, means = self.latest, self.test, self.means
         parts: list[RenderableType] = [self.bar, Packed(self._summary(latest, test, means)),
                                        self._stages(latest, means)]
-        if any(means[key] is not None for key in ("bubble_fraction", "inner_steps")):
-            parts.append(Text(MEANS_NOTE, style="dim"))
+        if any(means[key] is not None for key in ("bubble_fraction", *self.metrics.means_of())):
+            parts.append(Text(means_note(self.metrics), style="dim"))
         return Group(*parts)
 
     def _summary(self, latest: IterationRecord | None, test: IterationRecord | None,
@@ -262,15 +264,9 @@ class LiveMonitor:
             items.append(Text(f"decrease actual/predicted {actual:+.2e} / {actual / ratio:+.2e}"))
         elif latest.predicted_decrease is not None:
             items.append(Text(f"predicted decrease {latest.predicted_decrease:+.2e}"))
-        if latest.step_scale is not None:
-            items.append(Text(f"scale {latest.step_scale:.3g}, {self.rejected} rejected"))
-        if latest.step_size is not None:
-            items.append(Text(f"step {latest.step_size:.3g} "
-                              f"({latest.line_search_trials} trials)"))
-        if latest.grad_norm is not None:
-            items.append(Text(f"grad norm {latest.grad_norm:.3e}"))
-        if self.learning_rate is not None:
-            items.append(Text(f"lr {self.learning_rate:g}"))
+        items += [Text(item) for item in self.metrics.summary_items(latest.optimizer,
+                                                                      self.counts)]
+        items += [Text(note) for note in self.notes]
         if means["bubble_fraction"] is not None:
             items.append(Text(f"bubble {means['bubble_fraction']:.0%}"))
         memory = latest.peak_memory_mb
@@ -289,20 +285,12 @@ class LiveMonitor:
                 self.recent[event.stage] = [e for e in mine if e.iteration >= event.iteration - 1]
 
     def _stages(self, latest: IterationRecord | None, means: dict[str, Any]) -> Table:
-        """One row per stage, with the columns the optimizer's records fill."""
+        """One row per stage, with the columns the optimizer's section fills."""
         def has(values: list[Any] | None) -> bool:
             return values is not None and any(v is not None for v in values)
 
-        steps = means["inner_steps"] or (latest.inner_steps if latest else None)
-        local = latest.local_loss if latest else None
-        curvature = latest.curvature if latest else None
         columns: list[tuple[str, list[Any] | None, Callable[[Any], str]]] = []
-        if has(steps):
-            columns.append(("inner steps", steps, _steps_text))
-        if has(local):
-            columns.append(("local loss", local, lambda v: f"{v:+.3e}"))
-        if has(curvature):
-            columns.append(("curvature sent", curvature, lambda v: f"{v:.3e}"))
+        columns += self.metrics.columns(latest.optimizer if latest else {}, means)
         columns.append(("busy", means["busy_fraction"], lambda v: f"{v:.0%}"))
         self._sort_new_events()  # model.replicas: the busy share is their mean; name the slowest
         slowest = slowest_replicas([e for s in self.recent for e in self.recent[s]],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,43 @@ from sm_dist.config.job import JobConfig, dump_job
 from sm_dist.run.metrics import IterationRecord, MetricsWriter, read_metrics, record_line
 
 STOPPED_FILE = "stopped.txt"  # why a run stopped before its last iteration, when it did
+STOPPED_JSON = "stopped.json"  # the same, for tools
+
+
+@dataclass
+class StopNote:
+    """Why a run stopped early (a diverging loss), and the checkpoint to go back to."""
+
+    iteration: int
+    reason: str  # e.g. "the training loss is not finite"
+    message: str  # the whole sentence the run printed
+    loss: float | None = None  # the training loss of the iteration it stopped after
+    checkpoint: str | None = None  # the checkpoint to resume from, if any was kept
+
+    def text(self) -> str:
+        kept = self.checkpoint or "none (none was written)"
+        return f"{self.message}; the last finite checkpoint is {kept}\n"
+
+
+def write_stop_note(out: Path, note: StopNote) -> None:
+    """stopped.txt (for people) and stopped.json (for report and compare)."""
+    (out / STOPPED_FILE).write_text(note.text(), encoding="utf-8")
+    loss = note.loss if note.loss is None or note.loss == note.loss else None  # NaN: null
+    (out / STOPPED_JSON).write_text(json.dumps({**asdict(note), "loss": loss}) + "\n",
+                                    encoding="utf-8")
+
+
+def read_stop_note(out: Path) -> StopNote | None:
+    """The run's stop note, if it stopped early (a run of an earlier version: its text)."""
+    if (out / STOPPED_JSON).is_file():
+        try:
+            return StopNote(**json.loads((out / STOPPED_JSON).read_text(encoding="utf-8")))
+        except (ValueError, TypeError):
+            pass  # damaged: the text below still says it stopped
+    if (out / STOPPED_FILE).is_file():
+        text = (out / STOPPED_FILE).read_text(encoding="utf-8").strip()
+        return StopNote(-1, text, text)
+    return None
 
 
 class RunDirError(Exception):

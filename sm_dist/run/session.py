@@ -7,9 +7,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sm_dist.config.build import build_optimizer
 from sm_dist.config.job import JobConfig
 from sm_dist.data.datasets import Dataset
 from sm_dist.pipeline.interface import Pipeline
+from sm_dist.pipeline.plan_log import PLAN_LOG, PlanLogWriter
 from sm_dist.pipeline.timeline import TraceWriter
 from sm_dist.run.checkpoints import (
     ResumePoint,
@@ -20,7 +22,7 @@ from sm_dist.run.checkpoints import (
 )
 from sm_dist.run.metrics import IterationRecord
 from sm_dist.run.monitor import LiveMonitor, PlainMonitor, run_header, stage_infos
-from sm_dist.run.run_dir import STOPPED_FILE, RunDirectory
+from sm_dist.run.run_dir import RunDirectory, StopNote, write_stop_note
 from sm_dist.run.tensorboard import TensorBoardSink
 from sm_dist.run.trainer import NonFiniteLoss, train
 
@@ -37,8 +39,9 @@ def make_console(live: bool | None) -> Console:
 def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *,
                  header: str, live: bool | None, console: Console, resume: bool = False,
                  hosts: dict[int, str] | None = None) -> None:
-    """Train and write the run directory (config, metrics, checkpoints, model, trace); the
-    pipeline is ready to use. The summary and plots are the caller's (sm_dist.report)."""
+    """Train and write the run directory (config, metrics, checkpoints, model, trace, the
+    dispatched plans); the pipeline is ready to use. The summary and plots are the caller's
+    (sm_dist.report)."""
     point: ResumePoint | None = None
     if resume:
         checkpoint, passed = check_resumable(out, job)
@@ -49,7 +52,7 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
     run_dir = RunDirectory(out, job, resume_after=point.last_record if point else None)
     console.print(run_header(header, stage_infos(pipeline)))
     monitor = (LiveMonitor.for_job(job, pipeline, console) if use_live_monitor(live)
-               else PlainMonitor(job.run.iterations))
+               else PlainMonitor(job.run.iterations, metrics=build_optimizer(job).Metrics))
     if point is not None:
         monitor.progress(point.last_record)
 
@@ -71,6 +74,8 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
     else:  # one action at a time: its costs, for simulate
         trace = TraceWriter(out / "actions.json", pipeline.num_stages)
         pipeline.action_sink = trace.write
+    plans = PlanLogWriter(out / PLAN_LOG, "w")  # as the trace: this attempt's passes
+    pipeline.dispatch_sink = plans.write
     try:
         with monitor:
             try:
@@ -78,13 +83,14 @@ def run_training(job: JobConfig, pipeline: Pipeline, data: Dataset, out: Path, *
                       keep_records=False)  # they are in metrics.jsonl
             except NonFiniteLoss as err:  # said in the run directory, then to the caller
                 kept = complete_checkpoints(out)
-                (out / STOPPED_FILE).write_text(
-                    f"{err}; the last finite checkpoint is "
-                    f"{kept[-1] if kept else 'none (none was written)'}\n", encoding="utf-8")
+                write_stop_note(out, StopNote(err.iteration, err.what, str(err), err.loss,
+                                              str(kept[-1]) if kept else None))
                 raise
         run_dir.save_model(pipeline.state_dicts())
     finally:
+        pipeline.dispatch_sink = None
         run_dir.close()
         trace.close()
+        plans.close()
         if board is not None:
             board.close()

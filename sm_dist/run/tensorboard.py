@@ -1,5 +1,6 @@
-"""TensorBoard event files of a run's records (run.tensorboard): every metrics.jsonl field, per
-stage where it is per stage. metrics.jsonl stays the record; these are a view of it."""
+"""TensorBoard event files of a run's records (run.tensorboard): every metrics.jsonl field, its
+optimizer's section's beside the record's own, per stage where it is per stage. metrics.jsonl
+stays the record; these are a view of it."""
 
 from __future__ import annotations
 
@@ -30,34 +31,39 @@ def check_available() -> None:
             "run.tensorboard: false)") from exc
 
 
+def _fields(record: IterationRecord) -> dict[str, Any]:
+    """The record's fields and its optimizer section's, by name."""
+    own = {spec.name: getattr(record, spec.name) for spec in dataclasses.fields(record)
+           if spec.name not in _AXES and spec.name != "optimizer"}
+    return {**own, **record.optimizer}
+
+
 def scalars(record: IterationRecord) -> dict[str, float]:
     """The record's numbers by TensorBoard tag: `field`, or `field/stage_<s>` per stage
     (booleans as 0/1; values a run did not measure, or not finite, left out)."""
     tags: dict[str, float] = {}
-    for spec in dataclasses.fields(record):
-        value = getattr(record, spec.name)
-        if spec.name in _AXES or value is None:
+    for name, value in _fields(record).items():
+        if value is None:
             continue
         if isinstance(value, list):
             for s, item in enumerate(value):
                 if _number(item) is not None:
-                    tags[f"{spec.name}/stage_{s}"] = _number(item)  # type: ignore[assignment]
+                    tags[f"{name}/stage_{s}"] = _number(item)  # type: ignore[assignment]
         elif _number(value) is not None:
-            tags[spec.name] = _number(value)  # type: ignore[assignment]
+            tags[name] = _number(value)  # type: ignore[assignment]
     return tags
 
 
 def texts(record: IterationRecord) -> dict[str, str]:
     """The record's words by tag (why each stage's inner loop stopped), per stage."""
     found: dict[str, str] = {}
-    for spec in dataclasses.fields(record):
-        value = getattr(record, spec.name)
+    for name, value in _fields(record).items():
         if isinstance(value, list):
             for s, item in enumerate(value):
                 if isinstance(item, str):
-                    found[f"{spec.name}/stage_{s}"] = item
+                    found[f"{name}/stage_{s}"] = item
         elif isinstance(value, str):
-            found[spec.name] = value
+            found[name] = value
     return found
 
 

@@ -3,7 +3,7 @@ code (2 when the first rank to fail saw bad input, else 1) instead of torchrun's
 own one-line errors instead of torchrun's traceback of them, and without the noise of ranks
 dying under each other (processes.NOISE).
 
-    python -m sm_dist.engine.torchrun [torchrun arguments] -m sm_dist train JOB ...
+    python -m sm_dist.launch.torchrun [torchrun arguments] -m sm_dist train JOB ...
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from sm_dist.engine.processes import forward_without_noise
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
+from sm_dist.launch.processes import forward_without_noise
 
 # The agent's own log lines that repeat what the failing rank already said.
 _REPEATS = ("failed (exitcode:", "Sending process", "Received ", "Worker group ")

@@ -1,4 +1,5 @@
-"""The pipeline engine: one process per stage; rank 0 also runs the coordinator."""
+"""A rank's part of the job, under torchrun or `sm-dist train`'s own launch: hold its stage,
+and on rank 0 also coordinate the training; the job's processes started on this machine."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from sm_dist.config.build import (
 )
 from sm_dist.config.job import JobConfig
 from sm_dist.data.datasets import Dataset
-from sm_dist.engine import processes
 from sm_dist.engine.collectives import StageGroup
 from sm_dist.engine.coordinator import RpcPipeline
 from sm_dist.engine.failures import StageError
@@ -29,16 +29,17 @@ from sm_dist.engine.replicas import ReplicaSplitError
 from sm_dist.engine.transport import RankInfo, Transport
 from sm_dist.engine.worker import StageWorker
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
-from sm_dist.report.summary import finish_run
+from sm_dist.launch import processes
+from sm_dist.launch.training import train_to_the_end
 from sm_dist.run.run_dir import STOPPED_FILE
-from sm_dist.run.session import make_console, run_training
+from sm_dist.run.session import make_console
 from sm_dist.run.trainer import NonFiniteLoss
 
 
 def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
                  extra_args: Sequence[str] = ()) -> int:
     """Start stages x replicas processes on this machine, each running `sm-dist train` as its
-    rank (engine/processes.py); returns the job's exit code."""
+    rank (launch/processes.py); returns the job's exit code."""
     args = ["-m", "sm_dist", "train", job_path, *extra_args]
     for override in overrides:
         args += ["--set", override]
@@ -146,12 +147,10 @@ def coordinate(job: JobConfig, data: Dataset, transport: Transport, out: Path,
                   f"{len(data.train_x)} training samples{epochs_text(job)} -> {out}")
         console = make_console(live)
         try:
-            run_training(job, pipeline, data, out, header=header, live=live, console=console,
-                         resume=resume, hosts=hosts)
+            train_to_the_end(job, pipeline, data, out, header=header, live=live,
+                             console=console, resume=resume, hosts=hosts)
         except NonFiniteLoss as err:
-            finish_run(out, console)
             _leave(f"{err}; see {out / STOPPED_FILE}")
-        finish_run(out, console)
     except (StageError, ReplicaSplitError) as err:
         _leave(str(err))
     except BrokenPipeError:  # the reader of stdout left (`| head`): stop, quietly
