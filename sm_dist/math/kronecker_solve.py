@@ -1,0 +1,111 @@
+"""Minimising ⟨G,V⟩ + ½⟨V, UV + VA⟩: eigenbases (fresh or stale), Sylvester and Cholesky solves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Convention: V and G are d_out × P (kronecker.weight_matrix's layout). With the row-major vec of
+# torch's reshape(-1), ⟨V, UV + VA⟩ = vec(V)ᵀ (U⊗I_P + I_{d_out}⊗A) vec(V); with the column-major
+# vec of the note, the same matrix reads A⊗I + I⊗U.
+
+
+@dataclass(frozen=True)
+class Eigenbasis:
+    """A bound F ⪯ Q diag(r) Qᵀ of a PSD factor F by an orthogonal Q (vectors) and r (values):
+    equality for F's own eigendecomposition, a bound for a stale Q (stale_eigenbasis)."""
+
+    vectors: Tensor
+    values: Tensor
+
+    def scaled(self, factor: float) -> Eigenbasis:
+        """The bound of factor·F (first_layer_gram's scale on a fixed Gram matrix)."""
+        return Eigenbasis(self.vectors, factor * self.values)
+
+    def matrix(self) -> Tensor:
+        """Q diag(r) Qᵀ, dense (for checks)."""
+        return (self.vectors * self.values) @ self.vectors.T
+
+
+def damped_factor(factor: Tensor, damp: float = 0.0, floor: float = 1e-12) -> Tensor:
+    """F + (damp + floor)·tr(F)/dim·I ⪰ F, so the bound stays a bound.
+
+    `damp` (0.1-0.3 helped on minibatches) damps relative to the factor's own scale; `floor`
+    keeps a rank-deficient A (a first layer on fewer samples than inputs) from dividing by ~0.
+    """
+    shift = (damp + floor) * float(torch.trace(factor)) / factor.shape[0]
+    return factor + shift * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+
+
+def fresh_eigenbasis(factor: Tensor) -> Eigenbasis:
+    """F = Q diag(λ) Qᵀ; the round-off's tiny negative eigenvalues of a PSD F read as 0."""
+    values, vectors = torch.linalg.eigh(factor)
+    return Eigenbasis(vectors, values.clamp_min(0.0))
+
+
+def stale_eigenbasis(factor: Tensor, vectors: Tensor) -> Eigenbasis:
+    """F ⪯ Q diag(r) Qᵀ with r_i = Σ_j |(QᵀFQ)_ij| for any orthogonal Q (an earlier basis).
+
+    diag(r) − QᵀFQ is diagonally dominant with a non-negative diagonal, hence PSD (Gershgorin);
+    the cost is two products instead of an eigendecomposition, and r = λ when Q is current.
+    """
+    rotated = vectors.T @ factor @ vectors
+    return Eigenbasis(vectors, rotated.abs().sum(dim=1))
+
+
+def _denominators(a_basis: Eigenbasis, u_basis: Eigenbasis | None) -> Tensor:
+    """r_U,i + r_A,j: the eigenvalues of the Kronecker sum in the product basis. A zero one
+    (no curvature at all: floor the factors) is replaced by the smallest positive float, so
+    a zero gradient there gives a zero step instead of 0/0."""
+    if u_basis is None:
+        sums = a_basis.values[None, :]
+    else:
+        sums = u_basis.values[:, None] + a_basis.values[None, :]
+    return sums.clamp_min(torch.finfo(sums.dtype).tiny)
+
+
+def _rotate(matrix: Tensor, a_basis: Eigenbasis, u_basis: Eigenbasis | None) -> Tensor:
+    """Q_Uᵀ X Q_A (Q_U = I when U = 0)."""
+    right = matrix @ a_basis.vectors
+    return right if u_basis is None else u_basis.vectors.T @ right
+
+
+def kronecker_step(grad: Tensor, a_basis: Eigenbasis,
+                   u_basis: Eigenbasis | None = None) -> Tensor:
+    """The minimiser V of ⟨G,V⟩ + ½⟨V, UV + VA⟩ (U, A as their bases): UV + VA = −G, i.e.
+    V = −Q_U [(Q_Uᵀ G Q_A) ⊘ (r_U,i + r_A,j)] Q_Aᵀ. `u_basis` None: U = 0, V = −G A⁻¹."""
+    scaled = _rotate(grad, a_basis, u_basis) / _denominators(a_basis, u_basis)
+    step = -scaled @ a_basis.vectors.T
+    return step if u_basis is None else u_basis.vectors @ step
+
+
+def kronecker_model_value(grad: Tensor, step: Tensor, a_basis: Eigenbasis,
+                          u_basis: Eigenbasis | None = None) -> float:
+    """⟨G,V⟩ + ½⟨V, UV + VA⟩ with the factors the bases stand for (the bound the step used);
+    at kronecker_step's minimiser it is ½⟨G,V⟩ < 0, the predicted change of the loss."""
+    rotated = _rotate(step, a_basis, u_basis)
+    curvature = (rotated.square() * _denominators(a_basis, u_basis)).sum()
+    return float((grad * step).sum() + 0.5 * curvature)
+
+
+def first_layer_step(grad: Tensor, a_factor: Tensor) -> Tensor:
+    """V = −G A⁻¹ by Cholesky (U = 0: a first layer), cheaper than an eigendecomposition.
+
+    A must be positive definite: floor a rank-deficient one with damped_factor first.
+    """
+    lower, info = torch.linalg.cholesky_ex(a_factor)
+    if int(info) != 0:
+        raise ValueError("A is not positive definite: floor it with damped_factor")
+    return -torch.cholesky_solve(grad.T, lower).T
+
+
+def model_value(grad: Tensor, step: Tensor, a_factor: Tensor,
+                u_factor: Tensor | None = None) -> float:
+    """⟨G,V⟩ + ½⟨V, UV + VA⟩ with dense factors (U None: 0): pass the factors the step was
+    solved with, damping included, for the bound the step minimised."""
+    curvature = (step * (step @ a_factor)).sum()
+    if u_factor is not None:
+        curvature = curvature + (step * (u_factor @ step)).sum()
+    return float((grad * step).sum() + 0.5 * curvature)
