@@ -124,6 +124,12 @@ def _simulate_args(commands: Any) -> None:
     simulate_cmd.add_argument("--microbatches", type=int, default=None, metavar="M",
                               help="split each batch into M microbatches instead (costs per "
                                    "microbatch scale with its size)")
+    simulate_cmd.add_argument("--schedule", default="gpipe",
+                              choices=("gpipe", "1f1b", "interleaved", "zb", "zbv"),
+                              help="the pipeline schedule to replay the run's passes on, in the "
+                                   "order torch.distributed.pipelining's class of it gives "
+                                   "(default gpipe, the engine's own; zb and zbv need "
+                                   "run.split_backward)")
     simulate_cmd.add_argument("--iterations", default=None, metavar="FIRST:LAST",
                               help="simulate these iterations only, e.g. 2:50")
     simulate_cmd.add_argument("--json", action="store_true",
@@ -294,7 +300,8 @@ def run_schedule(args: argparse.Namespace) -> int:
     optimizer = build_optimizer(job)
     minibatches = has_minibatches(job)
     schedule = gpipe_schedule(stages, microbatches,
-                              optimizer.update_actions(microbatches, last=False))
+                              optimizer.update_actions(microbatches, last=False),
+                              prepare=optimizer.prepare_actions(microbatches))
     validate_schedule(schedule, microbatches)
     print(f"{job.name}: {stages} stages, {microbatches} microbatches, {job.optimizer.name}; "
           f"one column per slot of unit cost, {args.iterations} iterations back to back")
@@ -340,7 +347,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     if args.microbatches is not None and args.microbatches < 1:
         return _fail("--microbatches must be at least 1", EXIT_BAD_INPUT)
-    simulate_main(args.run, args.link, args.microbatches, args.iterations, args.json, args.out)
+    simulate_main(args.run, args.link, args.microbatches, args.iterations, args.json, args.out,
+                  args.schedule)
     return EXIT_OK
 
 

@@ -47,15 +47,17 @@ class GoldenJob:
     def job(self) -> Any:
         """The validated job, built as `sm-dist compare` builds its grid point."""
         from sm_dist.config.job import load_job
-        from sm_dist.report.grid import expand_grid
+        from sm_dist.report.grid import expand_grid, split_overrides
 
-        sets = [*SHORT, f"run.iterations={self.iterations}",
-                f"run.eval_every={self.iterations}", *self.overrides]
+        sets, optimizer_sets = split_overrides([
+            *SHORT, f"run.iterations={self.iterations}", f"run.eval_every={self.iterations}",
+            *self.overrides])
         base = load_job(REPO / self.base, sets)
         point, = expand_grid(base, [self.optimizer],
                              None if self.steps is None else [self.steps],
                              None if self.depth is None else [self.depth],
-                             None if self.lr is None else [self.lr])
+                             None if self.lr is None else [self.lr],
+                             optimizer_sets=optimizer_sets)
         return point.job
 
 

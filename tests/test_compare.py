@@ -6,6 +6,7 @@ import math
 import re
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,14 @@ from sm_dist.config.job import ConfigError, dump_job, job_from_dict
 from sm_dist.report import compare as compare_runs
 from sm_dist.report.compare_tables import compare_markdown, steady_iteration_time
 from sm_dist.report.grid import (
+    CompareError,
     GridPoint,
     RunResult,
     default_at,
     depth_model,
     expand_grid,
     split_layers,
+    split_overrides,
 )
 from sm_dist.report.run_data import RunData
 from sm_dist.run.metrics import IterationRecord
@@ -87,8 +90,28 @@ def test_expand_grid() -> None:
         ("mlp2-sm-n1", "sm", 1, None), ("mlp2-sm-n10", "sm", 10, None),
         ("mlp2-gd_armijo", "gd_armijo", None, None), ("mlp2-adam-lr0.001", "adam", None, 0.001),
         ("mlp2-adam-lr0.01", "adam", None, 0.01)]
-    # Everything else is the base job's.
-    assert all(p.job.data == base.data and p.job.run == base.run for p in grid)
+    # Everything else is the base job's; the backward's halves are timed for the optimizers
+    # that may run on a zero-bubble schedule (the time tables replay them there).
+    assert all(p.job.data == base.data for p in grid)
+    assert [p.job.run.split_backward for p in grid[:5]] == [False, False, True, True, True]
+    assert all(replace(p.job.run, split_backward=False) == base.run for p in grid)
+
+
+def test_an_optimizers_own_set_goes_to_its_points_only() -> None:
+    sets, own = split_overrides(["run.iterations=3", "optimizer.cgblock_damping=2",
+                                 "optimizer.replica_mode=exact", "optimizer.lr=0.5"])
+    assert sets == ["run.iterations=3", "optimizer.replica_mode=exact"]
+    assert own == ["optimizer.cgblock_damping=2", "optimizer.lr=0.5"]
+    base = job_from_dict(synthetic_job(), sets)
+    grid = expand_grid(base, ["cgblock", "sm", "sgd"], inner_steps=[3], optimizer_sets=own)
+    assert [getattr(p.job.optimizer, "cgblock_damping", None) for p in grid] == [2.0, None, None]
+    assert [getattr(p.job.optimizer, "lr", None) for p in grid] == [None, None, 0.5]
+    # A swept lr is the grid's, whatever --set says.
+    grid = expand_grid(base, ["sgd"], lrs=[0.1], optimizer_sets=own[1:])
+    assert grid[0].job.optimizer.lr == 0.1
+    with pytest.raises(CompareError, match="optimizer.cgblock_damping: no optimizer of "
+                                           "--optimizers .sm. has that option"):
+        expand_grid(base, ["sm"], optimizer_sets=own[:1])
 
 
 def test_expand_grid_defaults_to_the_jobs_model_steps_and_lr() -> None:
@@ -430,9 +453,10 @@ def test_the_equal_passes_table_cuts_every_run_at_the_smallest_budget() -> None:
 
 
 def test_compare_md_gives_simulated_pipeline_time(grid_dir: tuple[Path, str]) -> None:
-    """Each run replayed from its measured costs: the totals are the simulator's, labelled as
-    simulated with the link used."""
+    """Each run replayed from its measured costs on the fastest schedule its optimizer may
+    run on: the totals are the simulator's, labelled with the link and the schedule."""
     from sm_dist.report.compare_tables import seconds_text
+    from sm_dist.report.compare_time import fastest_schedule
     from sm_dist.report.run_data import load_run
     from sm_dist.report.simulate import simulate_run
 
@@ -443,10 +467,20 @@ def test_compare_md_gives_simulated_pipeline_time(grid_dir: tuple[Path, str]) ->
     tables = md_tables(text)
     for depth, heading in HEADINGS.items():
         rows = table(tables, "Simulated pipeline time", f"{heading}, N=1")
-        total = max(simulate_run(load_run(out / "runs" / f"mlp{depth}-sm-n1"),
-                                 "pcie4").end_times().values())
-        assert rows["sm (N=1)"]["total"] == seconds_text(total)
-        assert set(rows) == {"sm (N=1)", next(r for r in rows if r.startswith("adam"))}
+        sm_run = load_run(out / "runs" / f"mlp{depth}-sm-n1")
+        schedule, times = fastest_schedule(sm_run, "pcie4")
+        assert schedule in ("gpipe", "1f1b")  # SM's update needs the whole drain
+        total = max(simulate_run(sm_run, "pcie4", schedule=schedule).end_times().values())
+        assert total == max(times.values())
+        assert rows[f"sm (N=1), {schedule}"]["total"] == seconds_text(total)
+        adam = next(r for r in rows if r.startswith("adam"))
+        assert set(rows) == {f"sm (N=1), {schedule}", adam}
+        # Adam on whichever of the five schedules ends soonest: never later than GPipe.
+        lr = re.search(r"lr=([^,)]+)", adam)
+        assert lr is not None, adam
+        best, _ = fastest_schedule(load_run(out / "runs" / f"mlp{depth}-adam-lr{lr[1]}"),
+                                   "pcie4")
+        assert adam.endswith(f", {best}")
 
 
 def test_a_run_that_diverges_and_stops_is_a_result_not_a_failure(tmp_path: Path) -> None:

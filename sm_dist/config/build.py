@@ -114,7 +114,9 @@ def build_stage(job: JobConfig, index: int, module: nn.Module, device: torch.dev
     num_stages = len(job.model.balance)
     loss = get_loss(job.loss) if index == num_stages - 1 else None
     stage = Stage(index, num_stages, module.to(device), loss, seed=job.run.seed)
-    stage.optimizer = build_optimizer(job).for_stage(stage)
+    part = build_optimizer(job).for_stage(stage)
+    part.split_backward = job.run.split_backward
+    stage.optimizer = part
     return stage
 
 

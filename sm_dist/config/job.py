@@ -65,6 +65,10 @@ class RunConfig:
     # A loss that is not finite: stop after that iteration, keeping the last finite
     # checkpoint (the run exits 1), or skip on (keep training).
     on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
+    # Time each backward as its input-gradient and weight-gradient halves, what zero-bubble
+    # schedules run apart (`sm-dist simulate --schedule zb|zbv` needs them measured); for
+    # optimizers whose update needs only the gradient.
+    split_backward: bool = False
     # The network interface every socket of a stage listens on (e.g. eth0); null: loopback
     # when the job is on one machine (several need it set). The job's network must be trusted.
     bind: str | None = None
@@ -255,6 +259,13 @@ def _cross_checks(built: dict[str, Any], errors: list[str]) -> None:
                           f"of {known[source]} samples ({source}); use at most {known[source]}")
     if isinstance(optimizer, OptimizerOptions):  # the name is valid: the section was built
         errors.extend(registry.get(optimizer.name).check_config(optimizer))
+        run = built.get("run")
+        if (isinstance(run, RunConfig) and run.split_backward
+                and "zb" not in registry.get(optimizer.name).schedules()):
+            errors.append(f"run.split_backward: {optimizer.name}'s backward builds its local "
+                          "model and cannot be split (zero-bubble schedules are for optimizers "
+                          "whose update needs only the gradient); set run.split_backward: "
+                          "false")
     if isinstance(model, ModelConfig) and model.replicas > 1:
         if isinstance(data, DataConfig):
             errors.extend(replica_batch_errors(model.replicas, data, _known_sizes(data)))

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from sm_dist.math.curvature import initial_vectors, power_iteration
+from sm_dist.math.curvature import initial_vectors
 
-# The factors and the solve are float64 whatever the model's dtype: in float32 the rounding
-# noise of G outside the span of the inputs meets a rank-deficient A (docs: precision).
+# The per-sample terms are in the model's dtype, the sums into A and U in the dtype the caller
+# gives; the solve is float64 whatever the model's dtype: in float32 the rounding noise of G
+# outside the span of the inputs meets a rank-deficient A (kronecker_solve.rounding_floor).
 DTYPE = torch.float64
 
 Activation = Callable[[Tensor], Tensor]
@@ -27,6 +28,12 @@ def activation_derivatives(activation: Activation | None,
     """
     if activation is None:
         return pre, torch.ones_like(pre), torch.zeros_like(pre)
+    if type(activation) is nn.ReLU:  # the common cases in closed form (autograd's values)
+        return pre.clamp_min(0.0), (pre > 0).to(pre.dtype), torch.zeros_like(pre)
+    if type(activation) is nn.Tanh:
+        value = pre.tanh()
+        slope = 1.0 - value.square()
+        return value, slope, -2.0 * value * slope
     a = pre.detach().requires_grad_(True)
     with torch.enable_grad():
         value = activation(a)
@@ -45,12 +52,15 @@ class LayerTerms:
 
     Rows are (sample k, location l): one location for a Linear layer, one per output pixel for
     a convolution; P = inputs per row (+1 with a bias), d_out = the layer's output channels.
-    - inputs: z̃_{k,l}, (n, L, P), the input or patch with 1 appended for the bias.
+    - inputs: z̃_{k,l}, (n, L, P), the input or patch with 1 appended for the bias, in the
+      model's dtype (the factors are formed from it in the dtype kronecker_factors is given).
     - cotangents: u_{k,l} = σ'(a) ⊙ Πᵀg, (n, L, d_out), ∂Ψ/∂a at the pre-activation a.
     - curvature: M_{k,l}, (n, L, d_out), the diagonal of ∂²Ψ/∂a², c·σ'²·diag(ΠᵀΠ) + Πᵀg ⊙ σ''.
     - theta_curvature: m_{k,l} = max(0, max_i M_i) ≥ λ_max(M), (n, L).
     - cross_curvature: κ_{k,l} ≥ ‖M W₀‖², certified, (n, L); W₀ = W without its bias column.
+      None for a first layer (its input is data: no Δ term).
     - lam_bound: λ_k ≥ ‖∂²Ψ/∂z_k²‖, certified, (n,): valid for δ and the curvature sent down.
+      None for a first layer.
     - coverage: γ, the most (location, kernel offset) pairs reading one input pixel; 1 for
       a Linear layer.
     """
@@ -59,9 +69,10 @@ class LayerTerms:
     cotangents: Tensor
     curvature: Tensor
     theta_curvature: Tensor
-    cross_curvature: Tensor
-    lam_bound: Tensor
+    cross_curvature: Tensor | None
+    lam_bound: Tensor | None
     coverage: int
+    nonnegative: bool = False  # M ⪰ 0 known (the identity, ReLU)
 
 
 def fold_bias(rows: Tensor, with_bias: bool) -> Tensor:
@@ -85,62 +96,88 @@ def split_weight_matrix(matrix: Tensor, weight_shape: torch.Size | tuple[int, ..
     return matrix[:, :-1].reshape(weight_shape), matrix[:, -1].clone()
 
 
-def threshold_bound(weights: Tensor, row_sq: Tensor, spectral_sq: float) -> Tensor:
+def endpoint_bound(weights: Tensor, row_sq: Tensor, spectral_sq: float) -> Tensor:
     """A certified upper bound of λ_max(Σ_i a_i w_i w_iᵀ) per row of a = `weights` (≥ 0, last
     dimension over W₀'s rows w_i, ‖w_i‖² = `row_sq`, ‖W₀‖₂² = `spectral_sq`).
 
-    For any t ≥ 0, a_i ≤ t + (a_i − t)₊ gives λ_max ≤ t·s² + Σ_i (a_i − t)₊‖w_i‖²: t = max a is
-    the spectral bound, t = 0 the trace; the best t is at one of the a_i (the function is
-    convex and piecewise linear), found from the sorted a and running sums.
+    Both max_i a_i · W₀ᵀW₀ and Σ_i a_i‖w_i‖² (the trace) bound it; the least of the two costs
+    O(d_out) per row. (Any threshold t between them gives t·s² + Σ_i (a_i − t)₊‖w_i‖², also a
+    bound, but on the MLPs of docs/results the best t was always an end point, and the search
+    sorts every row: 17 ms of a 128-wide layer's 1,250-sample microbatch.)
     """
-    sorted_a, order = weights.sort(dim=-1, descending=True)
-    r = row_sq[order]
-    products = sorted_a * r
-    rows_before = torch.cumsum(r, dim=-1) - r  # Σ over the larger a_i only (exclusive sums)
-    products_before = torch.cumsum(products, dim=-1) - products
-    at_breakpoints = sorted_a * (spectral_sq - rows_before) + products_before
-    return torch.minimum(at_breakpoints.amin(dim=-1), products.sum(dim=-1))
+    return torch.minimum(weights.amax(dim=-1) * spectral_sq, weights @ row_sq)
+
+
+def spectral_norm_sq(weight_rows: Tensor) -> float:
+    """‖W₀‖₂², W₀ = the layer's weights as (d_out, P without bias), by one SVD in float64."""
+    return float(torch.linalg.matrix_norm(weight_rows.to(DTYPE), 2)) ** 2
+
+
+def nonnegative_curvature(activation: Activation | None) -> bool:
+    """Whether M ⪰ 0 whatever g: σ'' = 0 (the identity, ReLU), so M = c·σ'²·counts."""
+    return activation is None or type(activation) is nn.ReLU
 
 
 def assemble_terms(inputs: Tensor, cotangents: Tensor, curvature: Tensor, weight_rows: Tensor,
-                   coverage: int, spectral_sq: float | None = None) -> LayerTerms:
+                   coverage: int, spectral_sq: float | None = None,
+                   below: bool = True, nonnegative: bool = False) -> LayerTerms:
     """LayerTerms from the rows' inputs, cotangents and M, given W₀ as (d_out, P without bias).
 
     Per row (M diagonal): ‖M W₀‖² = λ_max(Σ_i M_i² w_iw_iᵀ) and ‖W₀ᵀMW₀‖ ≤ λ_max(W₀ᵀ|M|W₀) =
-    λ_max(Σ_i |M_i| w_iw_iᵀ) (−|M| ⪯ M ⪯ |M|), both certified by threshold_bound. A
+    λ_max(Σ_i |M_i| w_iw_iᵀ) (−|M| ⪯ M ⪯ |M|), both certified by endpoint_bound. A
     convolution's input Hessian is 𝒰ᵀ blockdiag_l(W₀ᵀM_lW₀) 𝒰 with ‖𝒰‖² = γ, hence
     λ_k = γ·max_l of the latter. `spectral_sq` = ‖W₀‖₂² of the current weights, or any upper
-    bound of it, computed (one SVD) when not given.
+    bound of it, computed (one SVD) when not given. `below` False: a first layer, whose input
+    is data: nothing is sent down, and κ and λ are left out (None). `nonnegative`: M ⪰ 0 is
+    known (nonnegative_curvature), so |M| = M.
     """
+    theta = curvature.amax(dim=-1).clamp_min(0.0)
+    if not below:
+        return LayerTerms(inputs=inputs, cotangents=cotangents, curvature=curvature,
+                          theta_curvature=theta, cross_curvature=None, lam_bound=None,
+                          coverage=coverage, nonnegative=nonnegative)
     if spectral_sq is None:
-        spectral_sq = float(torch.linalg.matrix_norm(weight_rows, 2)) ** 2
-    row_sq = weight_rows.square().sum(dim=1)
-    size = curvature.abs()
-    cross = threshold_bound(size.square(), row_sq, spectral_sq)
-    ell = threshold_bound(size, row_sq, spectral_sq)
+        spectral_sq = spectral_norm_sq(weight_rows)
+    row_sq = weight_rows.to(curvature.dtype).square().sum(dim=1)
+    size = curvature if nonnegative else curvature.abs()
+    cross = endpoint_bound(size.square(), row_sq, spectral_sq)
+    ell = endpoint_bound(size, row_sq, spectral_sq)
     return LayerTerms(inputs=inputs, cotangents=cotangents, curvature=curvature,
-                      theta_curvature=curvature.amax(dim=-1).clamp_min(0.0),
-                      cross_curvature=cross, lam_bound=coverage * ell.amax(dim=1),
-                      coverage=coverage)
+                      theta_curvature=theta, cross_curvature=cross,
+                      lam_bound=coverage * ell.amax(dim=1), coverage=coverage,
+                      nonnegative=nonnegative)
 
 
 def linear_layer_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor,
                        c: Tensor, activation: Activation | None = None, *,
-                       spectral_sq: float | None = None) -> LayerTerms:
+                       spectral_sq: float | None = None, pre: Tensor | None = None,
+                       below: bool = True, rows: bool = True) -> LayerTerms:
     """The terms of f(z) = σ(W z + b) around the stored inputs z (n, ...) and weights.
 
     `grad_out` is g, the cotangent at the layer's output (after σ), `c` the per-sample
     curvature received from above. A Flatten before the Linear is a reshape: part of f.
+    `pre`: the pre-activation W z + b the forward computed, else computed here again.
+    `below` False: the first layer (assemble_terms). `rows` False leaves the inputs z̃ out
+    (an empty tensor): a first layer bounded through its Gram matrix needs only m.
     """
-    n = inputs.shape[0]
-    z = inputs.reshape(n, -1).to(DTYPE)
-    w = weight.to(DTYPE)
-    b = None if bias is None else bias.to(DTYPE)
-    _, slope, bend = activation_derivatives(activation, F.linear(z, w, b))
-    g = grad_out.reshape(n, -1).to(DTYPE)
-    curvature = c.to(DTYPE)[:, None] * slope.square() + g * bend
-    return assemble_terms(fold_bias(z, b is not None)[:, None], (slope * g)[:, None],
-                          curvature[:, None], w, 1, spectral_sq)
+    n, dtype = inputs.shape[0], inputs.dtype
+    z = inputs.reshape(n, -1)
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    pre = F.linear(z, w, b) if pre is None else pre.reshape(n, -1).to(dtype)
+    g = grad_out.reshape(n, -1).to(dtype)
+    scale = c.to(dtype)[:, None]
+    if activation is None:
+        cotangents, curvature = g, scale.expand_as(g).contiguous()
+    elif type(activation) is nn.ReLU:  # σ' the 0/1 mask, σ'' = 0: fewer passes over a
+        active = pre > 0
+        cotangents, curvature = g * active, scale * active
+    else:
+        _, slope, bend = activation_derivatives(activation, pre)
+        cotangents, curvature = slope * g, scale * slope.square() + g * bend
+    kept = fold_bias(z, b is not None)[:, None] if rows else z.new_empty((n, 1, 0))
+    return assemble_terms(kept, cotangents[:, None], curvature[:, None], w, 1, spectral_sq,
+                          below, nonnegative_curvature(activation))
 
 
 def linear_lambda_estimate(weight: Tensor, terms: LayerTerms, rounds: int,
@@ -155,8 +192,12 @@ def linear_lambda_estimate(weight: Tensor, terms: LayerTerms, rounds: int,
     """
     if terms.curvature.shape[1] != 1:
         raise ValueError("these are a convolution's terms: use conv_lambda_estimate")
-    w = weight.to(DTYPE)
-    root = terms.curvature[:, 0].abs().sqrt()
+    size = terms.curvature[:, 0]
+    size = size if bool(terms.nonnegative) else size.abs()
+    # A zero costs 30x a number in CPU sqrt (ReLU leaves half of |M| zero), and the square
+    # root of a clamped zero is a denormal that slows the products 30x: exact zeros instead.
+    root = size.clamp_min(torch.finfo(size.dtype).tiny).sqrt().masked_fill_(size == 0, 0.0)
+    w = weight.to(root.dtype)
     if w.shape[0] < 2 * w.shape[1]:
         gram = w @ w.T
 
@@ -168,45 +209,82 @@ def linear_lambda_estimate(weight: Tensor, terms: LayerTerms, rounds: int,
 
     if start is None:
         start = initial_vectors(root, generator)
-    return power_iteration(product, start, rounds)
+    return unit_power_rounds(product, start, rounds)
+
+
+def unit_power_rounds(product: Callable[[Tensor], Tensor], start: Tensor,
+                      rounds: int) -> tuple[Tensor, Tensor]:
+    """curvature.power_iteration for rows that are already unit (or zero) vectors, as the
+    random starts and the vectors it returns are, in fewer passes over them: one round is
+    one product, one row dot and one normalisation. (λ, the unit vectors reached)."""
+    u, lam = start, torch.zeros(start.shape[0], dtype=start.dtype, device=start.device)
+    for _ in range(rounds):
+        hu = product(u)
+        rows = hu.reshape(hu.shape[0], -1)
+        lam = (u.reshape(rows.shape) * rows).sum(dim=1).abs()
+        norms = rows.norm(dim=1)
+        # A row whose product vanished (a dead ReLU sample) keeps its vector.
+        scale = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+                            0.0).reshape(-1, *([1] * (hu.dim() - 1)))
+        u = torch.where(scale > 0, hu * scale, u)
+    return lam, u
 
 
 def terms_gradient(terms: LayerTerms) -> Tensor:
     """G = Σ_{k,l} u_{k,l} z̃_{k,l}ᵀ, the gradient as a weight_matrix (a check on the terms)."""
     u = terms.cotangents.reshape(-1, terms.cotangents.shape[-1])
-    return u.T @ terms.inputs.reshape(-1, terms.inputs.shape[-1])
+    return u.T @ terms.inputs.reshape(-1, terms.inputs.shape[-1]).to(u.dtype)
 
 
-def kronecker_factors(terms: LayerTerms, delta: Tensor | None,
-                      eta: float) -> tuple[Tensor, Tensor | None]:
+def factor_weights(terms: LayerTerms, delta: Tensor | None,
+                   eta: float) -> tuple[Tensor, Tensor | None]:
+    """Per-row weights (w_A, w_U) of the factors: A = Σ w_A z̃z̃ᵀ, U = Σ w_U u uᵀ (flat rows).
+
+    w_A = m + γ(1+1/η)κ/δ_k and w_U = γ(1+η)/δ_k; `delta` None is a first layer (its input is
+    data, 𝓗 = H_θθ): w_A = m and no U.
+    """
+    if delta is None:
+        return terms.theta_curvature.reshape(-1), None
+    if eta <= 0.0:
+        raise ValueError(f"eta must be > 0, got {eta}")
+    if bool((delta <= 0.0).any()):
+        raise ValueError("every δ_k must be > 0 (floor it)")
+    assert terms.cross_curvature is not None, "a first layer's terms have no κ"
+    per_delta = terms.coverage / delta.to(terms.theta_curvature.dtype)[:, None]
+    a_weights = terms.theta_curvature + (1.0 + 1.0 / eta) * per_delta * terms.cross_curvature
+    u_weights = ((1.0 + eta) * per_delta).expand(terms.theta_curvature.shape)
+    return a_weights.reshape(-1), u_weights.reshape(-1)
+
+
+def weighted_gram(rows: Tensor, weights: Tensor, dtype: torch.dtype = DTYPE) -> Tensor:
+    """Σ_r w_r x_r x_rᵀ over the flat rows x_r of `rows` (…, P), formed in `dtype`, exactly
+    symmetric (which eigh and Cholesky assume)."""
+    flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
+    gram = flat.T @ (weights.reshape(-1, 1).to(dtype) * flat)
+    return 0.5 * (gram + gram.T)
+
+
+def kronecker_factors(terms: LayerTerms, delta: Tensor | None, eta: float,
+                      dtype: torch.dtype = DTYPE) -> tuple[Tensor, Tensor | None]:
     """(A, U) with ⟨V, UV + VA⟩ ≥ vᵀ𝓗v for every V = weight_matrix(v), 𝓗 the SM local loss's.
 
     A = Σ_{k,l} [m_{k,l} + γ(1+1/η) κ_{k,l}/δ_k] z̃z̃ᵀ and U = Σ_{k,l} γ(1+η)/δ_k u uᵀ;
     `delta` None is a first layer (its input is data, 𝓗 = H_θθ): A = Σ m z̃z̃ᵀ and U None (0).
-    Both are sums over samples, so a batch's factors are the sums of its microbatches'.
+    Both are sums over samples, so a batch's factors are the sums of its microbatches'. The
+    products run in `dtype` (float32 halves their cost; damp the sum by eps(dtype) relative
+    to its trace before solving, kronecker_solve.damped_factor).
     """
-    rows = terms.inputs.reshape(-1, terms.inputs.shape[-1])
-    if delta is None:
-        weights = terms.theta_curvature
-    else:
-        if eta <= 0.0:
-            raise ValueError(f"eta must be > 0, got {eta}")
-        if bool((delta <= 0.0).any()):
-            raise ValueError("every δ_k must be > 0 (floor it)")
-        per_delta = terms.coverage / delta.to(DTYPE)[:, None]
-        weights = terms.theta_curvature + (1.0 + 1.0 / eta) * per_delta * terms.cross_curvature
-    a = rows.T @ (weights.reshape(-1, 1) * rows)
-    a = 0.5 * (a + a.T)  # exact symmetry, which eigh and Cholesky assume
-    if delta is None:
+    a_weights, u_weights = factor_weights(terms, delta, eta)
+    a = weighted_gram(terms.inputs, a_weights, dtype)
+    if u_weights is None:
         return a, None
-    u = terms.cotangents.reshape(-1, terms.cotangents.shape[-1])
-    u_weights = ((1.0 + eta) * per_delta).expand(terms.theta_curvature.shape).reshape(-1, 1)
-    u_factor = u.T @ (u_weights * u)
-    return a, 0.5 * (u_factor + u_factor.T)
+    return a, weighted_gram(terms.cotangents, u_weights, dtype)
 
 
-def first_layer_gram(terms: LayerTerms) -> tuple[Tensor, float]:
-    """(Z̃ᵀZ̃, max m) with A ⪯ max m · Z̃ᵀZ̃ for a first layer: on a full batch Z̃ᵀZ̃ is fixed,
-    so it is factored once and only the scale changes per step (Eigenbasis.scaled)."""
-    rows = terms.inputs.reshape(-1, terms.inputs.shape[-1])
-    return rows.T @ rows, float(terms.theta_curvature.max())
+def input_gram(rows: Tensor, dtype: torch.dtype = DTYPE) -> Tensor:
+    """Z̃ᵀZ̃ of a first layer's rows z̃ (…, P): A = Σ m z̃z̃ᵀ ⪯ (max m)·Z̃ᵀZ̃, a bound whose matrix
+    does not depend on the backward, so it is factored once per batch, in the bubble between
+    stage 0's forwards and its backwards (sm_kron's input_bound: gram)."""
+    flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
+    gram = flat.T @ flat
+    return 0.5 * (gram + gram.T)

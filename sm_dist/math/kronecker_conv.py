@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sm_dist.math.curvature import initial_vectors, power_iteration
+from sm_dist.math.curvature import initial_vectors
 from sm_dist.math.kronecker import (
     DTYPE,
     Activation,
@@ -16,6 +16,8 @@ from sm_dist.math.kronecker import (
     activation_derivatives,
     assemble_terms,
     fold_bias,
+    nonnegative_curvature,
+    unit_power_rounds,
 )
 
 Pair = tuple[int, int]
@@ -78,14 +80,14 @@ def unpooled(activated: Tensor, grad_out: Tensor,
     select each input: 1 or 0 for non-overlapping windows, up to the overlap otherwise.
     """
     if pool is None:
-        return grad_out.reshape(activated.shape).to(DTYPE), torch.ones_like(activated)
+        return grad_out.reshape(activated.shape).to(activated.dtype), torch.ones_like(activated)
     if type(pool) is not nn.MaxPool2d:
         raise TypeError("only MaxPool2d is covered after a convolution (average pooling is not "
                         "a selection: docs/kronecker-math-draft.md)")
     _, index = F.max_pool2d(activated, pool.kernel_size, pool.stride, pool.padding,
                             pool.dilation, ceil_mode=pool.ceil_mode, return_indices=True)
     flat_index = index.flatten(2)
-    g = grad_out.to(DTYPE).reshape(index.shape).flatten(2)
+    g = grad_out.to(activated.dtype).reshape(index.shape).flatten(2)
     zeros = torch.zeros_like(activated).flatten(2)
     selected_g = zeros.clone().scatter_add_(2, flat_index, g)
     counts = zeros.scatter_add_(2, flat_index, torch.ones_like(g))
@@ -95,30 +97,42 @@ def unpooled(activated: Tensor, grad_out: Tensor,
 def conv_layer_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor,
                      c: Tensor, geometry: ConvGeometry, activation: Activation | None = None,
                      pool: nn.MaxPool2d | None = None, *,
-                     spectral_sq: float | None = None) -> LayerTerms:
+                     spectral_sq: float | None = None, pre: Tensor | None = None,
+                     below: bool = True, rows: bool = True) -> LayerTerms:
     """The terms of f(z) = pool(σ(conv(z, W) + b)) around the stored inputs z (n, C, H, W).
 
     `grad_out` is g at the layer's output (after the pooling), `c` the per-sample curvature
     from above. Rows are (sample, output pixel): z̃ the unfolded patch (+1), u and M the
-    pre-activation's per-pixel cotangent and curvature over the output channels.
+    pre-activation's per-pixel cotangent and curvature over the output channels. `pre`: the
+    convolution's output the forward computed, else computed here again. `below` False: the
+    first layer (assemble_terms); `rows` False: no patches (linear_layer_terms).
     """
-    n = inputs.shape[0]
-    x = inputs.to(DTYPE)
-    w = weight.to(DTYPE)
-    b = None if bias is None else bias.to(DTYPE)
-    pre = F.conv2d(x, w, b, geometry.stride, geometry.padding, geometry.dilation)
+    n, dtype = inputs.shape[0], inputs.dtype
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    if pre is None:
+        pre = F.conv2d(inputs, w, b, geometry.stride, geometry.padding, geometry.dilation)
+    pre = pre.to(dtype)
     activated, slope, bend = activation_derivatives(activation, pre)
     g, counts = unpooled(activated, grad_out, pool)
-    curvature = c.to(DTYPE).reshape(n, 1, 1, 1) * slope.square() * counts + g * bend
-    patches = F.unfold(x, geometry.kernel, geometry.dilation, geometry.padding,
-                       geometry.stride).transpose(1, 2)
+    curvature = c.to(dtype).reshape(n, 1, 1, 1) * slope.square() * counts + g * bend
+    patches = conv_patches(inputs, geometry) if rows else None
 
-    def rows(per_pixel: Tensor) -> Tensor:  # (n, d_out, H', W') -> (n, L, d_out)
+    def pixel_rows(per_pixel: Tensor) -> Tensor:  # (n, d_out, H', W') -> (n, L, d_out)
         return per_pixel.flatten(2).transpose(1, 2)
 
     coverage = geometry.coverage((inputs.shape[-2], inputs.shape[-1]))
-    return assemble_terms(fold_bias(patches, b is not None), rows(slope * g), rows(curvature),
-                          w.reshape(w.shape[0], -1), coverage, spectral_sq)
+    kept = (fold_bias(patches, b is not None) if patches is not None
+            else inputs.new_empty((n, pre.shape[-2] * pre.shape[-1], 0)))
+    return assemble_terms(kept, pixel_rows(slope * g), pixel_rows(curvature),
+                          w.reshape(w.shape[0], -1), coverage, spectral_sq, below,
+                          nonnegative_curvature(activation))
+
+
+def conv_patches(inputs: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The unfolded patches z_{k,l} of inputs (n, C, H, W): (n, L, C·kh·kw), unfold's order."""
+    return F.unfold(inputs, geometry.kernel, geometry.dilation, geometry.padding,
+                    geometry.stride).transpose(1, 2)
 
 
 def conv_lambda_estimate(weight: Tensor, terms: LayerTerms, geometry: ConvGeometry,
@@ -127,7 +141,7 @@ def conv_lambda_estimate(weight: Tensor, terms: LayerTerms, geometry: ConvGeomet
                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """λ_k ≈ ‖𝒰ᵀ blockdiag_l(W₀ᵀ|M_{k,l}|W₀) 𝒰‖ from below (‖∂²Ψ/∂z_k²‖ for ReLU), by batched
     power iteration on inputs of `input_shape` (n, C, H, W): two convolutions per round."""
-    w = weight.to(DTYPE)
+    w = weight.to(terms.curvature.dtype)
     n = input_shape[0]
     out_h, out_w = geometry.output_size((input_shape[-2], input_shape[-1]))
     size = terms.curvature.abs().transpose(1, 2).reshape(n, w.shape[0], out_h, out_w)
@@ -138,6 +152,6 @@ def conv_lambda_estimate(weight: Tensor, terms: LayerTerms, geometry: ConvGeomet
                                           geometry.padding, geometry.dilation)
 
     if start is None:
-        like = torch.empty(tuple(input_shape), dtype=DTYPE, device=size.device)
+        like = torch.empty(tuple(input_shape), dtype=w.dtype, device=size.device)
         start = initial_vectors(like, generator)
-    return power_iteration(product, start, rounds)
+    return unit_power_rounds(product, start, rounds)

@@ -20,21 +20,26 @@ class Eigenbasis:
     vectors: Tensor
     values: Tensor
 
-    def scaled(self, factor: float) -> Eigenbasis:
-        """The bound of factor·F (first_layer_gram's scale on a fixed Gram matrix)."""
-        return Eigenbasis(self.vectors, factor * self.values)
-
     def matrix(self) -> Tensor:
         """Q diag(r) Qᵀ, dense (for checks)."""
         return (self.vectors * self.values) @ self.vectors.T
 
 
+def rounding_floor(dtype: torch.dtype) -> float:
+    """The relative floor a factor summed in `dtype` needs: its rounding leaves eigenvalues of
+    about eps·tr/dim where the exact factor has none, and the gradient's own rounding there
+    would otherwise be divided by them (1e-12 in float64, 1.2e-6 in float32)."""
+    return max(1e-12, 10.0 * torch.finfo(dtype).eps)
+
+
 def damped_factor(factor: Tensor, damp: float = 0.0, floor: float = 1e-12) -> Tensor:
-    """F + (damp + floor)·tr(F)/dim·I ⪰ F, so the bound stays a bound.
+    """F + (damp + floor)·tr(F)/dim·I ⪰ F, so the bound stays a bound, in float64.
 
     `damp` (0.1-0.3 helped on minibatches) damps relative to the factor's own scale; `floor`
-    keeps a rank-deficient A (a first layer on fewer samples than inputs) from dividing by ~0.
+    keeps a rank-deficient A (a first layer on fewer samples than inputs) from dividing by ~0
+    (rounding_floor of the dtype the factor was summed in).
     """
+    factor = factor.to(torch.float64)
     shift = (damp + floor) * float(torch.trace(factor)) / factor.shape[0]
     return factor + shift * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
 
@@ -90,15 +95,24 @@ def kronecker_model_value(grad: Tensor, step: Tensor, a_basis: Eigenbasis,
     return float((grad * step).sum() + 0.5 * curvature)
 
 
-def first_layer_step(grad: Tensor, a_factor: Tensor) -> Tensor:
-    """V = −G A⁻¹ by Cholesky (U = 0: a first layer), cheaper than an eigendecomposition.
+def inverse_factor(a_factor: Tensor) -> Tensor:
+    """A first layer's A⁻¹ (U = 0: no eigendecomposition needed), by Cholesky, in float64.
 
-    A must be positive definite: floor a rank-deficient one with damped_factor first.
+    A must be positive definite: floor a rank-deficient one with damped_factor first. The
+    explicit inverse costs a second triangular pass once; each step is then one product
+    (G A⁻¹: 2.6 ms against the triangular solves' 4.0 ms for a 128 × 785 layer here), and on a
+    full batch A's Z̃ᵀZ̃ is inverted once per run.
     """
-    lower, info = torch.linalg.cholesky_ex(a_factor)
+    lower, info = torch.linalg.cholesky_ex(a_factor.to(torch.float64))
     if int(info) != 0:
         raise ValueError("A is not positive definite: floor it with damped_factor")
-    return -torch.cholesky_solve(grad.T, lower).T
+    return torch.cholesky_inverse(lower)
+
+
+def input_layer_step(grad: Tensor, inverse: Tensor, scale: float = 1.0) -> Tensor:
+    """V = −G (scale·A)⁻¹ from A⁻¹: the minimiser of ⟨G,V⟩ + ½ scale⟨V, VA⟩, whose value
+    there is ½⟨G,V⟩."""
+    return grad @ inverse * (-1.0 / scale)
 
 
 def model_value(grad: Tensor, step: Tensor, a_factor: Tensor,

@@ -11,6 +11,7 @@ and which parameter `compare` sweeps. Nothing outside its module names it.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -62,6 +63,9 @@ class BaseStageOptimizer:
     keeps: ClassVar[BackwardKeeps] = BackwardKeeps.GRADIENT
     # The stage's replicas (model.replicas): the engine sets their group; alone, none.
     reducer: Reducer = ALONE
+    # run.split_backward: time the backward as the two halves a zero-bubble schedule runs
+    # apart (the input's gradient, then the weights'), for the simulator.
+    split_backward: bool = False
 
     def __init__(self, owner: Optimizer, stage: Stage) -> None:
         self.owner = owner  # the optimizer this is one stage's part of
@@ -93,6 +97,8 @@ class BaseStageOptimizer:
                  same_batch: bool) -> tuple[Tensor | None, Tensor | None]:
         """Backpropagate one microbatch; returns (∂h/∂z_in, curvature) for the stage below."""
         stage = self.stage
+        if self.keeps is BackwardKeeps.GRADIENT and self.split_backward:
+            return self._split_backward(entry, g_out), None
         if self.keeps is BackwardKeeps.GRADIENT:
             torch.autograd.backward(entry.out, g_out)  # frees the graph; the gradient is in .grad
             return (None if stage.is_first else entry.z_in.grad.detach()), None
@@ -101,6 +107,29 @@ class BaseStageOptimizer:
         zero = torch.zeros(g_out.shape[0], dtype=g_out.dtype, device=g_out.device)
         fn = self.keep_function(j, entry, g_out, zero)
         return fn.gradients()[0], None
+
+    def _split_backward(self, entry: MicrobatchStash, g_out: Tensor) -> Tensor | None:
+        """The backward as two traversals, each timed: ∂h/∂z_in (what the stage below waits
+        for), then ∂h/∂θ_s into .grad. On a stage of several layers the second recomputes the
+        inner activations' gradients, which a zero-bubble runtime would keep from the first."""
+        stage, params = self.stage, self.stage.params
+        sync = stage.device.type == "cuda"
+        start = time.perf_counter()
+        g_in = None
+        if not stage.is_first:
+            (g_in,) = torch.autograd.grad(entry.out, entry.z_in, g_out, retain_graph=True)
+            if sync:
+                torch.cuda.synchronize(stage.device)
+        middle = time.perf_counter()
+        torch.autograd.backward(entry.out, g_out, inputs=params)
+        if sync:
+            torch.cuda.synchronize(stage.device)
+        self.last_split = (middle - start, time.perf_counter() - middle)
+        return None if g_in is None else g_in.detach()
+
+    def backward_split(self) -> tuple[float, float] | None:
+        """Seconds of the last backward's two halves (input, weights) when it was split."""
+        return getattr(self, "last_split", None)
 
     def keep_function(self, j: int, entry: MicrobatchStash, g_out: Tensor,
                       c_out: Tensor) -> StageFunction:
@@ -213,12 +242,26 @@ class Optimizer:
         return cls.stage_optimizer.keeps
 
     @classmethod
+    def schedules(cls) -> tuple[str, ...]:
+        """The pipeline schedules it may run on (`sm-dist simulate --schedule`). An update
+        from the gradient alone takes any; one from a local model built in the backward needs
+        each stage's whole backward, unsplit, on one device before it: GPipe or 1F1B."""
+        if cls.keeps() is BackwardKeeps.GRADIENT:
+            return ("gpipe", "1f1b", "interleaved", "zb", "zbv")
+        return ("gpipe", "1f1b")
+
+    @classmethod
     def check_config(cls, config: OptimizerOptions) -> list[str]:
         """Problems of the job's optimizer section for this optimizer, one message each."""
         return []
 
     def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
         """Each stage's actions after its last backward (`last`: no iteration follows)."""
+        return lambda stage: []
+
+    def prepare_actions(self, num_microbatches: int) -> UpdateActions:
+        """Each stage's actions between its last forward and its first backward: work that
+        needs the batch but not the gradient, in the stage's idle time there."""
         return lambda stage: []
 
     def for_stage(self, stage: Stage) -> BaseStageOptimizer:

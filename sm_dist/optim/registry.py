@@ -15,13 +15,15 @@ from sm_dist.optim.cgblock import CGBlock
 from sm_dist.optim.ddg import DDG
 from sm_dist.optim.gd_armijo import GDArmijo
 from sm_dist.optim.options import OptimizerOptions
+from sm_dist.optim.peers import PSGD, SOAP, Muon, Shampoo
 from sm_dist.optim.sm import SM
 from sm_dist.optim.sm_adaptive import SMAdaptive
+from sm_dist.optim.sm_kron import SMKron
 from sm_dist.optim.sso import SSO
 from sm_dist.optim.torch_optimizers import GD, SGD, Adam
 
-BUILTIN: tuple[type[Optimizer], ...] = (SM, SMAdaptive, GD, GDArmijo, SGD, Adam, DDG, SSO,
-                                        CGBlock)
+BUILTIN: tuple[type[Optimizer], ...] = (SM, SMAdaptive, SMKron, GD, GDArmijo, SGD, Adam, DDG,
+                                        SSO, CGBlock, Shampoo, SOAP, Muon, PSGD)
 
 _REGISTRY: dict[str, type[Optimizer]] = {opt.name: opt for opt in BUILTIN}
 # The schema's choices for optimizer.name: a list, so that `register` can extend it.

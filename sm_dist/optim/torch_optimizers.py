@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
 from sm_dist.optim.base import Optimizer, StageReport, StepStageOptimizer
 from sm_dist.optim.metrics import OptimizerMetrics, metric
@@ -47,10 +46,14 @@ class TorchStageOptimizer(StepStageOptimizer):
     def __init__(self, owner: Optimizer, stage: Stage) -> None:
         super().__init__(owner, stage)
         assert isinstance(owner, TorchOptimizer)
-        self.torch_optimizer = owner.build(stage.params)
+        self.torch_optimizer = owner.build(stage)
 
     def step(self) -> None:
         self._report = StageReport(grad_sq_norm=self.stage.grad_sq_norm())
+        self.optimizer_step()
+
+    def optimizer_step(self) -> None:
+        """The torch optimizer's step (a peer runs it on the stage's own random streams)."""
         self.torch_optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
@@ -69,7 +72,8 @@ class TorchOptimizer(Optimizer):
     kinds = (APPLY,)
     sweep = "lr"
 
-    def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
+    def build(self, stage: Stage) -> torch.optim.Optimizer:
+        """The torch optimizer of `stage`'s parameters."""
         raise NotImplementedError
 
     def update_actions(self, num_microbatches: int, last: bool) -> UpdateActions:
@@ -91,8 +95,8 @@ class GD(TorchOptimizer):
     name = "gd"
     summary = "gradient descent with the constant step lr (the paper's simplest baseline)"
 
-    def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.config.lr)
+    def build(self, stage: Stage) -> torch.optim.Optimizer:
+        return torch.optim.SGD(stage.params, lr=self.config.lr)  # type: ignore[attr-defined]
 
 
 class SGD(TorchOptimizer):
@@ -100,9 +104,9 @@ class SGD(TorchOptimizer):
     summary = "torch.optim.SGD with lr, momentum and weight_decay"
     Options = SGDOptions
 
-    def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
+    def build(self, stage: Stage) -> torch.optim.Optimizer:
         cfg = self.config
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(stage.params, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
 
 
@@ -111,7 +115,7 @@ class Adam(TorchOptimizer):
     summary = "torch.optim.Adam with lr, betas, eps and weight_decay"
     Options = AdamOptions
 
-    def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
+    def build(self, stage: Stage) -> torch.optim.Optimizer:
         cfg = self.config
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
+        return torch.optim.Adam(stage.params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
                                 eps=cfg.eps, weight_decay=cfg.weight_decay)

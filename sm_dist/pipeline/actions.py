@@ -28,6 +28,7 @@ UPDATE_COLOUR = "#3a923a"  # the update phase
 FILL_COLOUR = "#a6d9a6"  # inner steps that fill a bubble, a lighter shade of the update
 TANGENT_COLOUR = "#8172b3"  # passes of an update phase through the pipeline (both directions)
 IDLE_COLOUR = "#e3e3e3"  # the lane behind the bars: what stays visible is idle time
+WEIGHT_COLOUR = "#f2b68a"  # a weight gradient computed apart, a lighter shade of the backward
 UNKNOWN_COLOUR = "#999999"  # a kind read from a trace whose optimizer is not loaded here
 
 
@@ -121,6 +122,13 @@ TRIAL = register_kind(ActionKind("T", "trial forward", _UP, "trial", FORWARD_COL
 # Every optimizer ends its update phase with it: apply the step, end the stage's iteration.
 APPLY = register_kind(ActionKind("A", "apply update", Direction.LOCAL, "update", UPDATE_COLOUR,
                                  "update", after_backward=True))
+# A backward split in two, as zero-bubble schedules run it (the simulator's; a run measures
+# both halves with run.split_backward): the input's gradient, which the stage below waits
+# for, and the weights' gradient, which can wait for idle time.
+BACKWARD_INPUT = register_kind(ActionKind("D", "backward: input gradient", _DOWN, "backward",
+                                          BACKWARD_COLOUR, "backward"))
+BACKWARD_WEIGHT = register_kind(ActionKind("P", "backward: weight gradient", Direction.LOCAL,
+                                           "backward", WEIGHT_COLOUR, "weight gradient"))
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class Action:
     kind: ActionKind
     index: int | None = None  # microbatch / chunk of a travelling kind; a step count else
     step: int = 0  # which repetition of the same kind and index in one plan (a CG step's pass)
+    chunk: int = 0  # which of the device's virtual stages (interleaved and V schedules)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ActionKind):  # a letter, as tests and grids write it

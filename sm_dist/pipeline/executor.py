@@ -225,7 +225,7 @@ def backward_microbatch(run: PlanRun, action: Action) -> str:
     optimizer.take_backward_note(j, note)
     skipped = optimizer.skips_backward()
     g_in, c_in = stage.backward_microbatch(j, g, c, run.plan.same_batch)
-    detail = "skipped" if skipped else ""
+    detail = "skipped" if skipped else _split_detail(optimizer.backward_split())
     if stage.is_first:
         return detail
     if optimizer.sends_curvature() and c_in is None:  # held back until the last backward
@@ -238,6 +238,11 @@ def backward_microbatch(run: PlanRun, action: Action) -> str:
         return detail
     run.send_down(action, (g_in, c_in, note))
     return detail
+
+
+def _split_detail(split: tuple[float, float] | None) -> str:
+    """A split backward's halves for the timeline ('split INPUT_S WEIGHT_S'), else ''."""
+    return "" if split is None else f"split {split[0]:.9f} {split[1]:.9f}"
 
 
 def forward_only(run: PlanRun, action: Action) -> str:

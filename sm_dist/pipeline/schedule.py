@@ -24,14 +24,16 @@ UpdateActions = Callable[[int], list[Action]]
 
 
 def gpipe_schedule(num_stages: int, num_microbatches: int, update: UpdateActions | None = None,
-                   eval_chunks: int = 0) -> Schedule:
-    """GPipe: all forwards (fill), all backwards in reverse order (drain), then the update phase,
-    which every stage starts right after its own last backward, then forward-only evaluation."""
+                   eval_chunks: int = 0, prepare: UpdateActions | None = None) -> Schedule:
+    """GPipe: all forwards (fill), then `prepare`'s actions of the stage (work it does while its
+    microbatches go up and come back), all backwards in reverse order (drain), then the update
+    phase, which every stage starts right after its own last backward, then forward-only
+    evaluation."""
     forwards = [Action(FORWARD, j) for j in range(num_microbatches)]
     backwards = [Action(BACKWARD, j) for j in reversed(range(num_microbatches))]
     evals = [Action(EVALUATE, k) for k in range(eval_chunks)]
-    return [forwards + backwards + (update(s) if update else []) + evals
-            for s in range(num_stages)]
+    return [forwards + (prepare(s) if prepare else []) + backwards
+            + (update(s) if update else []) + evals for s in range(num_stages)]
 
 
 def forward_only_schedule(num_stages: int, chunks: int, kind: ActionKind = TRIAL) -> Schedule:
@@ -42,21 +44,43 @@ def forward_only_schedule(num_stages: int, chunks: int, kind: ActionKind = TRIAL
 @dataclass(frozen=True)
 class Pass:
     """One pass the coordinator sends: every stage's actions, and whether it waited for every
-    pass sent before it to end (a pass the coordinator steers waits; others overlap)."""
+    pass sent before it to end (a pass the coordinator steers waits; others overlap).
+
+    `placement` (interleaved and V schedules, simulated): the device of each virtual stage of
+    the model in order; a device's `chunk` c is the c-th virtual stage placed on it. None:
+    one stage per device, device s holds stage s."""
 
     iteration: int
     schedule: Schedule
     waits: bool = False
+    placement: tuple[int, ...] | None = None
 
 
-def dependencies(stage: int, action: Action, num_stages: int) -> list[tuple[int, Action]]:
+def dependencies(stage: int, action: Action, num_stages: int,
+                 placement: tuple[int, ...] | None = None) -> list[tuple[int, Action]]:
     """Actions of other stages that must finish first: inputs come from below, gradients from
-    above. Everything else is ordered by the stage's own list."""
+    above (the neighbouring virtual stage's device under a `placement`). Everything else is
+    ordered by the stage's own list."""
+    if placement is not None:
+        return _virtual_dependencies(stage, action, placement)
     if action.kind.direction is Direction.UP and stage > 0:
         return [(stage - 1, action)]
     if action.kind.direction is Direction.DOWN and stage < num_stages - 1:
         return [(stage + 1, action)]
     return []
+
+
+def _virtual_dependencies(device: int, action: Action,
+                          placement: tuple[int, ...]) -> list[tuple[int, Action]]:
+    mine = [v for v, d in enumerate(placement) if d == device]
+    virtual = mine[action.chunk]
+    neighbour = {Direction.UP: virtual - 1, Direction.DOWN: virtual + 1}.get(
+        action.kind.direction)
+    if neighbour is None or not 0 <= neighbour < len(placement):
+        return []
+    other = placement[neighbour]
+    chunk = [v for v, d in enumerate(placement) if d == other].index(neighbour)
+    return [(other, Action(action.kind, action.index, action.step, chunk))]
 
 
 def next_input(actions: Sequence[Action], position: int) -> Action | None:
@@ -145,7 +169,8 @@ class _ListState:
         """When `action`'s input from a neighbour is there (0 if it needs none); None: not
         known yet."""
         times = []
-        for other, dep in dependencies(s, action, self.num_stages):
+        placement = self.passes[number].placement
+        for other, dep in dependencies(s, action, self.num_stages, placement):
             if (number, other, dep) not in self.arrives:
                 return None
             times.append(self.arrives[(number, other, dep)])

@@ -61,6 +61,8 @@ class StageOptimizer(Protocol):
     def release_held(self) -> dict[int, Tensor]: ...
     def skips_backward(self) -> bool:
         """Whether this iteration's backward does nothing (the timeline says 'skipped')."""
+    def backward_split(self) -> tuple[float, float] | None:
+        """Seconds of the last backward's input and weight halves, when it was split."""
     def after_backward(self) -> None:
         """After a pass's last backward (with replicas: sum the gradients over them)."""
     def handlers(self) -> dict[ActionKind, Callable[..., str]]: ...

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sm_dist.pipeline.actions import BACKWARD, FORWARD, ActionKind, Direction, kind_in_trace
+from sm_dist.pipeline.actions import (
+    BACKWARD,
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
+    FORWARD,
+    ActionKind,
+    Direction,
+    kind_in_trace,
+)
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,10 @@ def iteration_utilisation(events: Sequence[TimelineEvent], iteration: int,
     return IterationUtilisation(duration, busy, 1.0 - sum(busy) / num_stages, turnaround, update)
 
 
+# A zero-bubble schedule's backward is its two halves.
+_BACKWARDS = (BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)
+
+
 def _utilisation(events: Sequence[TimelineEvent], iteration: int, num_stages: int, lo: float,
                  hi: float, duration: float
                  ) -> tuple[list[float], list[float], list[float | None]]:
@@ -126,7 +138,7 @@ def _utilisation(events: Sequence[TimelineEvent], iteration: int, num_stages: in
         busy.append(_covered(mine, lo, hi) / duration)
         stage_own = [e for e in own if e.stage == s]
         forwards = [e for e in stage_own if e.kind == FORWARD]
-        backwards = [e for e in stage_own if e.kind == BACKWARD]
+        backwards = [e for e in stage_own if e.kind in _BACKWARDS]
         if forwards and backwards:
             gap_lo, gap_hi = max(e.end for e in forwards), min(e.start for e in backwards)
             turnaround.append(max(gap_hi - gap_lo - _covered(mine, gap_lo, gap_hi), 0.0)

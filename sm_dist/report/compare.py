@@ -27,6 +27,7 @@ from sm_dist.report.grid import (
     grid_lines,
     plan_runs,
     run_path,
+    split_overrides,
 )
 from sm_dist.report.run_data import ReportError, load_run
 from sm_dist.report.simulate import SimulateError, parse_link
@@ -146,13 +147,14 @@ def compare_main(job_path: str, overrides: Sequence[str], optimizers: Sequence[s
     """`sm-dist compare`: check everything, run or collect the grid, write compare.md and
     compare.png. 0 when every run finished, 1 when some failed (the files cover the others);
     bad input raises ConfigError or CompareError before anything is trained."""
-    base = load_job(job_path, overrides)
+    base_sets, optimizer_sets = split_overrides(overrides)
+    base = load_job(job_path, base_sets)
     try:
         parse_link(link)
     except SimulateError as err:
         raise CompareError(str(err)) from None
     notes: list[str] = []
-    points = expand_grid(base, optimizers, inner_steps, depths, lrs, notes)
+    points = expand_grid(base, optimizers, inner_steps, depths, lrs, notes, optimizer_sets)
     for note in notes:
         print(f"sm-dist: note: {note}", file=sys.stderr, flush=True)
     iterations = base.run.iterations
@@ -197,12 +199,12 @@ def write_compare(results: Sequence[RunResult], out: Path, *, at: Sequence[int],
     """compare.md, and compare.png when a run finished, in `out`; the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     groups = group_results(results)
-    times, missing = pipeline_times(results, link)
+    times, schedules, missing = pipeline_times(results, link)
     text = compare_markdown(results, at=at, job_path=job_path, overrides=overrides, grid=grid,
                             command_line=command_line, out=out)
     if times:
         text = text.rstrip("\n") + "\n\n" + "\n".join(
-            time_section(groups, times, link, reach, missing))
+            time_section(groups, times, link, reach, missing, schedules))
     markdown = out / "compare.md"
     markdown.write_text(text, encoding="utf-8")
     written = [markdown]

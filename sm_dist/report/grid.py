@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from sm_dist.config.job import (
     ConfigError,
@@ -20,7 +22,7 @@ from sm_dist.config.job import (
 from sm_dist.config.optimizer_section import switch_note
 from sm_dist.config.schema import plural
 from sm_dist.optim import registry
-from sm_dist.optim.options import InnerStepsConfig
+from sm_dist.optim.options import InnerStepsConfig, OptimizerOptions
 from sm_dist.optim.registry import names_sweeping
 from sm_dist.report.run_data import RunData
 
@@ -118,9 +120,14 @@ def check_list(option: str, values: Sequence[Any] | None) -> None:
         seen.add(value)
 
 
-def job_option(base: JobConfig, key: str, takers: Sequence[str]) -> Any:
-    """The job's value of an option some optimizers take (inner_steps, lr): its own when its
-    optimizer takes it, else the default of the first that does."""
+def job_option(base: JobConfig, key: str, takers: Sequence[str],
+               optimizer_sets: Sequence[str] = ()) -> Any:
+    """The job's value of an option some optimizers take (inner_steps, lr): a --set of it,
+    else its own when its optimizer takes it, else the default of the first that does."""
+    for item in reversed(optimizer_sets):
+        name, _, value = item.partition("=")
+        if name.strip() == f"optimizer.{key}":
+            return yaml.safe_load(value)
     if hasattr(base.optimizer, key):
         return getattr(base.optimizer, key)
     return getattr(registry.get(takers[0]).Options(), key)
@@ -148,17 +155,53 @@ def grid_lines(base: JobConfig, optimizers: Sequence[str], inner_steps: Sequence
     return lines
 
 
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(--set values for the base job, those of an optimizer's own options): the latter are
+    applied to each grid point after its optimizer is chosen (optimizer.name stays a base
+    override, as does an option every optimizer has, such as optimizer.replica_mode)."""
+    common = {f.name for f in fields(OptimizerOptions)}
+    base, own = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if parts[0] == "optimizer" and len(parts) > 1 and parts[1] not in common:
+            own.append(item)
+        else:
+            base.append(item)
+    return base, own
+
+
+def _own_sets(optimizer: str, own: Sequence[str]) -> list[str]:
+    """The optimizer-option overrides that `optimizer` takes."""
+    if not registry.known(optimizer):
+        return list(own)
+    keys = registry.option_names(optimizer)
+    return [item for item in own if item.split("=", 1)[0].strip().split(".")[1] in keys]
+
+
+def _check_own_sets(optimizers: Sequence[str], own: Sequence[str]) -> None:
+    """Every optimizer-option override must be an option of some optimizer of the grid."""
+    for item in own:
+        if not any(item in _own_sets(name, [item]) for name in optimizers):
+            key = item.split("=", 1)[0].strip()
+            raise CompareError(f"--set {key}: no optimizer of --optimizers "
+                               f"({', '.join(optimizers)}) has that option; leave it out or "
+                               "add the optimizer it belongs to")
+
+
 def expand_grid(base: JobConfig, optimizers: Sequence[str],
                 inner_steps: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                 lrs: Sequence[float] | None = None,
-                notes: list[str] | None = None) -> list[GridPoint]:
+                notes: list[str] | None = None,
+                optimizer_sets: Sequence[str] = ()) -> list[GridPoint]:
     """Every run of the grid, depth by depth, in the order of `optimizers`: an inner-step
     optimizer once per N (default: the job's optimizer.inner_steps), an lr-swept one once per
     learning rate (default: the job's optimizer.lr), the others once. Each job is `base`
     with its name, optimizer.name (the job's optimizer's own options left out for another),
     inner_steps or lr and (for a depth) model changed, and is validated: an optimizer the
     schema does not know is a ConfigError naming it. `notes` gets a line per optimizer whose
-    points leave out some of the job's options."""
+    points leave out some of the job's options. `optimizer_sets` (split_overrides' second
+    list) go to the points of the optimizers that take them."""
     for option, values in (("--optimizers", optimizers), ("--inner-steps", inner_steps),
                            ("--depths", depths), ("--lrs", lrs)):
         check_list(option, values)
@@ -179,9 +222,11 @@ def expand_grid(base: JobConfig, optimizers: Sequence[str],
             raise CompareError(f"--depths {bad[0]}: a depth is a number of layers, at least 1")
     steps_list: list[int | InnerStepsConfig] = (
         list(inner_steps) if inner_steps is not None
-        else [job_option(base, "inner_steps", INNER_STEP_OPTIMIZERS)])
-    lr_list = list(lrs) if lrs is not None else [job_option(base, "lr", LR_SWEEP_OPTIMIZERS)]
+        else [job_option(base, "inner_steps", INNER_STEP_OPTIMIZERS, optimizer_sets)])
+    lr_list = list(lrs) if lrs is not None else [
+        job_option(base, "lr", LR_SWEEP_OPTIMIZERS, optimizer_sets)]
     _note_switches(base, optimizers, notes)
+    _check_own_sets(optimizers, optimizer_sets)
     points = []
     for depth in depths if depths is not None else [None]:
         for name in optimizers:
@@ -192,7 +237,8 @@ def expand_grid(base: JobConfig, optimizers: Sequence[str],
                 variants = [(None, lr) for lr in lr_list]
             for steps, lr in variants:
                 label = point_label(name, depth, steps, lr)
-                job = _point_job(base, label, name, depth, steps, lr)
+                job = _point_job(base, label, name, depth, steps, lr,
+                                 _own_sets(name, optimizer_sets))
                 points.append(GridPoint(label, name, depth, steps, lr, job))
     return points
 
@@ -209,11 +255,15 @@ def _note_switches(base: JobConfig, optimizers: Sequence[str], notes: list[str] 
 
 
 def _point_job(base: JobConfig, label: str, optimizer: str, depth: int | None,
-               steps: int | InnerStepsConfig | None, lr: float | None) -> JobConfig:
+               steps: int | InnerStepsConfig | None, lr: float | None,
+               sets: Sequence[str] = ()) -> JobConfig:
     raw = job_to_dict(base)
     raw["name"] = label
     if registry.known(optimizer):
         raw["optimizer"], _ = registry.switch_section(raw["optimizer"], optimizer)
+        # The time tables simulate each run on every schedule its optimizer may run on; the
+        # zero-bubble ones need the backward's halves timed (the same numbers, bit for bit).
+        raw["run"]["split_backward"] = "zb" in registry.get(optimizer).schedules()
     else:  # a 'module:Class' the job's validation imports (and names if it cannot)
         raw["optimizer"]["name"] = optimizer
     if steps is not None:
@@ -224,7 +274,19 @@ def _point_job(base: JobConfig, label: str, optimizer: str, depth: int | None,
         assert base.model.mlp is not None  # expand_grid checked it
         widths, balance = depth_model(base.model.mlp.widths, len(base.model.balance), depth)
         raw["model"]["mlp"]["widths"], raw["model"]["balance"] = widths, balance
-    return job_from_dict(raw, source=f"for grid point {label}")
+    # The point's own --set values come before the swept value, which is the grid's.
+    return job_from_dict(_with_sets(raw, sets, label, steps, lr), source=f"for grid point {label}")
+
+
+def _with_sets(raw: dict[str, Any], sets: Sequence[str], label: str,
+               steps: int | InnerStepsConfig | None, lr: float | None) -> dict[str, Any]:
+    if not sets:
+        return raw
+    swept = {key: raw["optimizer"][key] for key, value in (("inner_steps", steps), ("lr", lr))
+             if value is not None}
+    raw = job_to_dict(job_from_dict(raw, sets, source=f"for grid point {label}"))
+    raw["optimizer"].update(swept)
+    return raw
 
 
 # ------------------------------------------------------------------------------ run directories

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from sm_dist.config.job import job_from_dict
-from sm_dist.pipeline.actions import EVALUATE, Action, Schedule
+from sm_dist.optim import registry
+from sm_dist.pipeline.actions import (
+    BACKWARD,
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
+    EVALUATE,
+    FORWARD,
+    Action,
+    Schedule,
+)
 from sm_dist.pipeline.plan_log import PLAN_LOG, read_plan_log
 from sm_dist.pipeline.schedule import Pass
 from sm_dist.pipeline.simulator import LINKS, CostModel, Link, simulate
@@ -22,6 +31,13 @@ from sm_dist.pipeline.timeline import (
     events_from_trace,
     iteration_utilisation,
     read_trace,
+)
+from sm_dist.pipeline.torch_orders import (
+    SCHEDULES,
+    TorchScheduleError,
+    placement,
+    rescheduled,
+    trains,
 )
 from sm_dist.report.run_data import ReportError, RunData
 
@@ -56,6 +72,11 @@ class MeasuredCosts:
     nbytes: dict[tuple[int, str], float]
     source: str  # the file they came from
 
+    @property
+    def split_backward(self) -> bool:
+        """Whether the run timed its backwards in halves (run.split_backward)."""
+        return any(letter == "D" for _, letter in self.seconds)
+
     def unit(self, stage: int, action: Action) -> tuple[float, float]:
         """(seconds, bytes) of one unit of `action`'s kind on `stage` (a fill's step: a step
         of the kind it fills with)."""
@@ -85,7 +106,9 @@ def read_events(run: RunData) -> tuple[list[TimelineEvent], str]:
 
 def measured_costs(events: list[TimelineEvent], source: str,
                    iterations: range | None = None) -> MeasuredCosts:
-    """The medians of the events' costs per unit, per stage and kind."""
+    """The medians of the events' costs per unit, per stage and kind; a backward timed in
+    halves (run.split_backward) also gives the input-gradient (D) and weight-gradient (P)
+    halves that zero-bubble schedules run apart."""
     per_second: dict[tuple[int, str], list[float]] = defaultdict(list)
     per_byte: dict[tuple[int, str], list[float]] = defaultdict(list)
     for e in events:
@@ -95,10 +118,24 @@ def measured_costs(events: list[TimelineEvent], source: str,
         key = (e.stage, e.kind.step_cost_of or e.kind.letter)
         per_second[key].append((e.end - e.start) / units)
         per_byte[key].append(e.sent / units)
+        if e.kind == BACKWARD and e.detail.startswith("split "):
+            halves = [float(x) for x in e.detail.split()[1:3]]
+            for letter, seconds, sent in zip("DP", halves, (e.sent, 0), strict=True):
+                per_second[(e.stage, letter)].append(seconds)
+                per_byte[(e.stage, letter)].append(sent)
     if not per_second:
         raise SimulateError(f"{source}: no measured actions in the chosen iterations")
-    return MeasuredCosts({k: statistics.median(v) for k, v in per_second.items()},
-                         {k: statistics.median(v) for k, v in per_byte.items()}, source)
+    seconds = {k: statistics.median(v) for k, v in per_second.items()}
+    for (stage, letter), whole in list(seconds.items()):
+        # The halves are timed around the two traversals only; the whole backward also
+        # holds its receive and send: scaled to it, a schedule reorders the same work.
+        if letter == "B" and (stage, "D") in seconds:
+            halves = seconds[(stage, "D")] + seconds[(stage, "P")]
+            if halves > 0:
+                for half in "DP":
+                    seconds[(stage, half)] *= whole / halves
+    return MeasuredCosts(seconds, {k: statistics.median(v) for k, v in per_byte.items()},
+                         source)
 
 
 @dataclass
@@ -110,9 +147,11 @@ class Replay:
     skipped: set[tuple[int, int, Action]]
 
 
-def dispatched(run: RunData, events: list[TimelineEvent],
-               iterations: range | None = None) -> Replay:
-    """plans.jsonl's passes (those of `iterations`), each action as its event says it ran."""
+def dispatched(run: RunData, events: list[TimelineEvent], iterations: range | None = None,
+               schedule: str | None = None, microbatches: int | None = None) -> Replay:
+    """plans.jsonl's passes (those of `iterations`), each action as its event says it ran;
+    with `microbatches`, each batch cut into that many instead; with a `schedule`, each
+    training pass in that schedule's order (torch_orders.py)."""
     path = run.path / PLAN_LOG
     if not path.is_file():
         raise SimulateError(f"{run.path} has no {PLAN_LOG} (the passes its coordinator sent); "
@@ -126,7 +165,7 @@ def dispatched(run: RunData, events: list[TimelineEvent],
     for plan_id, sent in read_plan_log(path):
         if iterations is not None and sent.iteration not in iterations:
             continue
-        number, schedule = len(passes), []
+        number, lanes = len(passes), []
         for s, actions in enumerate(sent.schedule):
             done = ran.get((plan_id, s), [])
             lane = []
@@ -136,8 +175,17 @@ def dispatched(run: RunData, events: list[TimelineEvent],
                 if event is not None and event.detail == "skipped":
                     skipped.add((number, s, action))
                 lane.append(action)
-            schedule.append(lane)
-        passes.append(Pass(sent.iteration, schedule, sent.waits))
+            lanes.append(lane)
+        if microbatches is not None:
+            lanes = resplit(lanes, microbatches)
+        if schedule is None or not trains(lanes):
+            passes.append(Pass(sent.iteration, lanes, sent.waits))
+            continue
+        ordered, evals = rescheduled(lanes, schedule)
+        where = placement(schedule, len(lanes)) if SCHEDULES[schedule].chunks > 1 else None
+        passes.append(Pass(sent.iteration, ordered, sent.waits, where))
+        if any(evals):
+            passes.append(Pass(sent.iteration, evals))
     if not passes:
         raise SimulateError(f"{run.path}: no dispatched passes in the chosen iterations")
     return Replay(passes, skipped)
@@ -173,14 +221,19 @@ def resplit(schedule: Schedule, microbatches: int) -> Schedule:
     return out
 
 
-def replay_cost(costs: MeasuredCosts, replay: Replay, scale: float) -> CostModel:
+def replay_cost(costs: MeasuredCosts, replay: Replay, scale: float,
+                chunks: int = 1) -> CostModel:
     """Each action's cost: its kind's measured unit times its units (`scale` multiplies the
-    per-microbatch costs, for another split); an action that did nothing costs nothing."""
+    per-microbatch costs, for another split; a schedule of `chunks` virtual stages per device
+    gives each a 1/chunks share of its device's forward and backward); an action that did
+    nothing costs nothing."""
     def cost(place: tuple[int, int], action: Action) -> tuple[float, float]:
         stage, number = place
         if (number, stage, action) in replay.skipped:
             return 0.0, 0.0
         seconds, nbytes = costs.unit(stage, action)
+        if action.kind in (FORWARD, BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT):
+            return seconds * scale / chunks, nbytes * scale
         if action.kind.travels and action.kind != EVALUATE:
             return seconds * scale, nbytes * scale
         if action.kind.counts_steps and not action.kind.fills_idle:
@@ -199,6 +252,7 @@ class Simulation:
     link: Link
     microbatches: int
     costs: MeasuredCosts
+    schedule: str = "gpipe"
 
     def utilisation(self) -> dict[str, Any]:
         """Means over the steady iterations (not the first, which has no iteration before it
@@ -237,27 +291,48 @@ class Simulation:
 
 
 def simulate_run(run: RunData, link: str = "none", microbatches: int | None = None,
-                 iterations: range | None = None) -> Simulation:
+                 iterations: range | None = None, schedule: str = "gpipe") -> Simulation:
     """Replay the passes `run` dispatched on one device per stage over `link`, each action
     at its measured cost; with `microbatches` per batch instead of the run's (the
-    per-microbatch costs scaled by the run's count over the new one)."""
+    per-microbatch costs scaled by the run's count over the new one); on `schedule` (the
+    engine's own is GPipe), if the run's optimizer may run on it."""
     job = job_from_dict(run.config, source=f"{run.path / 'config.yaml'}")
     link_name, model = parse_link(link)
+    check_schedule(job.optimizer.name, schedule)
     events, source = read_events(run)
     costs = measured_costs(events, source, iterations)
-    replay = dispatched(run, events, iterations)
+    if schedule in ("zb", "zbv") and not costs.split_backward:
+        raise SimulateError(f"--schedule {schedule} runs each backward as two halves, which "
+                            f"{run.path} did not measure; train it with "
+                            "--set run.split_backward=true")
     used = job.data.microbatches
     count = microbatches or used
-    passes = replay.passes if count == used else [
-        Pass(p.iteration, resplit(p.schedule, count), p.waits) for p in replay.passes]
-    timeline = simulate(passes, replay_cost(costs, replay, used / count), model)
-    numbers = sorted({p.iteration for p in passes})
-    return Simulation(timeline, numbers, link_name, model, count, costs)
+    try:
+        replay = dispatched(run, events, iterations, None if schedule == "gpipe" else schedule,
+                            None if count == used else count)
+    except TorchScheduleError as err:
+        raise SimulateError(str(err)) from None
+    chunks = SCHEDULES[schedule].chunks
+    timeline = simulate(replay.passes, replay_cost(costs, replay, used / count, chunks), model)
+    numbers = sorted({p.iteration for p in replay.passes})
+    return Simulation(timeline, numbers, link_name, model, count, costs, schedule)
+
+
+def check_schedule(optimizer: str, schedule: str) -> None:
+    """A schedule the run's optimizer may run on, else a SimulateError saying which it may."""
+    if schedule not in SCHEDULES:
+        raise SimulateError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    allowed = registry.get(optimizer).schedules()
+    if schedule not in allowed:
+        raise SimulateError(
+            f"--schedule {schedule}: {optimizer} runs on {' and '.join(allowed)} only (its "
+            "update needs each stage's whole backward, unsplit, before it: a zero-bubble or "
+            "interleaved schedule moves or splits it); choose one of those")
 
 
 def simulation_json(sim: Simulation) -> str:
     bandwidth = sim.link.bandwidth if math.isfinite(sim.link.bandwidth) else None
-    return json.dumps({**sim.utilisation(), "link": sim.link_name,
+    return json.dumps({**sim.utilisation(), "link": sim.link_name, "schedule": sim.schedule,
                        "bandwidth": bandwidth, "latency": sim.link.latency,
                        "microbatches": sim.microbatches, "costs_from": sim.costs.source})
 
@@ -273,22 +348,26 @@ def parse_range(text: str) -> range:
 
 
 def simulate_main(run_dir: str, link: str, microbatches: int | None, iterations: str | None,
-                  as_json: bool, out: str | None) -> None:
+                  as_json: bool, out: str | None, schedule: str = "gpipe") -> None:
     """`sm-dist simulate`: print the simulated pipeline's figures and draw its timeline."""
     from sm_dist.report.plots import default_timeline_iteration, plot_timeline
     from sm_dist.report.run_data import load_run
 
     run = load_run(run_dir)
     window = parse_range(iterations) if iterations else None
-    sim = simulate_run(run, link, microbatches, window)
+    sim = simulate_run(run, link, microbatches, window, schedule)
     if as_json:
         print(simulation_json(sim))
         return
     use = sim.utilisation()
     stages = len(use["busy_fraction"])
     first, last = use["iterations"]
-    print(f"{run.name}: simulated on {stages} devices, link {sim.link_name}, "
-          f"{sim.microbatches} microbatches, from the costs in {sim.costs.source}")
+    print(f"{run.name}: simulated on {stages} devices, {SCHEDULES[schedule].what}, link "
+          f"{sim.link_name}, {sim.microbatches} microbatches, from the costs in "
+          f"{sim.costs.source}")
+    if SCHEDULES[schedule].chunks > 1:
+        print(f"each device's stage split into {SCHEDULES[schedule].chunks} virtual stages of "
+              "equal cost (an assumption: the run measured whole stages)")
     print(f"iteration time {use['iteration_time'] * 1e3:.2f} ms, bubble "
           f"{use['bubble_fraction']:.1%} (means over iterations {first}..{last})")
     print("stage   busy  idle fwd->bwd  idle bwd->fwd")
@@ -301,5 +380,5 @@ def simulate_main(run_dir: str, link: str, microbatches: int | None, iterations:
         path = Path(out) if out else run.path / "simulated-timeline.png"
         plot_timeline(sim.events, iteration, stages, path,
                       f"{run.name}: iteration {iteration}, simulated on {stages} devices "
-                      f"({sim.link_name})")
+                      f"({schedule}, {sim.link_name})")
         print(f"timeline: {path}")

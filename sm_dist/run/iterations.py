@@ -59,7 +59,7 @@ class BatchRequests:
         test_chunks = len(eval_chunks(*sets[0][1:])) if sets and sets[0][0] == "test" else 0
         schedule = gpipe_schedule(self.optimizer.num_stages, len(microbatches),
                                   self.optimizer.update_actions(len(microbatches), last),
-                                  len(chunks))
+                                  len(chunks), self.optimizer.prepare_actions(len(microbatches)))
         self._epochs[iteration] = None if self.stream.full else self.stream.epochs_done()
         return IterationRequest(iteration, microbatches, len(x), same_batch, schedule,
                                 chunks or None, test_chunks, last)

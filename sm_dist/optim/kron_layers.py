@@ -1,0 +1,302 @@
+"""sm_kron's layers of one stage: every Linear or Conv2d with the activation and pooling that
+follow it is an SM layer of its own, its Kronecker factors summed microbatch by microbatch in
+the backward and its closed-form step taken after it (sm_dist/math/kronecker*.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from sm_dist.math.curvature import damped_curvature
+from sm_dist.math.kronecker import (
+    DTYPE,
+    LayerTerms,
+    factor_weights,
+    fold_bias,
+    input_gram,
+    linear_lambda_estimate,
+    linear_layer_terms,
+    spectral_norm_sq,
+    split_weight_matrix,
+    weight_matrix,
+    weighted_gram,
+)
+from sm_dist.math.kronecker_conv import (
+    ConvGeometry,
+    conv_lambda_estimate,
+    conv_layer_terms,
+    conv_patches,
+)
+from sm_dist.math.kronecker_solve import (
+    Eigenbasis,
+    damped_factor,
+    fresh_eigenbasis,
+    input_layer_step,
+    inverse_factor,
+    kronecker_model_value,
+    kronecker_step,
+    stale_eigenbasis,
+)
+
+ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.LeakyReLU)
+
+
+@dataclass(frozen=True)
+class Damping:
+    """How the per-sample δ and the factors are damped (the optimizer's options)."""
+
+    delta_rel: float
+    delta_abs: float
+    delta_floor: float
+    factor: float  # damp·tr(F)/dim·I added to each factor (keeps B an upper bound)
+    eta: float  # the bound's η: how the cross term splits between A and U
+    floor: float  # relative floor of every factor: rounding_floor of the dtype it is summed in
+
+
+@dataclass
+class KronLayer:
+    """One SM layer: [reshapes] affine [activation] [max pooling]; what the forward and the
+    backward leave of it for the update."""
+
+    affine: nn.Linear | nn.Conv2d
+    activation: nn.Module | None = None
+    pool: nn.MaxPool2d | None = None
+    first: nn.Module | None = None  # the module whose input is the layer's (None: affine)
+    data_input: bool = False  # stage 0's first layer: its input is data (no Δ term, U = 0)
+    gram: bool = False  # a data layer bounded by max m·Z̃ᵀZ̃ (sm_kron's input_bound: gram)
+    # Each microbatch's rows and weights of A and U, kept by the backward: the factors are
+    # formed in the update, off the drain (docs/performance.md measures both placements).
+    pending: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = field(
+        default_factory=list)
+    max_theta: float = 0.0  # max over samples of m_k (the data layer's A ⪯ max m·Z̃ᵀZ̃)
+    gram_inverse: Tensor | None = None  # the batch's damped Z̃ᵀZ̃, inverted (gram)
+    spectral_sq: float | None = None  # ‖W₀‖₂² of this iteration's weights, once computed
+    a_basis: Eigenbasis | None = None  # kept for a stale-basis bound between refreshes
+    u_basis: Eigenbasis | None = None
+    lam_start: dict[int, Tensor] = field(default_factory=dict)  # λ's power vectors, warm
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for p in (self.affine.weight, self.affine.bias) if p is not None]
+
+    def terms(self, inputs: Tensor, pre: Tensor, grad_out: Tensor, c: Tensor) -> LayerTerms:
+        """The bound's per-sample terms of this layer around what the forward stored."""
+        w, b = self.affine.weight.detach(), self.affine.bias
+        b = None if b is None else b.detach()
+        below = not self.data_input
+        if below and self.spectral_sq is None:  # the weights change only at the update
+            self.spectral_sq = spectral_norm_sq(w.reshape(w.shape[0], -1))
+        if isinstance(self.affine, nn.Conv2d):
+            return conv_layer_terms(inputs, w, b, grad_out, c, ConvGeometry.of(self.affine),
+                                    self.activation, self.pool, pre=pre,
+                                    spectral_sq=self.spectral_sq, below=below,
+                                    rows=not self.gram)
+        return linear_layer_terms(inputs, w, b, grad_out, c, self.activation, pre=pre,
+                                  spectral_sq=self.spectral_sq, below=below,
+                                  rows=not self.gram)
+
+    def rows(self, inputs: Tensor) -> Tensor:
+        """The rows z̃ of the layer's inputs (patches for a convolution), in their dtype."""
+        with_bias = self.affine.bias is not None
+        if isinstance(self.affine, nn.Conv2d):
+            return fold_bias(conv_patches(inputs, ConvGeometry.of(self.affine)), with_bias)
+        return fold_bias(inputs.reshape(inputs.shape[0], -1), with_bias)
+
+    def prepare_gram(self, inputs: list[Tensor], damping: Damping) -> None:
+        """Factor the batch's Z̃ᵀZ̃ (a data layer with the gram bound): it needs the forward
+        only, so stage 0 does it before its first backward arrives."""
+        gram = sum(input_gram(self.rows(x), x.dtype) for x in inputs)
+        assert isinstance(gram, Tensor)
+        self.gram_inverse = inverse_factor(damped_factor(gram, damping.factor, damping.floor))
+
+    def curvature_below(self, j: int, inputs: Tensor, terms: LayerTerms, rounds: int,
+                        damping: Damping, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(c sent below, δ) of microbatch j: λ_k by a few warm-started power rounds from
+        below (the note's δ_k = delta_rel·λ_k + delta_abs, c_k = λ_k + δ_k), or with no rounds
+        the certified bound of the terms, which is safe but larger."""
+        if rounds == 0:
+            assert terms.lam_bound is not None
+            lam = terms.lam_bound
+        else:
+            lam = self._lambda_estimate(j, inputs, terms, rounds, generator)
+        return damped_curvature(lam, delta_rel=damping.delta_rel, delta_abs=damping.delta_abs,
+                                delta_floor=damping.delta_floor)
+
+    def _lambda_estimate(self, j: int, inputs: Tensor, terms: LayerTerms, rounds: int,
+                         generator: torch.Generator) -> Tensor:
+        start = self.lam_start.get(j)
+        weight = self.affine.weight.detach()
+        if isinstance(self.affine, nn.Conv2d):
+            shape = inputs.shape
+            if start is not None and start.shape != shape:
+                start = None
+            lam, vectors = conv_lambda_estimate(weight, terms, ConvGeometry.of(self.affine),
+                                                shape, rounds, start, generator)
+        else:
+            if start is not None and start.shape[0] != inputs.shape[0]:
+                start = None
+            lam, vectors = linear_lambda_estimate(weight, terms, rounds, start, generator)
+        self.lam_start[j] = vectors
+        return lam
+
+    def accumulate(self, terms: LayerTerms, delta: Tensor | None, eta: float) -> None:
+        """Keep a microbatch's share of A and U (sums over samples): its rows and weights;
+        with the gram bound only max m is needed of it."""
+        self.max_theta = max(self.max_theta, float(terms.theta_curvature.max()))
+        if self.gram:
+            return
+        a_weights, u_weights = factor_weights(terms, None if self.data_input else delta, eta)
+        u_rows = None if u_weights is None else terms.cotangents
+        self.pending.append((terms.inputs, a_weights, u_rows, u_weights))
+
+    def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """A and U of the microbatches kept since the last step, summed in `dtype`."""
+        assert self.pending, "no backward since the last step"
+        a = u = None
+        for rows, a_weights, u_rows, u_weights in self.pending:
+            share = weighted_gram(rows, a_weights, dtype)
+            a = share if a is None else a.add_(share)
+            if u_rows is not None and u_weights is not None:
+                share = weighted_gram(u_rows, u_weights, dtype)
+                u = share if u is None else u.add_(share)
+        assert a is not None
+        return a, u
+
+    def step(self, damping: Damping, refresh: bool,
+             dtype: torch.dtype) -> tuple[dict[int, Tensor], float]:
+        """The bound's minimiser for this layer's gradient (in .grad), by parameter id, and
+        its model value ½⟨G, V⟩ (the bound's predicted change of the loss); the factors are
+        summed in `dtype`."""
+        weight, bias = self.affine.weight, self.affine.bias
+        grad = weight_matrix(weight.grad, None if bias is None else bias.grad).to(DTYPE)
+        if self.data_input:  # U = 0: one solve, no eigendecomposition
+            change = self._input_step(grad, damping, dtype)
+            value = 0.5 * float((grad * change).sum())
+        else:
+            a_factor, u_factor = self.factors(dtype)
+            assert u_factor is not None, "an inner layer has U"
+            a_damped = damped_factor(a_factor, damping.factor, damping.floor)
+            self.a_basis = _basis(a_damped, self.a_basis, refresh)
+            u_damped = damped_factor(u_factor, damping.factor, damping.floor)
+            self.u_basis = _basis(u_damped, self.u_basis, refresh)
+            change = kronecker_step(grad, self.a_basis, self.u_basis)
+            value = kronecker_model_value(grad, change, self.a_basis, self.u_basis)
+        dw, db = split_weight_matrix(change, weight.shape, bias is not None)
+        steps = {id(weight): dw.to(weight.dtype)}
+        if bias is not None and db is not None:
+            steps[id(bias)] = db.to(bias.dtype)
+        self.pending = []
+        self.max_theta, self.spectral_sq = 0.0, None
+        return steps, value
+
+    def _input_step(self, grad: Tensor, damping: Damping, dtype: torch.dtype) -> Tensor:
+        if self.gram:
+            assert self.gram_inverse is not None, "the batch's Gram matrix was not prepared"
+            if self.max_theta <= 0.0:  # no curvature in any sample: the bound has no minimiser
+                return torch.zeros_like(grad)
+            return input_layer_step(grad, self.gram_inverse, self.max_theta)
+        a_factor, _ = self.factors(dtype)
+        damped = damped_factor(a_factor, damping.factor, damping.floor)
+        return input_layer_step(grad, inverse_factor(damped))
+
+
+def _basis(factor: Tensor, previous: Eigenbasis | None, refresh: bool) -> Eigenbasis:
+    """A fresh eigendecomposition, or the bound in the previous basis between refreshes."""
+    if refresh or previous is None or previous.vectors.shape != factor.shape:
+        return fresh_eigenbasis(factor)
+    return stale_eigenbasis(factor, previous.vectors)
+
+
+def stage_layers(module: nn.Module, first_stage: bool,
+                 input_gram_bound: bool = False) -> list[KronLayer] | None:
+    """The stage's SM layers, in order, or None when a module of it has no Kronecker bound
+    here (attention, normalisation, embeddings, average pooling, two activations in a row):
+    such a stage keeps SM's inner loop on its exact local loss."""
+    leaves = _leaves(module)
+    if leaves is None:
+        return None
+    layers: list[KronLayer] = []
+    pending: list[nn.Module] = []  # reshapes before the next affine layer
+    for leaf in leaves:
+        if isinstance(leaf, nn.Identity):
+            continue
+        if isinstance(leaf, (nn.Linear, nn.Conv2d)):
+            if isinstance(leaf, nn.Conv2d) and not _plain_conv(leaf):
+                return None
+            layers.append(KronLayer(leaf, first=pending[0] if pending else None))
+            pending = []
+        elif isinstance(leaf, nn.Flatten):
+            pending.append(leaf)
+        elif not layers or pending or not _follows(layers[-1], leaf):
+            return None
+    if not layers or pending:
+        return None
+    layers[0].data_input = first_stage
+    layers[0].gram = first_stage and input_gram_bound
+    return layers
+
+
+def _follows(layer: KronLayer, leaf: nn.Module) -> bool:
+    """Take `leaf` into `layer` if it can follow what the layer holds: one elementwise
+    activation, then (after a convolution) one max pooling."""
+    if isinstance(leaf, ACTIVATIONS) and layer.activation is None and layer.pool is None:
+        layer.activation = leaf
+        return True
+    if (isinstance(leaf, nn.MaxPool2d) and layer.pool is None
+            and isinstance(layer.affine, nn.Conv2d)):
+        layer.pool = leaf
+        return True
+    return False
+
+
+def _leaves(module: nn.Module) -> list[nn.Module] | None:
+    """The leaf modules of nested Sequentials in forward order (None: another container)."""
+    if type(module) is nn.Sequential:
+        found: list[nn.Module] = []
+        for child in module:
+            inner = _leaves(child)
+            if inner is None:
+                return None
+            found += inner
+        return found
+    if next(module.children(), None) is not None:
+        return None
+    if any(p.requires_grad for p in module.parameters()) and not isinstance(
+            module, (nn.Linear, nn.Conv2d)):
+        return None
+    return [module]
+
+
+def _plain_conv(conv: nn.Conv2d) -> bool:
+    try:
+        ConvGeometry.of(conv)
+    except ValueError:
+        return False
+    return True
+
+
+Capture = dict[int, list[Tensor | None]]  # per layer: [input, pre-activation, output]
+
+
+def capture_hooks(layers: list[KronLayer], store: Callable[[], Capture | None]) -> list:
+    """Forward hooks that keep each layer's input, pre-activation and output of a recording
+    forward in the dict `store()` gives (None: not recording: forward-only passes)."""
+    handles = []
+    for k, layer in enumerate(layers):
+        last: nn.Module = layer.pool or layer.activation or layer.affine
+
+        def keep(slot: int, k: int = k, use_input: bool = False) -> Callable:
+            def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+                kept = store()
+                if kept is not None and torch.is_grad_enabled():
+                    kept.setdefault(k, [None, None, None])[slot] = args[0] if use_input else out
+            return hook
+
+        first = layer.first or layer.affine
+        handles.append(first.register_forward_hook(keep(0, use_input=True)))
+        handles.append(layer.affine.register_forward_hook(keep(1)))
+        handles.append(last.register_forward_hook(keep(2)))
+    return handles

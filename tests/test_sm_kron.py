@@ -1,0 +1,172 @@
+"""sm_kron on the product: its layers found per stage, the engine and one process agreeing, the
+factors of microbatches summing to the batch's, exact resume, a loss that never rises, the
+input layer's Gram factor in stage 0's bubble, and the jobs it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from sm_dist.cli import main
+from sm_dist.config.build import build_local_pipeline, build_optimizer, load_job_data
+from sm_dist.config.job import ConfigError, job_from_dict
+from sm_dist.models.cnn import build_cnn
+from sm_dist.optim.kron_layers import stage_layers
+from sm_dist.optim.sm_kron import INPUT_GRAM
+from sm_dist.pipeline.actions import BACKWARD, FORWARD
+from sm_dist.pipeline.schedule import gpipe_schedule, validate_schedule
+from sm_dist.report.run_data import load_run
+from sm_dist.report.simulate import read_events
+from sm_dist.run.trainer import train
+from tests.conftest import run_cli, synthetic_job, write_job
+from tests.test_checkpoints import assert_resume_continues_exactly, checkpointed_job
+from tests.test_cnn import cnn_job
+from tests.test_engine import assert_same_training, train_both
+from tests.test_transformer import text_job
+
+CPU = torch.device("cpu")
+
+
+def kron_job(iterations: int = 4, **optimizer: Any) -> dict[str, Any]:
+    return synthetic_job(optimizer={"name": "sm_kron", **optimizer},
+                         run={"iterations": iterations, "eval_every": 0})
+
+
+def trained(raw: dict[str, Any]) -> list[Any]:
+    job = job_from_dict(raw)
+    return train(job, build_local_pipeline(job, CPU), load_job_data(job), lambda r: None)
+
+
+# ---------------------------------------------------------------------- layers of a stage
+def test_stage_layers_group_each_affine_layer_with_what_follows() -> None:
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(),
+                        nn.Linear(4, 2))
+    layers = stage_layers(mlp, first_stage=True, input_gram_bound=True)
+    assert layers is not None
+    assert [(type(x.affine).__name__, type(x.activation).__name__, x.data_input, x.gram)
+            for x in layers] == [("Linear", "ReLU", True, True), ("Linear", "Tanh", False, False),
+                                 ("Linear", "NoneType", False, False)]
+    assert isinstance(layers[0].first, nn.Flatten)
+    cnn = build_cnn([1, 8, 8], [2, 3], classes=3)
+    conv = stage_layers(cnn[0], first_stage=False)
+    assert conv is not None and conv[0].pool is not None and not conv[0].data_input
+    # No Kronecker bound: such a stage takes sm_adaptive's step.
+    assert stage_layers(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), True) is None
+    assert stage_layers(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Tanh()), True) is None
+    assert stage_layers(nn.Sequential(nn.Linear(4, 4), nn.AvgPool1d(2)), True) is None
+
+
+def test_stage_0_factors_its_gram_matrix_between_forwards_and_backwards() -> None:
+    optimizer = build_optimizer(job_from_dict(kron_job()))
+    schedule = gpipe_schedule(3, 2, optimizer.update_actions(2, last=False),
+                              prepare=optimizer.prepare_actions(2))
+    validate_schedule(schedule, 2)
+    kinds = [a.kind for a in schedule[0]]
+    assert kinds[:4] == [FORWARD, FORWARD, INPUT_GRAM, BACKWARD]
+    assert all(INPUT_GRAM not in [a.kind for a in lane] for lane in schedule[1:])
+    exact = build_optimizer(job_from_dict(kron_job(input_bound="exact")))
+    assert exact.prepare_actions(2)(0) == []
+
+
+# ------------------------------------------------------------------------- the numbers
+@pytest.mark.parametrize("input_bound", ["gram", "exact"])
+def test_engine_and_single_process_agree(tmp_path: Path, input_bound: str) -> None:
+    assert_same_training(*train_both(tmp_path, kron_job(3, input_bound=input_bound)))
+
+
+@pytest.mark.parametrize("input_bound", ["gram", "exact"])
+def test_microbatch_factors_sum_to_the_batchs(input_bound: str) -> None:
+    """λ by its certified bound (no random start): one microbatch or four, the same steps."""
+    def losses(microbatches: int) -> list[float]:
+        raw = kron_job(4, lambda_rounds=0, input_bound=input_bound, step_scale=2.0,
+                       scale_rule="fixed", accept_steps=False)
+        raw["data"]["microbatches"] = microbatches
+        return [r.train_loss for r in trained(raw)]
+
+    one, four = losses(1), losses(4)
+    assert one[-1] < one[0]
+    assert four == pytest.approx(one, rel=1e-10, abs=0)
+
+
+def test_the_loss_never_rises_on_a_full_batch() -> None:
+    records = trained(kron_job(12))
+    accepted = [r.train_loss for r in records]
+    assert all(b <= a for a, b in zip(accepted, accepted[1:])), accepted
+    assert accepted[-1] < 0.5 * accepted[0]
+    # Closed form on every stage: no inner steps, no Ψ products.
+    assert all(steps == 0 for r in records for steps in r.metric("inner_steps"))
+    assert all(products == 0 for r in records for products in r.metric("psi_products"))
+
+
+@pytest.mark.parametrize("input_bound", ["gram", "exact"])
+def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  input_bound: str) -> None:
+    """Eigenbases, λ's warm starts, the scale and the held step survive a checkpoint; the
+    input layer's Gram factor is made again from the batch."""
+    job = checkpointed_job({"name": "sm_kron", "input_bound": input_bound, "refresh_every": 3})
+    assert_resume_continues_exactly(tmp_path, monkeypatch, job)
+
+
+@pytest.mark.parametrize("batch", [None, 8])
+def test_the_gram_factor_is_made_once_per_batch(tmp_path: Path, batch: int | None) -> None:
+    """Full batch: K factors Z̃ᵀZ̃ in the first iteration and is free after it; minibatches:
+    every iteration."""
+    raw = kron_job(4)
+    if batch is not None:
+        raw["data"]["batch"] = batch
+    path = write_job(tmp_path / "job.yaml", raw)
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", str(out)]) == 0
+    events, _ = read_events(load_run(out))
+    made = [e.iteration for e in events if e.kind == INPUT_GRAM and e.detail != "skipped"]
+    assert made == ([1] if batch is None else [1, 2, 3, 4])
+    assert sum(e.kind == INPUT_GRAM for e in events) == 4
+
+
+# ------------------------------------------------------------------- other workloads
+def test_a_cnn_job_trains() -> None:
+    records = trained({**cnn_job(), "optimizer": {"name": "sm_kron"}})
+    assert records[-1].train_loss < records[0].train_loss
+
+
+def test_a_transformer_job_is_sm_adaptive_on_its_attention_stages() -> None:
+    """Every stage of the tiny transformer holds an embedding, attention or LayerNorm: each
+    takes sm_adaptive's step, with sm_kron's scale and acceptance options."""
+    shared = {"inner_steps": 3, "loss_curvature_scale": 1.0, "scale_max": 1e8}
+    kron = trained({**text_job(), "optimizer": {"name": "sm_kron", **shared}})
+    adaptive = trained({**text_job(), "optimizer": {"name": "sm_adaptive", **shared}})
+    assert kron[-1].train_loss < kron[0].train_loss
+    assert all(steps > 0 for steps in kron[0].metric("inner_steps"))
+    assert [r.train_loss for r in kron] == [r.train_loss for r in adaptive]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [cnn_job, text_job])
+def test_engine_and_single_process_agree_on_cnn_and_transformer(tmp_path: Path,
+                                                                make: Any) -> None:
+    raw = {**make(), "optimizer": {"name": "sm_kron", "inner_steps": 3}}
+    assert_same_training(*train_both(tmp_path, raw))
+
+
+# ------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("option,message", [
+    ({"curvature": "batch"}, "optimizer.curvature: sm_kron's bound is per sample"),
+    ({"recompute": True}, "optimizer.recompute: sm_kron's layers read what the forward kept"),
+    ({"input_bound": "both"}, "optimizer.input_bound"),
+    ({"lambda_rounds": -1}, "optimizer.lambda_rounds"),
+    ({"eta": 0}, "optimizer.eta"),
+])
+def test_bad_options_are_named(option: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        job_from_dict(kron_job(**option))
+
+
+def test_a_bad_option_exits_2(tmp_path: Path) -> None:
+    path = write_job(tmp_path / "job.yaml", kron_job(curvature="batch"))
+    result = run_cli("validate", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "set optimizer.curvature: sample" in result.stderr
