@@ -2,14 +2,14 @@
 
 For the 4-stage MLP, CNN and transformer jobs of configs/, one engine run each (one process
 per stage) of: Adam, SM keeping every microbatch's Ψ graph through the update (the default),
-SM with `optimizer.recompute: true` (one graph alive at a time, no warm-start vectors kept)
-and recompute with `power_warm_start: true`. Runs go one after another,
+SM with `optimizer.recompute: true` (one graph alive at a time, no warm-start vectors kept),
+recompute with `power_warm_start: true`, and sm_kron. Runs go one after another,
 never side by side. It prints two figures per stage (pipeline/memory.py): the peak since
 training started, and what training added on top of what the process held at its start.
 On CPU both are resident memory, so the peak includes torch itself (hundreds of MiB) and the
 added part includes first-use allocations any optimizer makes; on CUDA (`--device cuda`)
 they are allocated tensor bytes. Rank 0 also holds the coordinator (the data, the records).
-On CPU it then measures the same four runs' live tensor bytes per stage in one profiled
+On CPU it then measures the same five runs' live tensor bytes per stage in one profiled
 process (benchmarks/tensor_memory.py): the CPU counterpart of CUDA's allocated memory.
 
     python benchmarks/memory_per_stage.py [--iterations 3] [--workloads mlp,cnn,transformer]
@@ -75,12 +75,14 @@ def row(label: str, text: str) -> str:
 
 
 # SM's configurations next to Adam: graphs kept (the default), recompute (which by default
-# keeps no power-iteration warm-start vectors), and recompute keeping them (one input-sized
-# tensor per microbatch).
+# keeps no power-iteration warm-start vectors), recompute keeping them (one input-sized
+# tensor per microbatch), and sm_kron.
 SM_RUNS = {"sm, graphs kept": ["optimizer.recompute=false"],
            "sm, recompute": ["optimizer.recompute=true"],
            "sm, recompute + warm starts": ["optimizer.recompute=true",
-                                           "optimizer.power_warm_start=true"]}
+                                           "optimizer.power_warm_start=true"],
+           # Each layer's rows and weights of A and U kept from the backward to the update.
+           "sm_kron": ["optimizer.name=sm_kron", "optimizer.recompute=false"]}
 
 
 def main() -> None:

@@ -215,6 +215,14 @@ class SMKron(SMAdaptive):
 
     kinds = (*SMAdaptive.kinds, INPUT_GRAM)
 
+    def schedule_note(self, minibatches: bool) -> str | None:
+        note = ("sm_kron: L is each layer's closed-form step; I counts the CG steps of a stage "
+                "without a Kronecker bound (attention, LayerNorm, embeddings), and a stage "
+                "whose every layer has one takes none. K (input_bound: gram) factors stage "
+                "0's Gram matrix while its microbatches go up and come back, once per batch.")
+        rest = super().schedule_note(minibatches)
+        return note if rest is None else f"{note}\n{rest}"
+
     def prepare_actions(self, num_microbatches: int) -> UpdateActions:
         cfg = self.config
         assert isinstance(cfg, SMKronOptions)

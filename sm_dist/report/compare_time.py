@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sm_dist.optim import registry
+from sm_dist.optim.options import OptimizerOptions
 from sm_dist.report.compare_tables import (
     DepthGroup,
     Row,
@@ -26,7 +27,7 @@ Times = dict[Path, dict[int, float]]  # run directory -> iteration -> simulated 
 def fastest_schedule(run: RunData, link: str) -> tuple[str, dict[int, float]]:
     """The schedule the run ends soonest on, of those its optimizer may run on and its
     measurements allow (zero-bubble ones need run.split_backward), and its end times."""
-    name = (run.config.get("optimizer") or {}).get("name", "sm")
+    name = (run.config.get("optimizer") or {}).get("name", OptimizerOptions.name)
     best: tuple[str, dict[int, float]] | None = None
     reasons = []
     for schedule in registry.get(name).schedules():
