@@ -32,6 +32,7 @@ from sm_dist.report.run_data import ReportError, load_run
 from sm_dist.report.simulate import SimulateError, parse_link
 from sm_dist.report.summary import summarize
 from sm_dist.run.run_dir import STOPPED_FILE, unique_dir
+from sm_dist.whole_files import write_text_whole
 
 DEFAULT_LINK = "pcie4"  # the link compare's simulated pipeline time assumes
 DEFAULT_REACH = (0.5, 0.3, 0.1)  # the losses whose simulated time to reach compare.md gives
@@ -204,7 +205,7 @@ def write_compare(results: Sequence[RunResult], out: Path, *, at: Sequence[int],
         text = text.rstrip("\n") + "\n\n" + "\n".join(
             time_section(groups, times, link, reach, missing))
     markdown = out / "compare.md"
-    markdown.write_text(text, encoding="utf-8")
+    write_text_whole(markdown, text)
     written = [markdown]
     if groups:
         order = list(dict.fromkeys(r.point.optimizer for r in results))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from sm_dist.report.run_data import ReportError, RunData, load_run, load_runs
 from sm_dist.report.stage_figures import memory_text, utilisation_text
 from sm_dist.run.metrics import STEADY_FIELDS, IterationRecord, steady_means
 from sm_dist.run.run_dir import unique_dir
+from sm_dist.whole_files import write_json_whole
 
 
 def _last(records: Sequence[IterationRecord], key: str) -> tuple[Any, int | None]:
@@ -310,8 +310,7 @@ def write_report(runs: Sequence[RunData], out_dir: str | Path) -> list[Path]:
             written.append(out_dir / name)
     summaries = [summarize(run) for run in runs]
     summary_path = out_dir / "summary.json"
-    summary_path.write_text(json.dumps(summaries[0] if len(runs) == 1 else summaries, indent=2)
-                            + "\n", encoding="utf-8")
+    write_json_whole(summary_path, summaries[0] if len(runs) == 1 else summaries, indent=2)
     written.append(summary_path)
     return written
 
