@@ -32,7 +32,7 @@ from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 from sm_dist.launch import processes
 from sm_dist.launch.training import train_to_the_end
 from sm_dist.run.run_dir import STOPPED_FILE
-from sm_dist.run.session import make_console
+from sm_dist.run.session import make_console, write_failure_message
 from sm_dist.run.trainer import NonFiniteLoss
 
 
@@ -157,8 +157,7 @@ def coordinate(job: JobConfig, data: Dataset, transport: Transport, out: Path,
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         os._exit(EXIT_RUNTIME)
     except OSError as err:  # the disk filled up, or the directory went away
-        _leave(f"cannot write the run directory {out}: {err.strerror or err}; it keeps every "
-               "iteration written before")
+        _leave(write_failure_message(out, err))
     try:  # every stage finishes its last plans; one that hangs is named, not waited for
         transport.shutdown(graceful=True, timeout=job.run.rpc_timeout)
     except RuntimeError as err:

@@ -31,7 +31,7 @@ from sm_dist.report.grid import (
 from sm_dist.report.run_data import ReportError, load_run
 from sm_dist.report.simulate import SimulateError, parse_link
 from sm_dist.report.summary import summarize
-from sm_dist.run.run_dir import STOPPED_FILE, unique_dir
+from sm_dist.run.run_dir import read_stop_note, unique_dir
 from sm_dist.whole_files import write_text_whole
 
 DEFAULT_LINK = "pcie4"  # the link compare's simulated pipeline time assumes
@@ -85,7 +85,8 @@ def train_point(point: GridPoint, out: Path, single_process: bool) -> RunResult:
         returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
                                     env=_child_env(), check=False).returncode
     result = RunResult(point, path, "failed", returncode=returncode, log=log)
-    if returncode == EXIT_RUNTIME and (path / STOPPED_FILE).is_file():
+    note = read_stop_note(path) if returncode == EXIT_RUNTIME else None
+    if note is not None and note.kind == "diverged":
         # It diverged and stopped (run.on_nonfinite: stop): a result, not a failure.
         result.run, result.status = load_run(path), "stopped"
         return result

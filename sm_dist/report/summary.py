@@ -71,7 +71,8 @@ def summarize(run: RunData) -> dict[str, Any]:
       process (--single-process), MiB: the peak since training started and what training
       added to the memory held at its start; `memory_kind`: "resident" (a CPU process's
       resident memory) or "cuda_allocated" (CUDA tensors), see pipeline/memory.py
-    - `stopped`: why the run stopped before its last iteration (a non-finite loss), or None
+    - `stopped`: why the run stopped before its last iteration (a non-finite loss, a failure
+      such as a full disk, a signal; its stop note), or None
     - `replicas`; `slowest_replica`: per stage, the replica that computed longest (trace)
     - means over the steady iterations (`SteadyMeans`: without the first, which includes
       start-up, and the last, which has no next input), as the live monitor shows them:
@@ -124,7 +125,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "peak_memory_mb": last.peak_memory_mb,
         "training_memory_mb": last.training_memory_mb,
         "memory_kind": last.memory_kind,
-        "stopped": run.stopped,
+        "stopped": run.ended_early,
         "replicas": (replicas := _section(config, "model").get("replicas", 1)),
         "slowest_replica": None if run.trace is None or replicas == 1 else
         slowest_replicas(events_from_trace(run.trace), len(balance)),  # type: ignore[arg-type]
@@ -343,6 +344,9 @@ def report_main(run_dirs: Sequence[str], out: str | None = None,
         print(f"sm-dist: error: cannot write the report to {out_dir}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print_summary(runs, console)
+    for run in runs:
+        if run.ended_early:
+            _say(console, f"{run.name} ended early: {run.ended_early}")
     _say(console, f"sm-dist: report in {out_dir}:")
     for path in written:
         _say(console, f"  {path}")
@@ -367,6 +371,6 @@ def finish_run(out: Path, console: Console) -> None:
     memory = memory_text(summary)
     if memory:
         _say(console, memory)
-    if run.stopped:
-        _say(console, f"stopped early: {run.stopped}")
+    if run.ended_early:
+        _say(console, f"stopped early: {run.ended_early}")
     _say(console, f"results in {out}")
