@@ -223,7 +223,7 @@ def _train_engine(job: JobLike, config: JobConfig, overrides: Sequence[str], out
         previous = os.environ.get(PROVIDED_ENV)
         os.environ[PROVIDED_ENV] = str(payload)
         try:
-            code = launch_local(config, path, sets, extra)
+            code = launch_local(config, path, sets, extra, out)
         finally:
             if previous is None:
                 os.environ.pop(PROVIDED_ENV, None)

@@ -246,6 +246,7 @@ def _resolve_out(args: argparse.Namespace, job: JobConfig) -> tuple[Path, bool]:
 
 def run_train(args: argparse.Namespace) -> int:
     from sm_dist.api import TrainingFailed, train
+    from sm_dist.launch.processes import LAUNCHED
     from sm_dist.launch.rank import run_rank
     from sm_dist.run.session import write_failure_message
     from sm_dist.run.trainer import NonFiniteLoss
@@ -253,7 +254,8 @@ def run_train(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
     out, resume = _resolve_out(args, job)
     if under_launcher():  # a rank of a job started by torchrun or by sm_dist.train
-        if int(os.environ["RANK"]) == 0:
+        # sm_dist.train checked the directory before it started us; torchrun did not.
+        if int(os.environ["RANK"]) == 0 and not os.environ.get(LAUNCHED):
             _check_out(out, _with_epochs(job), resume)
         return run_rank(job, out, args.live, resume)
     try:

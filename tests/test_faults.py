@@ -139,6 +139,13 @@ def test_an_interrupted_launcher_says_one_line_and_keeps_its_checkpoints(
     assert_nothing_left(out.name)
     kept = assert_metrics_whole(out)
     assert len(kept) >= 5 and list((out / "checkpoints").glob("step-*/manifest.json"))
+    note = json.loads((out / "stopped.json").read_text())  # the launcher's signal, not rank 0's
+    assert note["kind"] == "interrupted" and note["message"] == f"stopped by {how}"
+    assert note["checkpoint"] and json.loads((out / "trace.json").read_text())
+    report = run_cli("report", str(out), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert f"{out.name} ended early: stopped by {how}; the newest complete checkpoint is " \
+        in " ".join(report.stdout.split())
 
 
 @pytest.mark.slow
@@ -164,6 +171,36 @@ def test_ctrl_c_under_torchrun_says_one_line_and_keeps_its_checkpoints(tmp_path:
     assert_nothing_left(out.name)
     assert len(assert_metrics_whole(out)) >= 5
     assert list((out / "checkpoints").glob("step-*/coordinator.pt"))
+
+
+def test_a_killed_replica_says_one_line(tmp_path: Path) -> None:
+    """2 stages x 2 replicas, one replica killed: exactly one line on stderr, naming it, the
+    noise of its neighbours (TensorPipe's `[rankN]:[W...]` lines) and their reports of it kept
+    in the run's stderr.log, its stop note naming the cause."""
+    job = long_job()
+    job["model"] = {**job["model"], "balance": [2, 1], "replicas": 2}
+    out = tmp_path / "replica"
+    proc = start(tmp_path, job, out.name)
+    try:
+        wait_for_iterations(proc, out, 3)
+        victim = pid_of_rank(3, out.name)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [f"sm-dist: error: stage 1 replica 1 (rank 3, pid {victim}) was killed by "
+                     "SIGKILL"], stderr
+    assert_nothing_left(out.name)
+    assert_metrics_whole(out)
+    # What the others said as their neighbour died: TensorPipe's warnings, their own reports
+    # of it when they saw it before the launcher stopped them.
+    log = (out / "stderr.log").read_text()
+    assert re.search(r"^rank \d: (\[rank\d\]:\[W.*tensorpipe|sm-dist: error: stage 1 replica 1)",
+                     log, re.M | re.I), log
+    note = json.loads((out / "stopped.json").read_text())
+    assert note["kind"] == "failed" and "was killed by SIGKILL" in note["message"]
 
 
 def test_a_killed_launcher_takes_its_stages_with_it(tmp_path: Path) -> None:

@@ -37,13 +37,14 @@ from sm_dist.run.trainer import NonFiniteLoss
 
 
 def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
-                 extra_args: Sequence[str] = ()) -> int:
+                 extra_args: Sequence[str] = (), run_dir: Path | None = None) -> int:
     """Start stages x replicas processes on this machine, each running `sm-dist train` as its
-    rank (launch/processes.py); returns the job's exit code."""
+    rank (launch/processes.py), their stderr kept in `run_dir`/stderr.log; returns the job's
+    exit code."""
     args = ["-m", "sm_dist", "train", job_path, *extra_args]
     for override in overrides:
         args += ["--set", override]
-    return processes.launch_local(job_layout(job), args, job.run.rpc_timeout)
+    return processes.launch_local(job_layout(job), args, job.run.rpc_timeout, run_dir)
 
 
 def job_layout(job: JobConfig) -> Layout:

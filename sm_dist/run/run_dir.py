@@ -152,7 +152,9 @@ def check_writable(path: Path, what: str) -> None:
 
 # What a run writes beside metrics.jsonl and config.yaml, removed with them when an attempt
 # that finished no iteration and wrote no checkpoint ends (so that the same --out works again).
-ATTEMPT_FILES = ("trace.json", "actions.json", "plans.jsonl", STOPPED_FILE, STOPPED_JSON)
+STDERR_LOG = "stderr.log"  # what the stage processes wrote on stderr (sm-dist train's launch)
+ATTEMPT_FILES = ("trace.json", "actions.json", "plans.jsonl", STOPPED_FILE, STOPPED_JSON,
+                 STDERR_LOG)
 ATTEMPT_DIRS = ("checkpoints", "tensorboard")
 
 

@@ -25,7 +25,7 @@ from sm_dist.run.checkpoints import (
 )
 from sm_dist.run.metrics import IterationRecord, MetricsError, read_metrics
 from sm_dist.run.monitor import LiveMonitor, PlainMonitor, run_header, stage_infos
-from sm_dist.run.run_dir import RunDirectory, StopNote, write_stop_note
+from sm_dist.run.run_dir import RunDirectory, StopNote, read_stop_note, write_stop_note
 from sm_dist.run.tensorboard import TensorBoardSink
 from sm_dist.run.trainer import NonFiniteLoss, exploded, train
 
@@ -203,3 +203,26 @@ def write_failure_message(out: Path, err: OSError) -> str:
                 f"{checkpoint_iteration(kept[-1])} ({kept[-1]}), every file whole; free space, "
                 f"then --resume {out}")
     return f"{head}; it keeps {done}, every file whole, but no checkpoint"
+
+
+def record_cause(out: Path, message: str, kind: str = "failed") -> None:
+    """The launcher's word on why a run ended (a stage killed or stopped, or the signal the
+    launcher got), into its stop note when the run's own note lacks it: rank 0 was stopped by
+    the launcher (its note says SIGTERM), or died itself."""
+    note = read_stop_note(out)
+    if note is not None and note.kind != "interrupted":
+        return
+    if note is None:
+        try:
+            records = read_metrics(out / "metrics.jsonl")
+        except (OSError, MetricsError):
+            records = []
+        kept = complete_checkpoints(out)
+        note = StopNote(records[-1].iteration if records else 0, message, message,
+                        checkpoint=str(kept[-1]) if kept else None,
+                        checkpoint_iteration=checkpoint_iteration(kept[-1]) if kept else None)
+    note.kind, note.reason, note.message = kind, message, message
+    try:
+        write_stop_note(out, note)
+    except OSError:
+        pass  # a full disk: stderr said it
