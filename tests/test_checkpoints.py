@@ -183,7 +183,7 @@ def test_a_checkpoint_of_another_job_is_passed_over(tmp_path: Path, finished_run
     assert "step-5: it was written by another job" in capsys.readouterr().err
     # What a resumed run may change does not change the fingerprint.
     job = load_job(path)
-    more = load_job(path, ["run.iterations=90", "run.keep_last=5", "run.eval_every=3"])
+    more = load_job(path, ["run.iterations=90", "run.keep_last=5", "run.log_every=3"])
     assert job_fingerprint(job) == job_fingerprint(more)
     assert job_fingerprint(job) != job_fingerprint(load_job(path, ["run.seed=9"]))
 

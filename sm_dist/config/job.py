@@ -53,6 +53,9 @@ class RunConfig:
     # metrics.jsonl stays the record.
     tensorboard: bool = False
     runs_dir: str = "runs"
+    # --no-live (or output that is not a terminal): a progress line every this many iterations
+    # and one for the last; 0 picks the interval that prints at most 200 lines.
+    log_every: int = field(default=0, metadata={"min": 0})
     # Checkpoints every this many iterations (0: only at the end); keep the newest keep_last.
     checkpoint_every: int = field(default=0, metadata={"min": 0})
     keep_last: int = field(default=2, metadata={"min": 0})  # 0 keeps every checkpoint

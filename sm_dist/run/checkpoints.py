@@ -92,7 +92,7 @@ RESUMABLE_CHANGES = frozenset({
     "run.iterations", "run.rpc_timeout", "run.threads", "run.eval_every",
     "run.checkpoint_every", "run.keep_last", "run.worker_threads", "run.rpc_transport",
     "run.bind", "run.runs_dir", "run.on_nonfinite", "run.eval_train_every", "run.tensorboard",
-    "data.epochs"})
+    "run.log_every", "data.epochs"})
 
 
 def job_fingerprint(job: JobConfig) -> str:

@@ -86,7 +86,8 @@ def _train_into(run_dir: RunDirectory, job: JobConfig, pipeline: Pipeline, data:
     out = run_dir.path
     console.print(run_header(header, stage_infos(pipeline)))
     monitor = (LiveMonitor.for_job(job, pipeline, console) if use_live_monitor(live)
-               else PlainMonitor(job.run.iterations, metrics=build_optimizer(job).Metrics))
+               else PlainMonitor(job.run.iterations, metrics=build_optimizer(job).Metrics,
+                                 every=job.run.log_every))
     if point is not None:
         monitor.progress(point.last_record)
     board: TensorBoardSink | None = None
