@@ -495,7 +495,7 @@ def test_a_disk_that_fills_during_a_run_leaves_every_file_whole(
     stderr, exit 1, every file whole or absent, and, once there is space, the last complete
     checkpoint resumes to the numbers of a run that never stopped."""
     path = write_job(tmp_path / "job.yaml", wide_job())
-    out = small_disk.root / "run"
+    out = small_disk.root / "filled-disk-run"  # a name no other process's command line has
     proc = subprocess.Popen([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
                              "--out", str(out)], cwd=tmp_path, env=small_disk.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
