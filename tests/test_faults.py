@@ -179,7 +179,7 @@ def test_a_killed_replica_says_one_line(tmp_path: Path) -> None:
     in the run's stderr.log, its stop note naming the cause."""
     job = long_job()
     job["model"] = {**job["model"], "balance": [2, 1], "replicas": 2}
-    out = tmp_path / "replica"
+    out = tmp_path / "killed-replica"  # what finds its processes: no other command line has it
     proc = start(tmp_path, job, out.name)
     try:
         wait_for_iterations(proc, out, 3)
