@@ -48,6 +48,7 @@ from sm_dist.models.config import BUILDERS as MODEL_BUILDERS
 from sm_dist.pipeline.local import LocalPipeline
 from sm_dist.run.checkpoints import check_resumable
 from sm_dist.run.metrics import IterationRecord, read_metrics
+from sm_dist.run.preflight import check_free_space, model_bytes
 from sm_dist.run.run_dir import check_run_dir, default_run_dir
 from sm_dist.run.session import make_console
 from sm_dist.run.tensorboard import check_available
@@ -103,10 +104,13 @@ def train(job: JobLike, *, model: ModelLike | None = None, data: DataLike | None
     model.mlp / model.factory. `data`: (train_x, train_y), (train_x, train_y, test_x,
     test_y), torch Datasets (train, test) or a train Dataset, or a function returning one of
     these; replaces data.dataset / data.factory. `out`: the run directory (default
-    <run.runs_dir>/<name>-<time>); `resume`: continue `out` from its newest checkpoint.
+    <run.runs_dir>/<name>-<time>); `resume`: continue `out` from its newest intact checkpoint.
     `single_process`: every stage in this process, else one process per stage. `live`: the
-    live monitor (None: on a terminal). Bad input raises ConfigError, DataError or
-    JobSetupError, a diverged run NonFiniteLoss, failed stage processes TrainingFailed.
+    live monitor (None: on a terminal). Before any process starts the output directory is
+    checked: free of another run, writable, with room for the checkpoints (RunDirError) or,
+    resuming, with an intact checkpoint (CheckpointError). Bad input raises ConfigError,
+    DataError or JobSetupError, a diverged run NonFiniteLoss, failed stage processes
+    TrainingFailed.
     """
     notes: list[str] = []
     config = _job_config(job, model, data, overrides, notes)
@@ -125,6 +129,7 @@ def train(job: JobLike, *, model: ModelLike | None = None, data: DataLike | None
         console = console or make_console(live)
         modules = build_stage_modules(config)
         check_fits(modules, dataset, config.loss)
+        check_free_space(path, config, model_bytes(modules), resume)  # nothing written yet
         if single_process:
             _train_here(config, modules, dataset, path, resume, live, console)
         else:
@@ -218,7 +223,7 @@ def _train_engine(job: JobLike, config: JobConfig, overrides: Sequence[str], out
         previous = os.environ.get(PROVIDED_ENV)
         os.environ[PROVIDED_ENV] = str(payload)
         try:
-            code = launch_local(config, path, sets, extra)
+            code = launch_local(config, path, sets, extra, out)
         finally:
             if previous is None:
                 os.environ.pop(PROVIDED_ENV, None)

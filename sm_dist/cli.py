@@ -18,7 +18,7 @@ from sm_dist.engine.transport import TransportError, under_launcher
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 from sm_dist.optim import registry
 from sm_dist.report.run_data import ReportError
-from sm_dist.run.checkpoints import CheckpointError, check_resumable
+from sm_dist.run.checkpoints import CheckpointError, NoCheckpoint, check_resumable
 from sm_dist.run.run_dir import (
     STOPPED_FILE,
     RunDirError,
@@ -209,11 +209,16 @@ def _fail(message: str, code: int) -> int:
 
 
 def _check_out(out: Path, job: JobConfig, resume: bool) -> None:
-    """A new run needs a fresh directory; a resumed one a checkpoint of the same job."""
+    """A new run needs a fresh directory; a resumed one a checkpoint of the same job; either
+    room for its checkpoints."""
+    from sm_dist.config.build import build_stage_modules
+    from sm_dist.run.preflight import check_free_space, model_bytes
+
     if resume:
         check_resumable(out, job)
     else:
         check_run_dir(out)
+    check_free_space(out, job, model_bytes(build_stage_modules(job)), resume)
 
 
 def _resolve_out(args: argparse.Namespace, job: JobConfig) -> tuple[Path, bool]:
@@ -233,8 +238,8 @@ def _resolve_out(args: argparse.Namespace, job: JobConfig) -> tuple[Path, bool]:
         try:
             check_resumable(out, _with_epochs(job))
             return out, True
-        except CheckpointError as err:
-            if "no usable checkpoint" not in str(err):
+        except NoCheckpoint as err:
+            if err.passed:  # damaged ones: not to be set aside silently
                 raise
         set_aside_run(out)
         return out, False
@@ -247,13 +252,16 @@ def _resolve_out(args: argparse.Namespace, job: JobConfig) -> tuple[Path, bool]:
 
 def run_train(args: argparse.Namespace) -> int:
     from sm_dist.api import TrainingFailed, train
+    from sm_dist.launch.processes import LAUNCHED
     from sm_dist.launch.rank import run_rank
+    from sm_dist.run.session import write_failure_message
     from sm_dist.run.trainer import NonFiniteLoss
 
     job = load_job(args.job, args.overrides)
     out, resume = _resolve_out(args, job)
     if under_launcher():  # a rank of a job started by torchrun or by sm_dist.train
-        if int(os.environ["RANK"]) == 0:
+        # sm_dist.train checked the directory before it started us; torchrun did not.
+        if int(os.environ["RANK"]) == 0 and not os.environ.get(LAUNCHED):
             _check_out(out, _with_epochs(job), resume)
         return run_rank(job, out, args.live, resume)
     try:
@@ -266,8 +274,7 @@ def run_train(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader of stdout left (`| head`): not the run directory
         raise
     except OSError as err:  # the disk filled up, or the directory went away
-        return _fail(f"cannot write the run directory {out}: {err.strerror or err}; it keeps "
-                     "every iteration written before", EXIT_RUNTIME)
+        return _fail(write_failure_message(out, err), EXIT_RUNTIME)
     return EXIT_OK
 
 

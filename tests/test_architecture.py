@@ -19,7 +19,7 @@ PACKAGE = REPO / "sm_dist"
 # Bottom to top. A module may import its own package and the layers below its own; packages
 # that share a layer are siblings and may not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("sm_dist.exit_codes", "sm_dist.math"),
+    ("sm_dist.exit_codes", "sm_dist.math", "sm_dist.whole_files"),
     ("sm_dist.pipeline",),
     ("sm_dist.optim", "sm_dist.data", "sm_dist.models"),
     ("sm_dist.config",),

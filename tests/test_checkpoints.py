@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,13 @@ import pytest
 import torch
 
 from sm_dist.cli import main
-from sm_dist.run.checkpoints import COORDINATOR_FILE, complete_checkpoints
+from sm_dist.config.job import load_job
+from sm_dist.run.checkpoints import (
+    COORDINATOR_FILE,
+    MANIFEST_FILE,
+    complete_checkpoints,
+    job_fingerprint,
+)
 from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
 
 
@@ -85,13 +93,99 @@ def finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_an_incomplete_checkpoint_is_not_used(tmp_path: Path, finished_run: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A crash while step-5 was written: its coordinator file and manifest (both written after
+    the stages' files) are missing. It is not a checkpoint: no note, step-4 is used."""
     path = finished_run
-    (tmp_path / "run" / "checkpoints" / "step-5" / COORDINATOR_FILE).unlink()  # a crash
+    newest = tmp_path / "run" / "checkpoints" / "step-5"
+    (newest / MANIFEST_FILE).unlink()
+    (newest / COORDINATOR_FILE).unlink()
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-4"]
     capsys.readouterr()
     assert main(["train", str(path), "--single-process", "--no-live", "--resume", "run"]) == 0
-    assert "resumed after iteration 4" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "resumed after iteration 4" in said.out and said.err == ""
     assert [r["iteration"] for r in records(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+def flip_bytes_inside_a_tensor(path: Path) -> None:
+    """Change 64 bytes in the middle of the largest tensor a checkpoint file holds, in place:
+    the file keeps its size and still loads (torch checks no content)."""
+    state = torch.load(path, weights_only=True)
+    tensors = [t for t in state["module"].values() if isinstance(t, torch.Tensor)]
+    largest = max(tensors, key=lambda t: t.numel()).contiguous()
+    data = bytearray(path.read_bytes())
+    raw = largest.numpy().tobytes()
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) < 0, "the tensor's bytes are not in the file once"
+    middle = at + len(raw) // 2 - 32
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    size = path.stat().st_size
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+    torch.load(path, weights_only=True)  # accepted as it is: only the manifest tells
+
+
+def test_bytes_changed_inside_a_tensor_are_found_and_passed_over(
+        tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The manifest's SHA-256 finds damage torch.load accepts: the resumed run says which
+    file on stderr, continues from the checkpoint before, and gives the uninterrupted run's
+    numbers."""
+    path = finished_run
+    run = tmp_path / "run"
+    flip_bytes_inside_a_tensor(run / "checkpoints" / "step-5" / "stage-1.pt")
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "straight",
+                 "--set", "run.iterations=7"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "--single-process", "--no-live", "--resume", "run",
+                 "--set", "run.iterations=7"]) == 0
+    said = capsys.readouterr()
+    assert "resumed after iteration 4" in " ".join(said.out.split())
+    assert said.err.splitlines() == [
+        "sm-dist: warning: passed over checkpoints/step-5: stage-1.pt is damaged (its SHA-256 "
+        "differs from the one in manifest.json); resuming from step-4"]
+    straight, resumed = records(tmp_path / "straight"), records(run)
+    assert [r["iteration"] for r in resumed] == list(range(1, 8))
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+
+
+def test_every_checkpoint_damaged_is_bad_input_with_each_named(
+        tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = finished_run
+    run = tmp_path / "run"
+    flip_bytes_inside_a_tensor(run / "checkpoints" / "step-5" / "stage-0.pt")
+    coordinator = run / "checkpoints" / "step-4" / COORDINATOR_FILE
+    coordinator.write_bytes(os.urandom(coordinator.stat().st_size))  # random, same size
+    before = sorted((p.name, p.stat().st_size) for p in run.rglob("*") if p.is_file())
+    capsys.readouterr()
+    assert main(["train", str(path), "--single-process", "--no-live", "--resume", "run",
+                 "--set", "run.iterations=7"]) == 2
+    said = capsys.readouterr()
+    assert said.err.splitlines() == [
+        f"sm-dist: error: {Path('run')} has no intact checkpoint: every one is damaged "
+        "(step-5: stage-0.pt is damaged (its SHA-256 differs from the one in manifest.json); "
+        "step-4: coordinator.pt is damaged (its SHA-256 differs from the one in "
+        "manifest.json)); start a new run (the checkpoints are left as they are)"]
+    assert sorted((p.name, p.stat().st_size) for p in run.rglob("*") if p.is_file()) == before
+
+
+def test_a_checkpoint_of_another_job_is_passed_over(tmp_path: Path, finished_run: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A manifest records the job's fingerprint (what a resumed run may not change): a step
+    copied in from another run is not continued."""
+    path = finished_run
+    manifest = tmp_path / "run" / "checkpoints" / "step-5" / MANIFEST_FILE
+    data = json.loads(manifest.read_text())
+    data["job_sha256"] = "0" * 64
+    manifest.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["train", str(path), "--single-process", "--no-live", "--resume", "run",
+                 "--set", "run.iterations=6"]) == 0
+    assert "step-5: it was written by another job" in capsys.readouterr().err
+    # What a resumed run may change does not change the fingerprint.
+    job = load_job(path)
+    more = load_job(path, ["run.iterations=90", "run.keep_last=5", "run.log_every=3"])
+    assert job_fingerprint(job) == job_fingerprint(more)
+    assert job_fingerprint(job) != job_fingerprint(load_job(path, ["run.seed=9"]))
 
 
 def test_resume_refuses_a_different_job(tmp_path: Path, finished_run: Path,

@@ -6,14 +6,17 @@ in the default run, the long ones are also marked slow."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +138,14 @@ def test_an_interrupted_launcher_says_one_line_and_keeps_its_checkpoints(
                      "iteration and checkpoint"], stderr
     assert_nothing_left(out.name)
     kept = assert_metrics_whole(out)
-    assert len(kept) >= 5 and list((out / "checkpoints").glob("step-*/coordinator.pt"))
+    assert len(kept) >= 5 and list((out / "checkpoints").glob("step-*/manifest.json"))
+    note = json.loads((out / "stopped.json").read_text())  # the launcher's signal, not rank 0's
+    assert note["kind"] == "interrupted" and note["message"] == f"stopped by {how}"
+    assert note["checkpoint"] and json.loads((out / "trace.json").read_text())
+    report = run_cli("report", str(out), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert f"{out.name} ended early: stopped by {how}; the newest complete checkpoint is " \
+        in " ".join(report.stdout.split())
 
 
 @pytest.mark.slow
@@ -161,6 +171,36 @@ def test_ctrl_c_under_torchrun_says_one_line_and_keeps_its_checkpoints(tmp_path:
     assert_nothing_left(out.name)
     assert len(assert_metrics_whole(out)) >= 5
     assert list((out / "checkpoints").glob("step-*/coordinator.pt"))
+
+
+def test_a_killed_replica_says_one_line(tmp_path: Path) -> None:
+    """2 stages x 2 replicas, one replica killed: exactly one line on stderr, naming it, the
+    noise of its neighbours (TensorPipe's `[rankN]:[W...]` lines) and their reports of it kept
+    in the run's stderr.log, its stop note naming the cause."""
+    job = long_job()
+    job["model"] = {**job["model"], "balance": [2, 1], "replicas": 2}
+    out = tmp_path / "killed-replica"  # what finds its processes: no other command line has it
+    proc = start(tmp_path, job, out.name)
+    try:
+        wait_for_iterations(proc, out, 3)
+        victim = pid_of_rank(3, out.name)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [f"sm-dist: error: stage 1 replica 1 (rank 3, pid {victim}) was killed by "
+                     "SIGKILL"], stderr
+    assert_nothing_left(out.name)
+    assert_metrics_whole(out)
+    # What the others said as their neighbour died: TensorPipe's warnings, their own reports
+    # of it when they saw it before the launcher stopped them.
+    log = (out / "stderr.log").read_text()
+    assert re.search(r"^rank \d: (\[rank\d\]:\[W.*tensorpipe|sm-dist: error: stage 1 replica 1)",
+                     log, re.M | re.I), log
+    note = json.loads((out / "stopped.json").read_text())
+    assert note["kind"] == "failed" and "was killed by SIGKILL" in note["message"]
 
 
 def test_a_killed_launcher_takes_its_stages_with_it(tmp_path: Path) -> None:
@@ -205,7 +245,12 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stdout.split())  # the header wraps at the terminal's width
     assert "resumed after iteration 4 from" in said
-    assert "passed over step-6:" in said
+    warnings = result.stderr.splitlines()  # the note goes to stderr, one line
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "sm-dist: warning: passed over checkpoints/step-6: "), result.stderr
+    assert warnings[0].endswith("; resuming from step-4")
+    assert ("stage-1.pt" if damage == "missing stage" else
+            "stage-2.pt" if damage == "torn stage" else "coordinator.pt") in warnings[0]
     assert [r["iteration"] for r in records(run)] == list(range(1, 9))
 
 
@@ -219,13 +264,19 @@ def test_loading_a_checkpoint_runs_no_code(tmp_path: Path,
         def __reduce__(self) -> tuple:
             return (os.system, (f"touch {flag}",))
 
-    torch.save({"point": Exploit(), "num_stages": 3}, run / "checkpoints" / "step-6" /
-               "coordinator.pt")
+    newest = run / "checkpoints" / "step-6"
+    torch.save({"point": Exploit(), "num_stages": 3}, newest / "coordinator.pt")
+    # Whoever can write the file can write its manifest: loading must be safe without it.
+    manifest = json.loads((newest / "manifest.json").read_text())
+    data = (newest / "coordinator.pt").read_bytes()
+    manifest["files"]["coordinator.pt"] = {"size": len(data),
+                                           "sha256": hashlib.sha256(data).hexdigest()}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
     result = run_cli("train", str(path), "--single-process", "--no-live", "--resume", "run",
                      "--set", "run.iterations=8", cwd=tmp_path)
     assert not flag.exists()
     assert result.returncode == 0, result.stderr  # it falls back to step-4
-    assert "passed over step-6: coordinator.pt is not loadable" in " ".join(result.stdout.split())
+    assert "passed over checkpoints/step-6: coordinator.pt is not loadable" in result.stderr
 
 
 def test_resume_may_change_what_does_not_alter_the_numbers(
@@ -253,7 +304,6 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "the optimizer diverged, so the run stopped" in result.stderr
     run = tmp_path / "run"
-    assert "the last finite checkpoint is" in (run / "stopped.txt").read_text()
     stopped_at = records(run)[-1]["iteration"]
     assert stopped_at < 30 and not (run / "model.pt").exists()
     for step in (run / "checkpoints").glob("step-*"):
@@ -261,6 +311,50 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(
             state = torch.load(name, weights_only=True)["module"]
             assert all(torch.isfinite(t).all() for t in state.values()), name
     assert json.loads((run / "summary.json").read_text())["stopped"]
+    note = json.loads((run / "stopped.json").read_text())
+    assert note["kind"] == "diverged" and note["iteration"] == stopped_at
+    # One update is enough here: the checkpoint after iteration 1 already holds weights whose
+    # loss (iteration 2's) is past the bound, so none is offered, and resuming is refused.
+    assert note["checkpoint"] is None
+    assert "no checkpoint within the stopping rule's bound" in (run / "stopped.txt").read_text()
+    again = run_cli("train", str(path), "--single-process", "--no-live", "--resume", "run",
+                    "--set", "run.iterations=40", cwd=tmp_path)
+    assert again.returncode == 2, again.stderr
+    assert "has no checkpoint to continue from" in again.stderr
+    assert "it holds the weights of a diverging run" in again.stderr
+
+
+def test_a_diverging_run_names_the_last_checkpoint_within_the_bound(tmp_path: Path) -> None:
+    """GD with too large a step on a quadratic loss grows the loss geometrically: the newest
+    checkpoint holds weights whose loss is past the bound already (its iteration's loss was
+    measured before its update); the note names the one before, with its iteration and the
+    loss at its weights, and --resume starts there, at a loss within the bound."""
+    job = synthetic_job(optimizer={"name": "gd", "lr": 5.0}, loss="mse",
+                        model={"mlp": {"widths": [6, 5, 4, 3], "activation": "relu"},
+                               "balance": [1, 1, 1]},
+                        run={"iterations": 30, "checkpoint_every": 1, "eval_every": 0})
+    path = write_job(tmp_path / "job.yaml", job)
+    result = run_cli("train", str(path), "--single-process", "--no-live", "--out", "run",
+                     cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    run = tmp_path / "run"
+    losses = {r["iteration"]: r["train_loss"] for r in records(run)}
+    stopped_at = max(losses)
+    assert losses[stopped_at] > 1e4 * losses[1] and stopped_at > 3
+    kept = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
+    assert kept == [stopped_at - 2, stopped_at - 1]  # keep_last 2
+    note = json.loads((run / "stopped.json").read_text())
+    assert note["checkpoint_iteration"] == stopped_at - 2
+    assert note["checkpoint_loss"] == losses[stopped_at - 1]  # measured at its weights
+    assert losses[stopped_at - 1] < 1e4 * losses[1]
+    text = (run / "stopped.txt").read_text()
+    assert f"step-{stopped_at - 2} (after iteration {stopped_at - 2}, training loss " in text
+    resumed = run_cli("train", str(path), "--single-process", "--no-live", "--resume", "run",
+                      cwd=tmp_path)
+    assert f"passed over checkpoints/step-{stopped_at - 1}: it holds the weights of a " \
+           "diverging run" in resumed.stderr
+    again = {r["iteration"]: r["train_loss"] for r in records(run)}
+    assert again[stopped_at - 1] == losses[stopped_at - 1]  # the first resumed iteration
 
 
 def test_sm_never_applies_a_step_it_predicts_raises_the_loss() -> None:
@@ -307,6 +401,186 @@ def test_a_full_disk_ends_the_run_with_one_message(tmp_path: Path) -> None:
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert metrics.endswith("\n") or metrics == ""
     assert_metrics_whole(tmp_path / "run")
+
+
+# A disk that fills: a small tmpfs where this process may mount one (root), else writes that
+# fail with ENOSPC under the run directory, injected at Python's open() by
+# tests/full_disk/sitecustomize.py (also os.statvfs, for a disk full before the start).
+FULL_DISK = Path(__file__).parent / "full_disk"
+DISK_SIZE = 8 * 1024 * 1024
+
+
+class SmallDisk:
+    """Where a run's directory goes, and how to fill and free that place."""
+
+    def __init__(self, tmp_path: Path, how: str) -> None:
+        self.how, self.root = how, tmp_path / "disk"
+        self.root.mkdir()
+        self.flag = tmp_path / "disk-is-full.json"
+        self.env = dict(ENV)
+        if how == "tmpfs":
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}",
+                                      "tmpfs", str(self.root)], capture_output=True)
+            if mounted.returncode != 0:
+                pytest.skip("cannot mount a tmpfs here (not root): the injected case runs")
+        else:
+            self.env.update({"PYTHONPATH": f"{FULL_DISK}{os.pathsep}{REPO}",
+                             "SM_DIST_TEST_FULL_DISK": str(self.flag),
+                             "SM_DIST_TEST_FULL_DIR": str(self.root)})
+
+    def fill(self, room: int) -> None:
+        """Leave about `room` bytes free."""
+        if self.how == "injected":
+            self.flag.write_text(json.dumps({"room": room, "statvfs": room == 0}))
+            return
+        stats = os.statvfs(self.root)
+        free = stats.f_bavail * stats.f_frsize
+        with open(self.root / "filler", "wb") as handle:
+            try:
+                handle.write(b"\0" * max(free - room, 0))
+                handle.flush()
+            except OSError:
+                pass  # full: as wanted
+
+    def free(self) -> None:
+        if self.how == "injected":
+            self.flag.unlink(missing_ok=True)
+        else:
+            (self.root / "filler").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.how == "tmpfs":
+            subprocess.run(["umount", "-l", str(self.root)], capture_output=True)
+
+
+@pytest.fixture(params=["tmpfs", "injected"])
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SmallDisk]:
+    disk = SmallDisk(tmp_path, request.param)
+    try:
+        yield disk
+    finally:
+        disk.close()
+
+
+def wide_job(**run: Any) -> dict:
+    """Two stages of about 330 KB of parameters: checkpoints of about 400 KB (SM)."""
+    job = synthetic_job(model={"mlp": {"widths": [100, 200, 100, 10], "activation": "tanh"},
+                               "balance": [2, 1]},
+                        run={"iterations": 2000, "eval_every": 0, "checkpoint_every": 5,
+                             "keep_last": 1, "rpc_timeout": 30, **run})
+    job["data"] = {**job["data"], "synthetic": {"features": 100, "classes": 10,
+                                                "train_size": 64, "test_size": 12}}
+    return job
+
+
+def assert_every_file_whole(run: Path) -> list[dict[str, Any]]:
+    """Every metrics and plans line parses, every JSON file parses (json.loads itself: a
+    trace is whole too), no temporary file is left, every checkpoint is complete."""
+    kept = assert_metrics_whole(run)
+    for line in (run / "plans.jsonl").read_text().splitlines():
+        json.loads(line)
+    for name in run.rglob("*.json"):
+        json.loads(name.read_text())
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    for step in (run / "checkpoints").glob("step-*"):
+        assert (step / "manifest.json").is_file(), f"{step} is incomplete"
+    return kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("room", [0, 300_000], ids=["no-room", "room-for-part-of-a-checkpoint"])
+def test_a_disk_that_fills_during_a_run_leaves_every_file_whole(
+        tmp_path: Path, small_disk: SmallDisk, room: int) -> None:
+    """The disk fills while the engine trains (another program takes the space): one line on
+    stderr, exit 1, every file whole or absent, and, once there is space, the last complete
+    checkpoint resumes to the numbers of a run that never stopped."""
+    path = write_job(tmp_path / "job.yaml", wide_job())
+    out = small_disk.root / "filled-disk-run"  # a name no other process's command line has
+    proc = subprocess.Popen([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
+                             "--out", str(out)], cwd=tmp_path, env=small_disk.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_iterations(proc, out, 12)
+        small_disk.fill(room)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, stderr
+    said = re.fullmatch(rf"sm-dist: error: cannot write the run directory {out}: No space "
+                        r"left on device \(writing (\S+)\); it keeps iterations 1-\d+ in "
+                        r"metrics.jsonl and the checkpoint after iteration \d+ \(\S+\), every "
+                        rf"file whole; free space, then --resume {out}", errors[0])
+    assert said is not None, errors[0]
+    if room:  # no room for the next checkpoint: its write failed, and nothing of it is left
+        assert said.group(1).startswith("checkpoints/step-"), errors[0]
+    assert_nothing_left(out.name)
+    kept = assert_every_file_whole(out)
+    steps = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+    assert steps and steps[-1] <= len(kept)
+    small_disk.free()
+    report = run_cli("report", str(out), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "ended early: " in report.stdout
+    total = steps[-1] + 6
+    resumed = subprocess.run([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
+                              "--resume", str(out), "--set", f"run.iterations={total}"],
+                             cwd=tmp_path, env=small_disk.env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run_cli("train", str(path), "--no-live", "--out", "straight",
+                       "--set", f"run.iterations={total}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    a, b = records(tmp_path / "straight"), assert_every_file_whole(out)
+    assert [r["iteration"] for r in b] == list(range(1, total + 1))
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9), ra["iteration"]
+
+
+def test_a_disk_full_before_the_start_is_bad_input_and_leaves_nothing(
+        tmp_path: Path, small_disk: SmallDisk) -> None:
+    """No process starts: exit 2 with the numbers, nothing written; once space is freed the
+    same --out trains."""
+    path = write_job(tmp_path / "job.yaml", wide_job(iterations=3))
+    out = small_disk.root / "run"
+    small_disk.fill(0)
+    result = subprocess.run([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
+                             "--out", str(out)], cwd=tmp_path, env=small_disk.env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert " free on its file system " in result.stderr
+    assert "the run needs about " in result.stderr and "free space" in result.stderr
+    assert "starting" not in result.stdout  # no stage process was started
+    assert not out.exists()
+    small_disk.free()
+    again = subprocess.run([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
+                            "--out", str(out)], cwd=tmp_path, env=small_disk.env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert len(assert_every_file_whole(out)) == 3
+
+
+def test_a_disk_that_fills_before_the_first_iteration_leaves_nothing(tmp_path: Path) -> None:
+    """The check passed, then writing the run directory failed at once: exit 1, nothing left
+    behind (no empty config.yaml that refuses the same --out), and the same --out trains."""
+    disk = SmallDisk(tmp_path, "injected")
+    path = write_job(tmp_path / "job.yaml", wide_job(iterations=3))
+    out = disk.root / "run"
+    disk.flag.write_text(json.dumps({"room": 100, "statvfs": False}))
+    result = subprocess.run([sys.executable, "-m", "sm_dist", "train", str(path), "--no-live",
+                             "--single-process", "--out", str(out)], cwd=tmp_path,
+                            env=disk.env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sm-dist: error: cannot write the run directory {out}: No space left on device "
+        "(writing config.yaml); it finished no iteration and left nothing behind"]
+    assert not out.exists()
+    disk.free()
+    again = run_cli("train", str(path), "--single-process", "--no-live", "--out", str(out),
+                    cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
 
 
 @pytest.mark.parametrize("where", ["out", "root", "factory"])

@@ -20,15 +20,17 @@ from sm_dist.report.run_data import RunData
 from sm_dist.report.summary import summarize
 from sm_dist.run.metrics import IterationRecord, steady_means
 from sm_dist.run.monitor import (
+    PLAIN_LINES,
     LiveMonitor,
     PlainMonitor,
     StageInfo,
     format_record,
+    log_interval,
     run_header,
     stage_infos,
     stage_phase,
 )
-from tests.conftest import synthetic_job
+from tests.conftest import run_cli, synthetic_job, write_job
 
 SM_RECORD = IterationRecord.from_json({
              "iteration": 3, "train_loss": 1.23456, "train_acc": 0.5, "wall_time": 4.2,
@@ -65,12 +67,36 @@ def test_plain_line() -> None:
     assert "step 0.5 (3 trials)" in armijo and "pred" not in armijo
 
 
-def test_plain_monitor_prints_one_line_per_iteration() -> None:
+def test_plain_monitor_prints_one_line_per_iteration_of_a_short_run() -> None:
     out = io.StringIO()
     with PlainMonitor(30, out, InnerLoopMetrics) as monitor:
         monitor.progress(SM_RECORD)
         monitor.record(FINISHED)
     assert out.getvalue().count("\n") == 1 and "iter  3/30" in out.getvalue()
+
+
+def iterations_printed(iterations: int, every: int = 0, ended_after: int | None = None
+                       ) -> list[int]:
+    """The iterations whose line a plain monitor prints for a run of `iterations`
+    (run.log_every `every`) that finishes, or ends after `ended_after`."""
+    out = io.StringIO()
+    with PlainMonitor(iterations, out, InnerLoopMetrics, every=every) as monitor:
+        for t in range(1, (ended_after or iterations) + 1):
+            monitor.progress(dataclasses.replace(SM_RECORD, iteration=t))
+    return [int(line.split()[1].split("/")[0]) for line in out.getvalue().splitlines()]
+
+
+def test_plain_monitor_prints_every_log_every_iterations_and_the_last() -> None:
+    """2,000 iterations print 200 lines by default (every 10th; the last is one), at most
+    PLAIN_LINES whatever the run's length; run.log_every sets the interval, the last line
+    always comes, and a run that ends early prints where it got to."""
+    assert log_interval(200) == 1 and log_interval(201) == 2 and log_interval(2000) == 10
+    assert iterations_printed(2000) == list(range(10, 2001, 10))
+    assert len(iterations_printed(12_345)) <= PLAIN_LINES + 1
+    assert iterations_printed(2000)[-1] == 2000 and iterations_printed(12_345)[-1] == 12_345
+    assert iterations_printed(23, every=5) == [5, 10, 15, 20, 23]
+    assert iterations_printed(100, every=7, ended_after=30) == [7, 14, 21, 28, 30]
+    assert iterations_printed(3, every=1) == [1, 2, 3]
 
 
 def events() -> list[TimelineEvent]:
@@ -270,3 +296,13 @@ def test_line_searches_show_their_step_and_gradient_norm() -> None:
     frame = last_frame(console.export_text())
     assert "step 0.5 (3 trials)" in frame and "grad norm 1.230e-02" in frame
     assert "inner steps" not in frame and "lr " not in frame
+
+
+def test_no_live_prints_a_line_every_log_every_iterations(tmp_path: Path) -> None:
+    path = write_job(tmp_path / "job.yaml", synthetic_job(run={"iterations": 10,
+                                                               "log_every": 4}))
+    result = run_cli("train", str(path), "--single-process", "--no-live", "--out", "run",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
+    assert [line.split()[1] for line in lines] == ["4/10", "8/10", "10/10"]

@@ -32,6 +32,7 @@ from sm_dist.models.config import (
 )
 from sm_dist.optim import registry
 from sm_dist.optim.options import OptimizerOptions
+from sm_dist.whole_files import write_text_whole
 
 # A run name becomes a directory name, so no separators and not "." or "..".
 NAME_PATTERN = r"(?!\.+$)[A-Za-z0-9._-]+"
@@ -52,6 +53,9 @@ class RunConfig:
     # metrics.jsonl stays the record.
     tensorboard: bool = False
     runs_dir: str = "runs"
+    # --no-live (or output that is not a terminal): a progress line every this many iterations
+    # and one for the last; 0 picks the interval that prints at most 200 lines.
+    log_every: int = field(default=0, metadata={"min": 0})
     # Checkpoints every this many iterations (0: only at the end); keep the newest keep_last.
     checkpoint_every: int = field(default=0, metadata={"min": 0})
     keep_last: int = field(default=2, metadata={"min": 0})  # 0 keeps every checkpoint
@@ -189,9 +193,10 @@ def job_differences(a: JobConfig, b: JobConfig) -> dict[str, tuple[Any, Any]]:
 
 
 def dump_job(job: JobConfig, path: str | os.PathLike[str]) -> None:
-    """Write the job as YAML (fields in schema order) so that `load_job` reads it back."""
+    """Write the job as YAML (fields in schema order) so that `load_job` reads it back; the file
+    is whole or absent (written to a temporary name and renamed)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(job_to_dict(job), sort_keys=False), encoding="utf-8")
+    write_text_whole(Path(path), yaml.safe_dump(job_to_dict(job), sort_keys=False))
 
 
 def _apply_overrides(

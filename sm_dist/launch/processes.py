@@ -1,6 +1,8 @@
 """Starting a job's stage processes on this machine (`sm-dist train`): one child per stage,
-their store on loopback, children that die with the launcher, a failure named by stage, rank
-and pid, one line for an interruption, and the noise of dying peers filtered out."""
+their store on loopback, children that die with the launcher, one line per failure, named by
+stage, rank and pid (the consequences in the other processes held back), one line for an
+interruption, and the noise of dying peers filtered out of stderr and kept in the run's
+stderr.log."""
 
 from __future__ import annotations
 
@@ -11,25 +13,36 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import IO
 
 from sm_dist.engine.layout import Layout
 from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
+from sm_dist.run.run_dir import STDERR_LOG
+from sm_dist.run.session import record_cause
+from sm_dist.whole_files import RecordFile
 
 LAUNCHED = "SM_DIST_LAUNCHED"  # set in the children: the launcher reports for them
-# Lines a process writes when a neighbour dies under it: TensorPipe's and gloo's warnings,
-# C++'s last words. The failure itself is reported once, by stage and rank.
-NOISE = re.compile(r"^\[[WE] ?\d*.*(tensorpipe|TensorPipe|ProcessGroupGloo|socket\.cpp|"
+# Lines a process writes when a neighbour dies under it: TensorPipe's and gloo's warnings
+# (which torch prefixes with `[rankN]:` when it knows the rank), C++'s last words. The failure
+# itself is reported once, by stage and rank.
+NOISE = re.compile(r"^(\[rank\d+\]:)?\[[WE] ?\d*.*(tensorpipe|TensorPipe|ProcessGroupGloo|"
+                   r"socket\.cpp|"
                    r"thread_pool\.cpp:\d+\] Exception in thread pool task: unknown)|"
                    r"^terminate called without an active exception|"
                    r"^FATAL: exception not rethrown|"
                    r"^\s*$")
 GRACE = 10.0  # seconds a child may take to finish after the others are done or stopped
+# Signals sent from outside (a person, the OOM killer, a batch system). A process that dies by
+# another one (SIGABRT, SIGSEGV) at the same moment is likely a consequence of such a death.
+EXTERNAL_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+ERROR = "sm-dist: error:"  # how a process begins its report of a failure
 
 
 def _die_with_parent() -> None:
@@ -51,6 +64,75 @@ def forward_without_noise(stream: IO[bytes], sink: IO[str]) -> None:
             sink.flush()
 
 
+class StderrGate:
+    """The stage processes' stderr on its way to ours. Noise is dropped; a process's report of
+    a failure (its `sm-dist: error:` line and everything after it) is held until the job has
+    ended, when the launcher knows whether it is the cause or a consequence of another
+    process's death (`release` or `drop`); everything else passes at once. Every line, noise
+    included, is kept for the run's stderr.log."""
+
+    def __init__(self, sink: IO[str]) -> None:
+        self.sink = sink
+        self.lock = threading.Lock()
+        self.held: list[str] = []
+        self.reported: set[int] = set()  # ranks that reported a failure themselves
+        self.log: IO[str] | None = tempfile.TemporaryFile("w+", encoding="utf-8")
+
+    def pump(self, rank: int, stream: IO[bytes]) -> None:
+        """Pass `stream` (rank's stderr) through, line by line, until it ends."""
+        holding = False
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace")
+            line += "" if line.endswith("\n") else "\n"
+            with self.lock:
+                self._keep(f"rank {rank}: {line}")
+                if NOISE.search(line):
+                    continue
+                if line.startswith(ERROR):
+                    holding = True
+                    self.reported.add(rank)
+                if holding:
+                    self.held.append(line)
+                else:
+                    self.sink.write(line)
+                    self.sink.flush()
+
+    def _keep(self, line: str) -> None:
+        if self.log is not None:
+            try:
+                self.log.write(line)
+            except OSError:  # no room for the spool: the log is not worth a failure
+                self.log = None
+
+    def release(self) -> None:
+        """Print the held reports: they say why the job failed."""
+        with self.lock:
+            self.sink.writelines(self.held)
+            self.sink.flush()
+            self.held.clear()
+
+    def drop(self) -> None:
+        """Forget the held reports (they stay in the log): the launcher says the cause."""
+        with self.lock:
+            self.held.clear()
+
+    def save_log(self, path: Path) -> None:
+        """Append every line kept to `path`, whole (a full disk keeps the file as it was)."""
+        with self.lock:
+            if self.log is None or not self.log.tell():
+                return
+            self.log.seek(0)
+            try:
+                log = RecordFile(path)
+                try:
+                    while block := self.log.read(1 << 20):
+                        log.append(block)
+                finally:
+                    log.close()
+            except OSError:
+                pass  # the failure the job ended with says more than its log could
+
+
 class LocalJob:
     """The stage processes of one job on this machine, and the store they meet at."""
 
@@ -69,6 +151,7 @@ class LocalJob:
                "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True",
                "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_RUN_ID": str(uuid.uuid4()),
                "TP_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", LAUNCHED: "1"}
+        self.gate = StderrGate(sys.stderr)
         self.children: list[subprocess.Popen] = []
         self.pumps: list[threading.Thread] = []
         for rank in range(num_ranks):
@@ -76,7 +159,7 @@ class LocalJob:
                 [sys.executable, *args], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                 stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
             self.children.append(child)
-            pump = threading.Thread(target=forward_without_noise, args=(child.stderr, sys.stderr),
+            pump = threading.Thread(target=self.gate.pump, args=(rank, child.stderr),
                                     daemon=True)
             pump.start()
             self.pumps.append(pump)
@@ -119,10 +202,12 @@ def _how(code: int) -> str:
     return f"exited with code {code}"
 
 
-def launch_local(layout: Layout, args: Sequence[str], timeout: float) -> int:
+def launch_local(layout: Layout, args: Sequence[str], timeout: float,
+                 run_dir: Path | None = None) -> int:
     """Run `python ARGS` as every rank of a job of `layout` (stages x replicas processes) on
     this machine; the job's exit code: 0, 2 when every failed rank exited 2 (bad input), else
-    1. Ranks are named by stage (and replica) in what it says."""
+    1. Ranks are named by stage (and replica) in what it says: one line per failure. Every
+    line the processes wrote on stderr goes to `run_dir`/stderr.log when the run is there."""
     job = LocalJob(layout.world_size, args, timeout)
     interrupted: list[int] = []
 
@@ -132,44 +217,76 @@ def launch_local(layout: Layout, args: Sequence[str], timeout: float) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        failed: list[tuple[int, int]] = []
-        stopped: list[int] = []
-        while True:
-            codes = [child.poll() for child in job.children]
-            failed = [(rank, code) for rank, code in enumerate(codes)
-                      if code not in (None, EXIT_OK)]
-            if failed or interrupted or codes[0] == EXIT_OK or all(c is not None
-                                                                   for c in codes):
-                break
-            time.sleep(0.05)
-        stopped = [rank for rank, child in enumerate(job.children)
-                   if child.poll() is None and _stopped(child.pid)]
-        if failed and not interrupted:  # the others are stopped by us: only report the first
-            job.stop(signal.SIGTERM)
+        failed, stopped = _watch(job, interrupted)
         job.reap()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    code, cause = _report(layout, job, failed, stopped, interrupted)
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        job.gate.save_log(run_dir / STDERR_LOG)
+        if interrupted:  # rank 0 saw the SIGTERM the launcher sent, not what the launcher got
+            record_cause(run_dir, f"stopped by {signal.Signals(interrupted[0]).name}",
+                         "interrupted")
+        elif cause is not None:  # rank 0 could not know it
+            record_cause(run_dir, cause)
+    return code
+
+
+def _watch(job: LocalJob, interrupted: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Wait until the job ends, a rank fails or a signal came; the failed ranks with their
+    codes and the stopped ranks, found before the launcher stops the others."""
+    def failures() -> list[tuple[int, int]]:
+        return [(rank, code) for rank, child in enumerate(job.children)
+                if (code := child.poll()) not in (None, EXIT_OK)]
+
+    while True:
+        codes = [child.poll() for child in job.children]
+        if (failures() or interrupted or codes[0] == EXIT_OK
+                or all(c is not None for c in codes)):
+            break
+        time.sleep(0.05)
+    failed = failures()
+    stopped = [rank for rank, child in enumerate(job.children)
+               if child.poll() is None and _stopped(child.pid)]
+    if failed and not interrupted:  # the others are stopped by us: only report the first
+        job.stop(signal.SIGTERM)
+    return failed, stopped
+
+
+def _report(layout: Layout, job: LocalJob, failed: list[tuple[int, int]], stopped: list[int],
+            interrupted: list[int]) -> tuple[int, str | None]:
+    """Say how the job ended, one line per failure; (its exit code, the cause the launcher
+    found that no process could report: a rank killed by a signal, or stopped)."""
     if interrupted:
+        job.gate.drop()
         name = signal.Signals(interrupted[0]).name
         print(f"sm-dist: stopped by {name}; the run directory keeps every finished iteration "
               "and checkpoint", file=sys.stderr)
-        return EXIT_RUNTIME
-    for rank in stopped:  # the likely cause: its neighbours waited for it and gave up
-        print(f"sm-dist: error: {layout.name(rank)} (rank {rank}, pid "
-              f"{job.children[rank].pid}) was stopped and answered nothing", file=sys.stderr)
+        return EXIT_RUNTIME, None
+    causes = [f"{layout.name(rank)} (rank {rank}, pid {job.children[rank].pid}) was stopped "
+              "and answered nothing" for rank in stopped]
+    killed = [(rank, code) for rank, code in failed if code < 0]
+    if any(-code in EXTERNAL_SIGNALS for _, code in killed):
+        killed = [(rank, code) for rank, code in killed if -code in EXTERNAL_SIGNALS]
+    causes += [f"{layout.name(rank)} (rank {rank}, pid {job.children[rank].pid}) {_how(code)}"
+               for rank, code in killed]
+    if causes:  # what the other processes said follows from it (in stderr.log)
+        job.gate.drop()
+        for cause in causes:
+            print(f"{ERROR} {cause}", file=sys.stderr)
+        return EXIT_RUNTIME, causes[0]
+    job.gate.release()
     if failed:
         for rank, code in failed:
-            # A runtime failure has said why itself (rank 0's names the stage, a stage's
-            # names the coordinator); one caused by a stopped stage is its consequence.
-            if code != EXIT_RUNTIME or (rank != 0 and not stopped):
-                print(f"sm-dist: error: {layout.name(rank)} (rank {rank}, pid "
+            if rank not in job.gate.reported:  # it said nothing of why itself
+                print(f"{ERROR} {layout.name(rank)} (rank {rank}, pid "
                       f"{job.children[rank].pid}) {_how(code)}", file=sys.stderr)
-        return EXIT_BAD_INPUT if {code for _, code in failed} == {EXIT_BAD_INPUT} \
-            else EXIT_RUNTIME
+        return (EXIT_BAD_INPUT if {code for _, code in failed} == {EXIT_BAD_INPUT}
+                else EXIT_RUNTIME), None
     late = [(rank, child.returncode) for rank, child in enumerate(job.children)
             if child.returncode not in (EXIT_OK, None)]
     for rank, code in late:  # killed after rank 0 finished: did not leave in time
         print(f"sm-dist: warning: {layout.name(rank)} (rank {rank}) {_how(code)} after the "
               "run finished", file=sys.stderr)
-    return EXIT_OK
+    return EXIT_OK, None

@@ -32,18 +32,19 @@ from sm_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME
 from sm_dist.launch import processes
 from sm_dist.launch.training import train_to_the_end
 from sm_dist.run.run_dir import STOPPED_FILE
-from sm_dist.run.session import make_console
+from sm_dist.run.session import make_console, write_failure_message
 from sm_dist.run.trainer import NonFiniteLoss
 
 
 def launch_local(job: JobConfig, job_path: str, overrides: Sequence[str],
-                 extra_args: Sequence[str] = ()) -> int:
+                 extra_args: Sequence[str] = (), run_dir: Path | None = None) -> int:
     """Start stages x replicas processes on this machine, each running `sm-dist train` as its
-    rank (launch/processes.py); returns the job's exit code."""
+    rank (launch/processes.py), their stderr kept in `run_dir`/stderr.log; returns the job's
+    exit code."""
     args = ["-m", "sm_dist", "train", job_path, *extra_args]
     for override in overrides:
         args += ["--set", override]
-    return processes.launch_local(job_layout(job), args, job.run.rpc_timeout)
+    return processes.launch_local(job_layout(job), args, job.run.rpc_timeout, run_dir)
 
 
 def job_layout(job: JobConfig) -> Layout:
@@ -157,8 +158,7 @@ def coordinate(job: JobConfig, data: Dataset, transport: Transport, out: Path,
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         os._exit(EXIT_RUNTIME)
     except OSError as err:  # the disk filled up, or the directory went away
-        _leave(f"cannot write the run directory {out}: {err.strerror or err}; it keeps every "
-               "iteration written before")
+        _leave(write_failure_message(out, err))
     try:  # every stage finishes its last plans; one that hangs is named, not waited for
         transport.shutdown(graceful=True, timeout=job.run.rpc_timeout)
     except RuntimeError as err:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import IO
 
 from sm_dist.pipeline.actions import Action, kind_in_trace
 from sm_dist.pipeline.schedule import Pass
+from sm_dist.whole_files import RecordFile
 
 PLAN_LOG = "plans.jsonl"  # in the run directory
 _ACTION = re.compile(r"([A-Za-z])(\d*)(?:\.(\d+))?")
@@ -57,14 +57,14 @@ def read_plan_log(path: Path) -> list[tuple[int, Pass]]:
 
 
 class PlanLogWriter:
-    """Appends one whole, flushed line per dispatched pass."""
+    """Appends one whole line per dispatched pass, as it is sent: a failed write (a full disk)
+    is cut back to the last whole line (whole_files.RecordFile)."""
 
     def __init__(self, path: Path, mode: str = "a") -> None:
-        self._file: IO[str] = open(path, mode, encoding="utf-8")
+        self._file = RecordFile(path, mode)
 
     def write(self, plan_id: int, dispatched: Pass) -> None:
-        self._file.write(pass_line(plan_id, dispatched))
-        self._file.flush()
+        self._file.append(pass_line(plan_id, dispatched))
 
     def close(self) -> None:
         self._file.close()

@@ -17,6 +17,7 @@ from sm_dist.pipeline.actions import (
     Direction,
     kind_in_trace,
 )
+from sm_dist.whole_files import JsonListFile, remove_quietly
 
 
 @dataclass(frozen=True)
@@ -193,36 +194,39 @@ def _trace_event(e: TimelineEvent, origin: float) -> dict[str, Any]:
 
 
 class TraceWriter:
-    """Chrome's trace format written as events come, one line each, never held in memory.
-    A file cut short (a crash) lacks only its closing `]}`, which `read_trace` tolerates."""
+    """Chrome's trace format written as events come, never held in memory, and a whole JSON
+    document after every write: a failed write (a full disk) leaves the trace as it was
+    (whole_files.JsonListFile). A process killed in the middle of a write leaves a file that
+    lacks its closing `]}`, which `read_trace` tolerates."""
 
     def __init__(self, path: Path, num_stages: int,
                  host_of_stage: dict[int, str] | None = None) -> None:
         self.path = path
-        self._file = open(path, "w", encoding="utf-8")
-        self._file.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
+        self._file = JsonListFile(path, '{"displayTimeUnit": "ms", "traceEvents": [\n')
         self._origin: float | None = None
-        self._first = True
+        names = []
         for s in range(num_stages):
             host = (host_of_stage or {}).get(s, "")
-            self._line({"name": "thread_name", "ph": "M", "pid": 0, "tid": s,
-                        "args": {"name": f"stage {s}" + (f" ({host})" if host else "")}})
-
-    def _line(self, item: dict[str, Any]) -> None:
-        self._file.write(("" if self._first else ",\n") + json.dumps(item))
-        self._first = False
+            names.append(json.dumps({"name": "thread_name", "ph": "M", "pid": 0, "tid": s,
+                                     "args": {"name": f"stage {s}" + (f" ({host})" if host
+                                                                      else "")}}))
+        try:
+            self._file.add(names)
+        except BaseException:
+            self._file.close()
+            remove_quietly(path)
+            raise
 
     def write(self, events: Iterable[TimelineEvent]) -> None:
+        items = []
         for e in events:
             if self._origin is None:
                 self._origin = e.start
-            self._line(_trace_event(e, self._origin))
-        self._file.flush()
+            items.append(json.dumps(_trace_event(e, self._origin)))
+        self._file.add(items)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.write("\n]}\n")
-            self._file.close()
+        self._file.close()
 
 
 def read_trace(path: Path) -> dict[str, Any]:

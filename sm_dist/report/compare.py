@@ -32,7 +32,8 @@ from sm_dist.report.grid import (
 from sm_dist.report.run_data import ReportError, load_run
 from sm_dist.report.simulate import SimulateError, parse_link
 from sm_dist.report.summary import summarize
-from sm_dist.run.run_dir import STOPPED_FILE, unique_dir
+from sm_dist.run.run_dir import read_stop_note, unique_dir
+from sm_dist.whole_files import write_text_whole
 
 DEFAULT_LINK = "pcie4"  # the link compare's simulated pipeline time assumes
 DEFAULT_REACH = (0.5, 0.3, 0.1)  # the losses whose simulated time to reach compare.md gives
@@ -85,7 +86,8 @@ def train_point(point: GridPoint, out: Path, single_process: bool) -> RunResult:
         returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
                                     env=_child_env(), check=False).returncode
     result = RunResult(point, path, "failed", returncode=returncode, log=log)
-    if returncode == EXIT_RUNTIME and (path / STOPPED_FILE).is_file():
+    note = read_stop_note(path) if returncode == EXIT_RUNTIME else None
+    if note is not None and note.kind == "diverged":
         # It diverged and stopped (run.on_nonfinite: stop): a result, not a failure.
         result.run, result.status = load_run(path), "stopped"
         return result
@@ -206,7 +208,7 @@ def write_compare(results: Sequence[RunResult], out: Path, *, at: Sequence[int],
         text = text.rstrip("\n") + "\n\n" + "\n".join(
             time_section(groups, times, link, reach, missing, schedules))
     markdown = out / "compare.md"
-    markdown.write_text(text, encoding="utf-8")
+    write_text_whole(markdown, text)
     written = [markdown]
     if groups:
         order = list(dict.fromkeys(r.point.optimizer for r in results))

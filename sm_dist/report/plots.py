@@ -25,6 +25,7 @@ from sm_dist.pipeline.timeline import (
 )
 from sm_dist.report.run_data import RunData
 from sm_dist.run.metrics import IterationRecord
+from sm_dist.whole_files import replace_whole
 
 DPI = 120
 FONT_SIZE = 10
@@ -39,7 +40,10 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(figure: Figure, path: str | Path) -> None:
-    figure.savefig(Path(path), dpi=DPI, bbox_inches="tight")
+    """The figure as an image, in the format its name ends in; whole or absent."""
+    path = Path(path)
+    replace_whole(path, lambda handle: figure.savefig(handle, format=path.suffix[1:] or "png",
+                                                      dpi=DPI, bbox_inches="tight"))
 
 
 def _runs_title(what: str, runs: Sequence[RunData]) -> str:

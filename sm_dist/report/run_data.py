@@ -32,11 +32,27 @@ class RunData:
     records: list[IterationRecord]  # metrics.jsonl, one per finished iteration
     trace: dict[str, Any] | None  # trace.json (absent for --single-process runs)
     stop: StopNote | None = None  # why the run stopped early (stopped.json), if it did
+    finished: bool = True  # it wrote model.pt, which a run does after its last iteration
 
     @property
     def stopped(self) -> str | None:
-        """What the run said when it stopped early (None: it did not)."""
-        return self.stop.message if self.stop is not None else None
+        """What the run said when a diverging loss stopped it (None: it did not); compare
+        takes such a run as a result, not a failure."""
+        return self.stop.message if self.stop is not None and self.stop.kind == "diverged" \
+            else None
+
+    @property
+    def ended_early(self) -> str | None:
+        """Why the run ended before its last iteration, whatever stopped it: its stop note, or
+        what the directory shows (None: it finished)."""
+        if self.stop is not None:
+            return self.stop.text().strip()
+        planned = (self.config.get("run") or {}).get("iterations")
+        last = self.records[-1].iteration
+        if self.finished or not isinstance(planned, int) or last >= planned:
+            return None
+        return (f"it ended after iteration {last} of {planned} and left no stop note (a full "
+                "disk has no room for one, a killed process no time; or it is still running)")
 
     @property
     def metrics(self) -> type[OptimizerMetrics]:
@@ -81,7 +97,8 @@ def load_run(path: str | Path) -> RunData:
             events_from_trace(trace)
         except (KeyError, TypeError, ValueError) as err:
             raise ReportError(f"{path / 'trace.json'} is not an sm-dist trace ({err})") from None
-    return RunData(path, path.resolve().name, config, records, trace, read_stop_note(path))
+    return RunData(path, path.resolve().name, config, records, trace, read_stop_note(path),
+                   (path / "model.pt").is_file())
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[RunData]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from sm_dist.report.run_data import ReportError, RunData, load_run, load_runs
 from sm_dist.report.stage_figures import memory_text, utilisation_text
 from sm_dist.run.metrics import STEADY_FIELDS, IterationRecord, steady_means
 from sm_dist.run.run_dir import unique_dir
+from sm_dist.whole_files import write_json_whole
 
 
 def _last(records: Sequence[IterationRecord], key: str) -> tuple[Any, int | None]:
@@ -71,7 +71,8 @@ def summarize(run: RunData) -> dict[str, Any]:
       process (--single-process), MiB: the peak since training started and what training
       added to the memory held at its start; `memory_kind`: "resident" (a CPU process's
       resident memory) or "cuda_allocated" (CUDA tensors), see pipeline/memory.py
-    - `stopped`: why the run stopped before its last iteration (a non-finite loss), or None
+    - `stopped`: why the run stopped before its last iteration (a non-finite loss, a failure
+      such as a full disk, a signal; its stop note), or None
     - `replicas`; `slowest_replica`: per stage, the replica that computed longest (trace)
     - means over the steady iterations (`SteadyMeans`: without the first, which includes
       start-up, and the last, which has no next input), as the live monitor shows them:
@@ -124,7 +125,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "peak_memory_mb": last.peak_memory_mb,
         "training_memory_mb": last.training_memory_mb,
         "memory_kind": last.memory_kind,
-        "stopped": run.stopped,
+        "stopped": run.ended_early,
         "replicas": (replicas := _section(config, "model").get("replicas", 1)),
         "slowest_replica": None if run.trace is None or replicas == 1 else
         slowest_replicas(events_from_trace(run.trace), len(balance)),  # type: ignore[arg-type]
@@ -310,8 +311,7 @@ def write_report(runs: Sequence[RunData], out_dir: str | Path) -> list[Path]:
             written.append(out_dir / name)
     summaries = [summarize(run) for run in runs]
     summary_path = out_dir / "summary.json"
-    summary_path.write_text(json.dumps(summaries[0] if len(runs) == 1 else summaries, indent=2)
-                            + "\n", encoding="utf-8")
+    write_json_whole(summary_path, summaries[0] if len(runs) == 1 else summaries, indent=2)
     written.append(summary_path)
     return written
 
@@ -344,6 +344,9 @@ def report_main(run_dirs: Sequence[str], out: str | None = None,
         print(f"sm-dist: error: cannot write the report to {out_dir}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print_summary(runs, console)
+    for run in runs:
+        if run.ended_early:
+            _say(console, f"{run.name} ended early: {run.ended_early}")
     _say(console, f"sm-dist: report in {out_dir}:")
     for path in written:
         _say(console, f"  {path}")
@@ -368,6 +371,6 @@ def finish_run(out: Path, console: Console) -> None:
     memory = memory_text(summary)
     if memory:
         _say(console, memory)
-    if run.stopped:
-        _say(console, f"stopped early: {run.stopped}")
+    if run.ended_early:
+        _say(console, f"stopped early: {run.ended_early}")
     _say(console, f"results in {out}")

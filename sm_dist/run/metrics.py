@@ -15,7 +15,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from sm_dist.whole_files import RecordFile
 
 
 class MetricsError(Exception):
@@ -222,14 +224,17 @@ def read_metrics(path: Path) -> list[IterationRecord]:
 
 
 class MetricsWriter:
-    """Appends one whole, flushed line per record, so that a crash keeps every finished one."""
+    """Appends one whole line per record, written through at once, so that a crash keeps every
+    finished one; a failed write (a full disk) is cut back to the last whole line
+    (whole_files.RecordFile), so the file never ends in part of a record."""
 
     def __init__(self, path: Path, mode: str = "a") -> None:
-        self._file: IO[str] = open(path, mode, encoding="utf-8")
+        self._file = RecordFile(path, mode)
+        self.written = 0  # records written by this writer
 
     def write(self, record: IterationRecord) -> None:
-        self._file.write(record_line(record))
-        self._file.flush()
+        self._file.append(record_line(record))
+        self.written += 1
 
     def close(self) -> None:
         self._file.close()

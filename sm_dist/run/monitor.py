@@ -1,4 +1,4 @@
-"""What the coordinator shows while training: a live rich view, or one plain line per iteration."""
+"""What the coordinator shows while training: a live rich view, or plain progress lines."""
 
 from __future__ import annotations
 
@@ -74,23 +74,48 @@ def stage_phase(events: Sequence[TimelineEvent], stage: int, now: float) -> str:
     return "idle"
 
 
+PLAIN_LINES = 200  # the most progress lines a plain monitor prints by default, whatever the run
+
+
+def log_interval(iterations: int, every: int = 0) -> int:
+    """Iterations between two plain progress lines: `every` (run.log_every), or with 0 the
+    smallest interval that prints at most PLAIN_LINES lines (1 for a run of up to 200)."""
+    return every if every > 0 else max(1, -(-iterations // PLAIN_LINES))
+
+
 class PlainMonitor:
-    """One line per iteration, for logs and terminals without the live view."""
+    """One line every `every` iterations (run.log_every; 0: at most PLAIN_LINES lines) and one
+    for the last, for logs and terminals without the live view. A run that ends before its
+    last iteration prints the last iteration it finished when the monitor closes."""
 
     def __init__(self, iterations: int, stream: TextIO | None = None,
-                 metrics: Metrics = NoMetrics) -> None:
+                 metrics: Metrics = NoMetrics, every: int = 0) -> None:
         self.iterations = iterations
         self.stream = stream
         self.metrics = metrics
+        self.every = log_interval(iterations, every)
+        self._unprinted: IterationRecord | None = None  # the newest record not printed
 
     def __enter__(self) -> PlainMonitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        if self._unprinted is not None:  # the run ended early: where it got to
+            try:
+                self._print(self._unprinted)
+            except OSError:
+                pass  # the reader of stdout left: the error in flight says more
 
     def progress(self, record: IterationRecord) -> None:
-        """A new iteration's result, printed at once (its utilisation is not known yet)."""
+        """A new iteration's result, printed at once when it is due (its utilisation is not
+        known yet)."""
+        if record.iteration % self.every == 0 or record.iteration >= self.iterations:
+            self._print(record)
+        else:
+            self._unprinted = record
+
+    def _print(self, record: IterationRecord) -> None:
+        self._unprinted = None
         print(format_record(record, self.iterations, self.metrics), file=self.stream,
               flush=True)
 

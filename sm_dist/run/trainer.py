@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -90,6 +91,7 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
             if on_progress is not None:
                 on_progress(record)
             stop = log.divergence(job, record)
+            records.push(record)  # first: a checkpoint that fails (a full disk) keeps it
             if outcome.states is not None and on_checkpoint is not None and stop is None:
                 states = outcome.states.wait()
                 if job.run.on_nonfinite == "stop" and not finite_states(states):
@@ -97,11 +99,13 @@ def train(job: JobConfig, pipeline: Pipeline, data: Dataset,
                 else:
                     on_checkpoint(log.resume_point(iteration, iterations, record), states)
             iterations.batches.forget(iteration)
-            records.push(record)
             if stop is not None:
                 raise NonFiniteLoss(iteration, stop, record.train_loss)
-    finally:
-        records.flush()  # also on failure: every finished iteration is kept
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error in flight says more than a full disk
+            records.flush()  # also on failure: every finished iteration is kept
+        raise
+    records.flush()
     return records.done
 
 
