@@ -13,7 +13,7 @@ from torch import nn
 
 from sm_dist.cli import main
 from sm_dist.config.build import build_local_pipeline, build_optimizer, load_job_data
-from sm_dist.config.job import ConfigError, job_from_dict
+from sm_dist.config.job import ConfigError, job_from_dict, job_to_dict
 from sm_dist.models.cnn import build_cnn
 from sm_dist.optim.kron_layers import stage_layers
 from sm_dist.optim.sm_kron import INPUT_GRAM
@@ -70,6 +70,21 @@ def test_stage_0_factors_its_gram_matrix_between_forwards_and_backwards() -> Non
     assert all(INPUT_GRAM not in [a.kind for a in lane] for lane in schedule[1:])
     exact = build_optimizer(job_from_dict(kron_job(input_bound="exact")))
     assert exact.prepare_actions(2)(0) == []
+
+
+def test_minibatches_settle_a_damping_and_the_ratio_rule() -> None:
+    """Left null, sm_kron's damping and scale rule follow the data: none and secant on a full
+    batch; 0.2 and ratio on minibatches, which overfit one minibatch less. Given, they stay."""
+    full = job_from_dict(kron_job())
+    assert (full.optimizer.damping, full.optimizer.scale_rule) == (0.0, "secant")
+    minibatch = kron_job()
+    minibatch["data"]["batch"] = 8
+    settled = job_from_dict(minibatch)
+    assert (settled.optimizer.damping, settled.optimizer.scale_rule) == (0.2, "ratio")
+    given = job_from_dict({**minibatch, "optimizer": {"name": "sm_kron", "damping": 0.05,
+                                                      "scale_rule": "secant"}})
+    assert (given.optimizer.damping, given.optimizer.scale_rule) == (0.05, "secant")
+    assert job_to_dict(settled)["optimizer"]["damping"] == 0.2  # config.yaml records it
 
 
 # ------------------------------------------------------------------------- the numbers

@@ -98,10 +98,8 @@ def build_stage_modules(job: JobConfig) -> list[nn.Sequential]:
 
 
 def has_minibatches(job: JobConfig) -> bool:
-    """Whether the batch changes every iteration, as far as the job file says (a batch of a
-    set whose size it does not give counts as minibatches; training knows: BatchStream.full)."""
-    batch, subset = job.data.batch, job.data.train_subset
-    return batch != "full" and (subset is None or batch < subset)
+    """Whether the batch changes every iteration, as far as the job file says."""
+    return job.data.minibatches()
 
 
 def build_optimizer(job: JobConfig) -> Optimizer:

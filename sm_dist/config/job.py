@@ -160,6 +160,7 @@ def job_from_dict(
     if errors:
         raise ConfigError(errors, source)
     assert isinstance(job, JobConfig)
+    job.optimizer.settle(job.data.minibatches())
     return job
 
 

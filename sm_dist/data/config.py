@@ -46,3 +46,10 @@ class DataConfig:
     path: str | None = None
     context: int = field(default=64, metadata={"min": 1})
     text_bytes: int | None = field(default=DEFAULT_TEXT_BYTES, metadata={"min": 1})
+
+    def minibatches(self) -> bool:
+        """Whether the batch changes every iteration, as far as the job file says (a batch of
+        a set whose size it does not give counts as minibatches; training knows:
+        BatchStream.full)."""
+        return self.batch != "full" and (self.train_subset is None
+                                         or self.batch < self.train_subset)

@@ -30,6 +30,10 @@ class OptimizerOptions:
     # and the replicas average the steps, one all-reduce per iteration).
     replica_mode: str = field(default="exact", metadata={"choices": ("exact", "average_steps")})
 
+    def settle(self, minibatches: bool) -> None:
+        """Choose the options left null that depend on whether the batch changes every
+        iteration; the job is then written (config.yaml) with the choice."""
+
 
 @dataclass(kw_only=True)
 class InnerLoopOptions(OptimizerOptions):

@@ -31,6 +31,7 @@ from sm_dist.optim.sm_adaptive import (
     SMAdaptive,
     SMAdaptiveOptions,
 )
+from sm_dist.optim.step_scale import SCALE_RULES
 from sm_dist.pipeline.actions import UPDATE_COLOUR, Action, ActionKind, Direction, register_kind
 from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
@@ -38,6 +39,8 @@ from sm_dist.pipeline.stage import Stage
 
 # Stage 0 factors its batch's Z̃ᵀZ̃ between its last forward and its first backward, where
 # GPipe leaves it idle while the microbatches go up and come back (input_bound: gram).
+MINIBATCH_DAMPING = 0.2
+
 INPUT_GRAM = register_kind(ActionKind("K", "input-layer Gram factor", Direction.LOCAL,
                                       "update", UPDATE_COLOUR, "update"))
 
@@ -51,13 +54,23 @@ class SMKronOptions(SMAdaptiveOptions):
     weight it (exact: formed in every backward) or as max m·Z̃ᵀZ̃ (gram: factored once per batch
     in stage 0's idle time between its forwards and backwards, a looser bound)."""
     eta: float = field(default=1.0, metadata={"gt": 0})
-    damping: float = field(default=0.0, metadata={"min": 0})
+    # Full batch: none, and sm_adaptive's secant scale; minibatches: a damping relative to
+    # each factor's trace and the ratio rule, which overfit one minibatch less (measured on
+    # the CNN job, docs/results/peers.md).
+    damping: float | None = field(default=None, metadata={"min": 0})
+    scale_rule: str | None = field(default=None, metadata={"choices": SCALE_RULES})
     lambda_rounds: int = field(default=1, metadata={"min": 0})
     input_bound: str = field(default="gram", metadata={"choices": ("gram", "exact")})
     refresh_every: int = field(default=1, metadata={"min": 1})
     loss_curvature_scale: float = field(default=1.0, metadata={"gt": 0})
     scale_max: float = field(default=1e8, metadata={"gt": 0})
     inner_steps: int | InnerStepsConfig = field(default=10, metadata={"min": 1})
+
+    def settle(self, minibatches: bool) -> None:
+        if self.damping is None:
+            self.damping = MINIBATCH_DAMPING if minibatches else 0.0
+        if self.scale_rule is None:
+            self.scale_rule = "ratio" if minibatches else "secant"
 
 
 class KronSolution:
@@ -95,7 +108,7 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
     @property
     def damping(self) -> Damping:
         cfg = self.kron
-        return Damping(cfg.delta_rel, cfg.delta_abs, cfg.delta_floor, cfg.damping, cfg.eta,
+        return Damping(cfg.delta_rel, cfg.delta_abs, cfg.delta_floor, cfg.damping or 0.0, cfg.eta,
                        rounding_floor(self.dtype))
 
     def _capture(self) -> Capture | None:
