@@ -47,7 +47,7 @@ class GoldenJob:
     def job(self) -> Any:
         """The validated job, built as `sm-dist compare` builds its grid point."""
         from sm_dist.config.job import load_job
-        from sm_dist.report.grid import expand_grid, split_overrides
+        from sm_dist.report.grid import expand_grid, given_options, split_overrides
 
         sets, optimizer_sets = split_overrides([
             *SHORT, f"run.iterations={self.iterations}", f"run.eval_every={self.iterations}",
@@ -57,7 +57,8 @@ class GoldenJob:
                              None if self.steps is None else [self.steps],
                              None if self.depth is None else [self.depth],
                              None if self.lr is None else [self.lr],
-                             optimizer_sets=optimizer_sets)
+                             optimizer_sets=optimizer_sets,
+                             given=given_options(REPO / self.base, sets))
         return point.job
 
 

@@ -24,6 +24,7 @@ from sm_dist.report.grid import (
     default_at,
     depth_model,
     expand_grid,
+    given_options,
     split_layers,
     split_overrides,
 )
@@ -95,6 +96,19 @@ def test_expand_grid() -> None:
     assert all(p.job.data == base.data for p in grid)
     assert [p.job.run.split_backward for p in grid[:5]] == [False, False, True, True, True]
     assert all(replace(p.job.run, split_backward=False) == base.run for p in grid)
+
+
+def test_another_optimizers_point_takes_its_own_defaults(tmp_path: Path) -> None:
+    """A job of sm_adaptive that leaves scale_max at its default: sm_kron's point gets sm_kron's
+    default, not sm_adaptive's written out; what the file gives (delta_rel) carries over."""
+    raw = synthetic_job(optimizer={"name": "sm_adaptive", "inner_steps": 3, "delta_rel": 0.5})
+    path = write_job(tmp_path / "job.yaml", raw)
+    base = job_from_dict(raw)
+    given = given_options(path, [])
+    assert given == {"inner_steps", "delta_rel"}
+    kron, adaptive = expand_grid(base, ["sm_kron", "sm_adaptive"], given=given)
+    assert (kron.job.optimizer.scale_max, kron.job.optimizer.delta_rel) == (1e8, 0.5)
+    assert adaptive.job.optimizer == base.optimizer
 
 
 def test_an_optimizers_own_set_goes_to_its_points_only() -> None:

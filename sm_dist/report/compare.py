@@ -24,6 +24,7 @@ from sm_dist.report.grid import (
     check_list,
     default_at,
     expand_grid,
+    given_options,
     grid_lines,
     plan_runs,
     run_path,
@@ -156,7 +157,8 @@ def compare_main(job_path: str, overrides: Sequence[str], optimizers: Sequence[s
     except SimulateError as err:
         raise CompareError(str(err)) from None
     notes: list[str] = []
-    points = expand_grid(base, optimizers, inner_steps, depths, lrs, notes, optimizer_sets)
+    points = expand_grid(base, optimizers, inner_steps, depths, lrs, notes, optimizer_sets,
+                         given_options(job_path, base_sets))
     for note in notes:
         print(f"sm-dist: note: {note}", file=sys.stderr, flush=True)
     iterations = base.run.iterations

@@ -14,10 +14,12 @@ import yaml
 from sm_dist.config.job import (
     ConfigError,
     JobConfig,
+    apply_overrides,
     job_differences,
     job_from_dict,
     job_to_dict,
     load_job,
+    read_job_file,
 )
 from sm_dist.config.optimizer_section import switch_note
 from sm_dist.config.schema import plural
@@ -189,11 +191,19 @@ def _check_own_sets(optimizers: Sequence[str], own: Sequence[str]) -> None:
                                "add the optimizer it belongs to")
 
 
+def given_options(job_path: str | Path, overrides: Sequence[str]) -> set[str]:
+    """The optimizer keys the job file and `overrides` give (not those left at defaults)."""
+    raw = apply_overrides(read_job_file(job_path) or {}, overrides)
+    section = raw.get("optimizer") if isinstance(raw, dict) else None
+    return set(section) - {"name"} if isinstance(section, dict) else set()
+
+
 def expand_grid(base: JobConfig, optimizers: Sequence[str],
                 inner_steps: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                 lrs: Sequence[float] | None = None,
                 notes: list[str] | None = None,
-                optimizer_sets: Sequence[str] = ()) -> list[GridPoint]:
+                optimizer_sets: Sequence[str] = (),
+                given: set[str] | None = None) -> list[GridPoint]:
     """Every run of the grid, depth by depth, in the order of `optimizers`: an inner-step
     optimizer once per N (default: the job's optimizer.inner_steps), an lr-swept one once per
     learning rate (default: the job's optimizer.lr), the others once. Each job is `base`
@@ -201,7 +211,9 @@ def expand_grid(base: JobConfig, optimizers: Sequence[str],
     inner_steps or lr and (for a depth) model changed, and is validated: an optimizer the
     schema does not know is a ConfigError naming it. `notes` gets a line per optimizer whose
     points leave out some of the job's options. `optimizer_sets` (split_overrides' second
-    list) go to the points of the optimizers that take them."""
+    list) go to the points of the optimizers that take them. `given` (given_options): the
+    optimizer keys the job set; another optimizer's point takes those and its own defaults
+    for the rest (None: every key of the base job's section, defaults included)."""
     for option, values in (("--optimizers", optimizers), ("--inner-steps", inner_steps),
                            ("--depths", depths), ("--lrs", lrs)):
         check_list(option, values)
@@ -238,7 +250,7 @@ def expand_grid(base: JobConfig, optimizers: Sequence[str],
             for steps, lr in variants:
                 label = point_label(name, depth, steps, lr)
                 job = _point_job(base, label, name, depth, steps, lr,
-                                 _own_sets(name, optimizer_sets))
+                                 _own_sets(name, optimizer_sets), given)
                 points.append(GridPoint(label, name, depth, steps, lr, job))
     return points
 
@@ -256,9 +268,13 @@ def _note_switches(base: JobConfig, optimizers: Sequence[str], notes: list[str] 
 
 def _point_job(base: JobConfig, label: str, optimizer: str, depth: int | None,
                steps: int | InnerStepsConfig | None, lr: float | None,
-               sets: Sequence[str] = ()) -> JobConfig:
+               sets: Sequence[str] = (), given: set[str] | None = None) -> JobConfig:
     raw = job_to_dict(base)
     raw["name"] = label
+    if given is not None and optimizer != base.optimizer.name:
+        # Not the base optimizer's defaults (sm_adaptive's scale_max, say): the new one's own.
+        raw["optimizer"] = {k: v for k, v in raw["optimizer"].items()
+                            if k in given or k == "name"}
     if registry.known(optimizer):
         raw["optimizer"], _ = registry.switch_section(raw["optimizer"], optimizer)
         # The time tables simulate each run on every schedule its optimizer may run on; the
