@@ -22,6 +22,7 @@ from sm_dist.data.batches import split_microbatches
 from sm_dist.engine.coordinator import RpcPipeline
 from sm_dist.engine.failures import StageError
 from sm_dist.engine.worker import InputTimeout, Mailbox, StageWorker
+from sm_dist.optim.fill_budget import FillBudget
 from sm_dist.optim.sm import FILL, SMStageOptimizer
 from sm_dist.pipeline.actions import FORWARD, Action
 from sm_dist.pipeline.executor import Call, Plan
@@ -65,6 +66,11 @@ def test_mailbox_keeps_each_plans_tensors_apart() -> None:
     assert box.take((0, "F", 0), 1.0, "x") == "this iteration's F0"
     assert not box.contains((0, "F", 0)) and box.contains((1, "F", 0))
     assert box.has_later_plan(0) and not box.has_later_plan(1)
+    # When the first delivery of a later plan came: what ended plan 0's bubble.
+    first = box.first_after(0)
+    assert first is not None and box.first_after(1) is None
+    box.put((1, "E", 0), "a later delivery of the same plan")
+    assert box.first_after(0) == first
     with pytest.raises(InputTimeout, match=r"waited 0s \(run.rpc_timeout\) for the input of F1"):
         box.take((0, "F", 1), 0.05, "the input of F1")
 
@@ -144,6 +150,38 @@ def test_fill_steps_stop_at_the_limit_or_when_the_solver_stops() -> None:
     detail, part = fill_run(after=10**6, limit=10**4, job=SM_JOB)  # CG converges in ≤ dim steps
     assert part.solver is not None and part.solver.stopped is not None
     assert detail == f"{part.solver.steps} steps" and part.solver.steps < 10**4
+
+
+def test_a_fill_takes_no_step_that_would_end_past_the_measured_bubble() -> None:
+    """The second fill knows the first one's bubble (its input arrived right when it began)
+    and takes no step, where without that knowledge it would step until the input is there."""
+    class Timed(ScriptedChannel):
+        def arrival(self, plan_id: int) -> float | None:
+            return part.budget.began  # the input came the moment the last fill began
+
+    _, part = fill_run(after=10**6, limit=3, job=SM_JOB)
+    assert part.budget.step > 0 and part.budget.bubble is None
+    from sm_dist.pipeline.executor import StageExecutor
+
+    run = StageExecutor(part.stage, Timed(10**6)).start(
+        Plan(8, 2, [Action(FILL, 3), Action(FORWARD, 0)]))
+    run.perform(0)
+    assert run.result.events[0].detail == "0 steps" and part.budget.bubble == 0.0
+
+
+def test_the_fill_budget_leaves_room_for_a_step_and_the_apply() -> None:
+    budget = FillBudget()
+    budget.begin(100.0, None)
+    assert budget.allows(1e9)  # no bubble measured yet: until the input arrives
+    budget.took(0.3)
+    budget.took(0.1)
+    budget.after = 0.2
+    budget.begin(200.0, 1.0)
+    assert budget.step == 0.3 and budget.bubble == 1.0
+    assert budget.allows(200.5)  # 0.5 + 0.3 + 0.2 = 1.0: ends just in time
+    assert not budget.allows(200.51)
+    budget.begin(300.0, None)  # the last bubble unknown: the one before stands
+    assert budget.bubble == 1.0 and not budget.allows(300.6)
 
 
 # ---------------------------------------------------------------------------- failures

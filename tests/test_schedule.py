@@ -67,22 +67,23 @@ def test_grid_gpipe_sgd() -> None:
 
 
 def test_grid_fill_bubbles_over_two_iterations() -> None:
-    """W fills each stage's idle time until the next iteration's first microbatch arrives:
-    none on stage 0, about 2s slots on stage s (spec §5)."""
+    """W fills each stage's idle time until the next iteration's first microbatch arrives,
+    less the apply that follows it: none on stage 0, about 2s - 1 slots on stage s (spec §5),
+    and the next iteration starts when it would without fill (slot 11, as I1 then A would)."""
     grid = render_grid(gpipe_schedule(3, 2, sm_update(1, 9)), iterations=2)
     assert grid.splitlines() == [
-        "stage  0  1  2  3  4  5  6  7  8  9 10 11 12 13 14 15 16 17 18 19 20 21 22 23",
-        "    0 F0 F1  .  .  .  . B1 B0  L I1  A F0 F1  .  .  .  .  .  . B1 B0  L I1  A",
-        "    1  . F0 F1  .  . B1 B0  L I1 W9 -- --  A F0 F1  .  .  . B1 B0  L I1  A  .",
-        "    2  .  . F0 F1 B1 B0  L I1 W9 -- -- -- -- --  A F0 F1 B1 B0  L I1  A  .  .",
+        "stage  0  1  2  3  4  5  6  7  8  9 10 11 12 13 14 15 16 17 18 19 20 21",
+        "    0 F0 F1  .  .  .  . B1 B0  L I1  A F0 F1  .  .  .  . B1 B0  L I1  A",
+        "    1  . F0 F1  .  . B1 B0  L I1 W9 --  A F0 F1  .  . B1 B0  L I1  A  .",
+        "    2  .  . F0 F1 B1 B0  L I1 W9 -- -- --  A F0 F1 B1 B0  L I1  A  .  .",
     ]
     # Cut to a width: blocks of the slots that fit, each with its own slot numbers.
     narrow = render_grid(gpipe_schedule(3, 2, sm_update(1, 9)), iterations=2, width=40)
     assert narrow.split("\n\n")[1].splitlines() == [
-        "stage  8  9 10 11 12 13 14 15",
-        "    0  L I1  A F0 F1  .  .  .",
-        "    1 I1 W9 -- --  A F0 F1  .",
-        "    2 W9 -- -- -- -- --  A F0",
+        "stage 11 12 13 14 15 16 17 18 19 20 21",
+        "    0 F0 F1  .  .  .  . B1 B0  L I1  A",
+        "    1  A F0 F1  .  . B1 B0  L I1  A  .",
+        "    2 --  A F0 F1 B1 B0  L I1  A  .  .",
     ]
     assert all(len(line) <= 40 for line in narrow.splitlines())
 

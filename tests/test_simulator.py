@@ -49,8 +49,9 @@ def test_a_free_link_gives_the_unit_schedule_times_the_cost(name: str, schedule,
 
 
 def test_fill_steps_take_the_bubble_and_no_more() -> None:
-    """Two iterations of SM with fill on 3 stages: stage s fills until the next iteration's
-    first microbatch reaches it, in whole inner steps, never past its limit."""
+    """Two iterations of SM with fill on 3 stages: stage s fills with the whole inner steps
+    that end, with its apply after them, before the next iteration's first microbatch reaches
+    it, never past its limit: the fill delays nothing."""
     passes = [Pass(t, gpipe_schedule(3, 2, lambda s: sm_update_actions(s, 1, 50)))
               for t in (1, 2)]
     events = simulate(passes, unit(1.0, step=0.4), LINKS["none"])
@@ -60,9 +61,10 @@ def test_fill_steps_take_the_bubble_and_no_more() -> None:
     for s, fill in fills.items():
         gap = forward0[s - 1].end - fill.start  # when the input arrives
         steps = int(fill.detail.split()[0])
-        assert steps * 0.4 >= gap > (steps - 1) * 0.4
-        # then its update (A, 1 s), and the next forward as soon as both allow
-        assert forward0[s].start == pytest.approx(max(fill.end + 1.0, forward0[s - 1].end))
+        assert steps * 0.4 <= gap - 1.0 + 1e-9 < (steps + 1) * 0.4
+        # then its update (A, 1 s), done by the time the next forward's input arrives
+        assert fill.end + 1.0 <= forward0[s - 1].end + 1e-9
+        assert forward0[s].start == pytest.approx(forward0[s - 1].end)
     limited = simulate(passes[:1] + [Pass(2, passes[1].schedule)],
                        unit(1.0, step=1e-3), LINKS["none"])
     assert max(int(e.detail.split()[0]) for e in limited if e.kind == FILL) == 50

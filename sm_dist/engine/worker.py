@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -49,10 +50,15 @@ class Mailbox:
     def __init__(self) -> None:
         self._items: dict[Hashable, Any] = {}
         self._ready = threading.Condition()
+        self._first: dict[int, float] = {}  # plan -> when its first delivery came (time.time)
 
     def put(self, key: Hashable, value: Any) -> None:
         with self._ready:
             self._items[key] = value
+            plan = key[0]  # type: ignore[index]
+            self._first.setdefault(plan, time.time())
+            for old in [p for p in self._first if p < plan - 4]:  # a few plans back suffice
+                del self._first[old]
             self._ready.notify_all()
 
     def take(self, key: Hashable, timeout: float, what: str) -> Any:
@@ -64,6 +70,12 @@ class Mailbox:
     def contains(self, key: Hashable) -> bool:
         with self._ready:
             return key in self._items
+
+    def first_after(self, plan_id: int) -> float | None:
+        """When the first delivery for a plan after `plan_id` came, if one has."""
+        with self._ready:
+            times = [t for plan, t in self._first.items() if plan > plan_id]
+            return min(times) if times else None
 
     def has_later_plan(self, plan_id: int) -> bool:
         """Whether anything arrived for a plan after `plan_id` (the next iteration's input)."""
@@ -106,6 +118,9 @@ class RpcChannel:
         if key is not None:  # evaluation follows in this plan
             return self.mailbox.contains(key)
         return self.mailbox.has_later_plan(plan_id)
+
+    def arrival(self, plan_id: int) -> float | None:
+        return self.mailbox.first_after(plan_id)
 
     def fill_step(self, step: Callable[[], int]) -> int:
         return self._filler.submit(step).result()

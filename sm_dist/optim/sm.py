@@ -4,6 +4,7 @@ from the backward's Hessian-vector products, for N inner steps with no communica
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from sm_dist.math.local_loss import LocalLoss, PartFunction, flatten, unflatten
 from sm_dist.math.solvers import GradientDescentArmijo, TruncatedCG
 from sm_dist.math.stage_function import RecomputedStageFunction, StageFunction
 from sm_dist.optim.base import BackwardKeeps, BaseStageOptimizer, Optimizer, StageReport
+from sm_dist.optim.fill_budget import FillBudget
 from sm_dist.optim.inner_loop import BUILD, InnerLoopMetrics, InnerLoopReport, inner_loop_fields
 from sm_dist.optim.options import (
     ArmijoOptions,
@@ -105,6 +107,8 @@ class SMStageOptimizer(BaseStageOptimizer):
         self.next_step = self.options.armijo_init  # gradient inner solver: kept across iterations
         self.psi_products = 0  # Ψ products since the start (power iteration and inner loops)
         self._products_before = 0
+        self.budget = FillBudget()  # fill mode: the bubble and step time it last measured
+        self._last_fill: tuple[int, float] | None = None  # (plan, start) of the last fill
 
     # ---------------------------------------------------------------------------- backward
     def backward(self, j: int, entry: MicrobatchStash, g_out: Tensor, c_out: Tensor | None,
@@ -266,15 +270,6 @@ class SMStageOptimizer(BaseStageOptimizer):
         if not self.averages_steps:  # average_steps keeps each replica's own gradient
             super().after_backward()
 
-    def _next_input_arrived(self, run: PlanRun) -> bool:
-        """Fill mode: whether the next input is there; in exact mode on any replica, so that
-        every replica takes the same fill steps (each of them is an all-reduce)."""
-        arrived = run.next_input_arrived()
-        if self.reducer.size == 1 or self.averages_steps:
-            return arrived
-        flag = torch.tensor([1.0 if arrived else 0.0], device=self.stage.device)
-        return bool(self.reducer.all_reduce_sum(flag)[0] > 0)
-
     def handlers(self) -> dict[ActionKind, Handler]:
         return {BUILD: self._build, INNER: self._inner, FILL: self._fill, APPLY: self._apply}
 
@@ -288,18 +283,37 @@ class SMStageOptimizer(BaseStageOptimizer):
 
     def _fill(self, run: PlanRun, action: Action) -> str:
         """Inner steps, one at a time, while the stage's next input has not arrived (or the
-        limit): the stage would be idle otherwise (spec §5)."""
+        limit), and only a step that should end, with the apply after it, before that input
+        arrives (FillBudget): the stage would be idle otherwise (spec §5), and is not late."""
         assert action.index is not None
+        last = self._last_fill
+        arrival = None if last is None else run.channel.arrival(last[0])
+        self.budget.begin(time.time(), None if arrival is None else arrival - last[1])
+        self._last_fill = (run.plan.plan_id, self.budget.began)
         taken = 0
-        while taken < action.index and not self._next_input_arrived(run):
+        while taken < action.index and not self._fill_ends(run):
+            started = time.time()
             if run.channel.fill_step(lambda: self.step(1)) == 0:
                 break  # the solver has converged or stopped
+            self.budget.took(time.time() - started)
             taken += 1
         return f"{taken} steps"
 
+    def _fill_ends(self, run: PlanRun) -> bool:
+        """Whether the next input is there or the next step would end past it; in exact mode
+        on any replica, so that every replica takes the same fill steps (each of them is an
+        all-reduce)."""
+        ends = run.next_input_arrived() or not self.budget.allows(time.time())
+        if self.reducer.size == 1 or self.averages_steps:
+            return ends
+        flag = torch.tensor([1.0 if ends else 0.0], device=self.stage.device)
+        return bool(self.reducer.all_reduce_sum(flag)[0] > 0)
+
     def _apply(self, run: PlanRun, action: Action) -> str:
+        started = time.time()
         self.finish()
         self.stage.end_iteration()
+        self.budget.after = time.time() - started  # a fill before the apply leaves it room
         return ""
 
     def end_iteration(self) -> None:

@@ -98,6 +98,9 @@ class Channel(Protocol):
         """Wait until every send of this plan is delivered (a dead neighbour shows here)."""
     def arrived(self, key: MailKey | None, plan_id: int) -> bool:
         """Whether `key` is there, or (key None) anything for a plan after `plan_id`."""
+    def arrival(self, plan_id: int) -> float | None:
+        """When (time.time()) the first input for a plan after `plan_id` arrived; None if
+        none has, or if this channel has no idle time to measure (one process)."""
     def fill_step(self, step: Callable[[], int]) -> int:
         """Run one fill step (where stages share cores: at the lowest priority)."""
 
@@ -154,6 +157,10 @@ class PlanRun:
                 direction is Direction.DOWN and not self.stage.is_last):
             return self._key(action)
         return None
+
+    def next_plan_arrival(self) -> float | None:
+        """When the first input of a later plan arrived (fill mode's bubble), if it has."""
+        return self.channel.arrival(self.plan.plan_id)
 
     def next_input_arrived(self) -> bool:
         """Fill mode: whether the input this stage waits for next is there (the next forward

@@ -40,6 +40,9 @@ class LocalChannel:
     def arrived(self, key: MailKey | None, plan_id: int) -> bool:
         return True  # in one process nothing waits for its input: there is no bubble to fill
 
+    def arrival(self, plan_id: int) -> float | None:
+        return None
+
     def fill_step(self, step: Callable[[], int]) -> int:
         return step()
 

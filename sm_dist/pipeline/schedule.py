@@ -177,12 +177,16 @@ class _ListState:
         return max(times, default=0.0)
 
     def fill_input(self, s: int) -> tuple[bool, float | None]:
-        """(known, when) the input a fill at the stage's pointer waits for arrives: the next
-        input action in the stage's lane, in this pass or a later one; None if none follows."""
+        """(known, when) a fill at the stage's pointer must end: when the next input action in
+        the stage's lane (in this pass or a later one) gets its input, less the actions
+        between (the fill leaves them room, as the engine's FillBudget does); None if no input
+        action follows."""
+        between = 0.0
         for number, _, action in self.lanes[s][self.pointer[s] + 1:]:
             if action.kind.direction is Direction.UP:
                 at = self.input_at(number, s, action)
-                return at is not None, at
+                return at is not None, None if at is None else at - between
+            between += self.timing.duration((s, number), action)
         return True, None
 
     def advance(self, s: int) -> bool:
@@ -226,8 +230,8 @@ def clock_cycles(schedule: Schedule, durations: dict[str, int] | None = None
                  ) -> list[list[tuple[int, int]]]:
     """Start and end slot of every action of one pass, with unit durations unless `durations`
     says otherwise (by kind letter, e.g. {"I": 3}). A kind that fills the idle time lasts
-    until the input of the stage's next input action is there, and takes no slot when
-    nothing follows it. Raises ScheduleError if the stages would wait on each other forever."""
+    until the input of the stage's next input action is there, less the actions between, and
+    takes no slot when nothing follows it. Raises ScheduleError if the stages would wait on each other forever."""
     timing = _unit_timing(durations)
     return [[(int(slot.start), int(slot.end)) for slot in lane]
             for lane in list_schedule([Pass(0, schedule)], timing)]

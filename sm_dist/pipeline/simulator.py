@@ -45,12 +45,13 @@ LINKS = {
 CostModel = Callable[[Place, Action], tuple[float, float]]
 
 
-def fill_steps(action: Action, start: float, input_at: float | None, step: float) -> int:
-    """The steps a fill takes from `start` when its input arrives at `input_at`: until the
-    first step boundary at or after the arrival, at most the fill's limit (its index)."""
-    if input_at is None or input_at <= start or step <= 0:
+def fill_steps(action: Action, start: float, until: float | None, step: float) -> int:
+    """The steps a fill takes from `start` when it must end by `until` (its input's arrival
+    less the actions between): the whole steps that end by then, at most the fill's limit
+    (its index), as the engine's FillBudget takes them knowing the bubble."""
+    if until is None or until <= start or step <= 0:
         return 0
-    return min(action.index or 0, math.ceil((input_at - start) / step))
+    return min(action.index or 0, math.floor((until - start) / step + 1e-9))
 
 
 def simulate(passes: list[Pass], cost: CostModel, link: Link) -> list[TimelineEvent]:
