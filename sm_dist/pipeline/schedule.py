@@ -231,7 +231,8 @@ def clock_cycles(schedule: Schedule, durations: dict[str, int] | None = None
     """Start and end slot of every action of one pass, with unit durations unless `durations`
     says otherwise (by kind letter, e.g. {"I": 3}). A kind that fills the idle time lasts
     until the input of the stage's next input action is there, less the actions between, and
-    takes no slot when nothing follows it. Raises ScheduleError if the stages would wait on each other forever."""
+    takes no slot when nothing follows it. Raises ScheduleError if the stages would wait on
+    each other forever."""
     timing = _unit_timing(durations)
     return [[(int(slot.start), int(slot.end)) for slot in lane]
             for lane in list_schedule([Pass(0, schedule)], timing)]
