@@ -72,19 +72,22 @@ def test_stage_0_factors_its_gram_matrix_between_forwards_and_backwards() -> Non
     assert exact.prepare_actions(2)(0) == []
 
 
-def test_minibatches_settle_a_damping_and_the_ratio_rule() -> None:
-    """Left null, sm_kron's damping and scale rule follow the data: none and secant on a full
-    batch; 0.2 and ratio on minibatches, which overfit one minibatch less. Given, they stay."""
-    full = job_from_dict(kron_job())
-    assert (full.optimizer.damping, full.optimizer.scale_rule) == (0.0, "secant")
+def test_minibatches_settle_a_damping_the_ratio_rule_and_a_smaller_top_curvature() -> None:
+    """Left null, sm_kron's damping, scale rule and top curvature γ follow the data: none,
+    secant and 1 on a full batch; 0.2, ratio and 0.1 on minibatches, which overfit one
+    minibatch less. Given, they stay; config.yaml records what was chosen."""
+    def settled(raw: dict) -> tuple:
+        cfg = job_from_dict(raw).optimizer
+        return cfg.damping, cfg.scale_rule, cfg.loss_curvature_scale
+
+    assert settled(kron_job()) == (0.0, "secant", 1.0)
     minibatch = kron_job()
     minibatch["data"]["batch"] = 8
-    settled = job_from_dict(minibatch)
-    assert (settled.optimizer.damping, settled.optimizer.scale_rule) == (0.2, "ratio")
-    given = job_from_dict({**minibatch, "optimizer": {"name": "sm_kron", "damping": 0.05,
-                                                      "scale_rule": "secant"}})
-    assert (given.optimizer.damping, given.optimizer.scale_rule) == (0.05, "secant")
-    assert job_to_dict(settled)["optimizer"]["damping"] == 0.2  # config.yaml records it
+    assert settled(minibatch) == (0.2, "ratio", 0.1)
+    given = {**minibatch, "optimizer": {"name": "sm_kron", "damping": 0.05,
+                                        "scale_rule": "secant", "loss_curvature_scale": 0.5}}
+    assert settled(given) == (0.05, "secant", 0.5)
+    assert job_to_dict(job_from_dict(minibatch))["optimizer"]["damping"] == 0.2
 
 
 # ------------------------------------------------------------------------- the numbers
@@ -151,7 +154,8 @@ def test_a_cnn_job_trains() -> None:
 def test_a_transformer_job_is_sm_adaptive_on_its_attention_stages() -> None:
     """Every stage of the tiny transformer holds an embedding, attention or LayerNorm: each
     takes sm_adaptive's step, with sm_kron's scale and acceptance options."""
-    shared = {"inner_steps": 3, "loss_curvature_scale": 1.0, "scale_max": 1e8}
+    shared = {"inner_steps": 3, "loss_curvature_scale": 1.0, "scale_max": 1e8,
+              "scale_rule": "secant"}
     kron = trained({**text_job(), "optimizer": {"name": "sm_kron", **shared}})
     adaptive = trained({**text_job(), "optimizer": {"name": "sm_adaptive", **shared}})
     assert kron[-1].train_loss < kron[0].train_loss
