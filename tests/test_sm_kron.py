@@ -155,7 +155,7 @@ def test_a_transformer_job_is_sm_adaptive_on_its_attention_stages() -> None:
     """Every stage of the tiny transformer holds an embedding, attention or LayerNorm: each
     takes sm_adaptive's step, with sm_kron's scale and acceptance options."""
     shared = {"inner_steps": 3, "loss_curvature_scale": 1.0, "scale_max": 1e8,
-              "scale_rule": "secant"}
+              "scale_rule": "secant", "scale_growth": 10.0}
     kron = trained({**text_job(), "optimizer": {"name": "sm_kron", **shared}})
     adaptive = trained({**text_job(), "optimizer": {"name": "sm_adaptive", **shared}})
     assert kron[-1].train_loss < kron[0].train_loss
