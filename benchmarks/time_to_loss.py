@@ -8,7 +8,8 @@ final loss, the schedule, the simulated time of an iteration and of the run, and
 time at which its training loss first reached (a) tuned Adam's final loss and (b) the final
 loss of the best peer (Shampoo, SOAP, Muon, PSGD), '-' if never; then sm_kron's time to each
 target over Adam's and over that peer's (the targets of issue 25: at most 0.5 and 1.0), and
-sm_kron's largest rise of the training loss between accepted iterations (at most 1%).
+sm_kron's largest rise of the training loss between accepted iterations (at most 1%). Meant
+for full-batch jobs, whose training loss is the whole batch's (heldout_time.py for minibatches).
 
     python benchmarks/time_to_loss.py runs/peers-fashion-cpu [--link pcie4]
 """
