@@ -39,9 +39,10 @@ def damped_factor(factor: Tensor, damp: float = 0.0, floor: float = 1e-12) -> Te
     keeps a rank-deficient A (a first layer on fewer samples than inputs) from dividing by ~0
     (rounding_floor of the dtype the factor was summed in).
     """
-    factor = factor.to(torch.float64)
+    factor = factor.to(torch.float64, copy=True)  # a copy of its own: the shift goes in place
     shift = (damp + floor) * float(torch.trace(factor)) / factor.shape[0]
-    return factor + shift * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    factor.diagonal().add_(shift)
+    return factor
 
 
 def fresh_eigenbasis(factor: Tensor) -> Eigenbasis:
@@ -95,18 +96,27 @@ def kronecker_model_value(grad: Tensor, step: Tensor, a_basis: Eigenbasis,
     return float((grad * step).sum() + 0.5 * curvature)
 
 
-def inverse_factor(a_factor: Tensor) -> Tensor:
-    """A first layer's A⁻¹ (U = 0: no eigendecomposition needed), by Cholesky, in float64.
+def inverse_factor(a_factor: Tensor, in_place: bool = False) -> Tensor:
+    """A first layer's A⁻¹ (U = 0: no eigendecomposition needed), by Cholesky, in float64;
+    `in_place`: the Cholesky factor in a float64 factor's own storage, which it consumes, so
+    two d² matrices are alive instead of three (stage 0's 785² is larger than its weight).
+    The inverse is not taken in place: `cholesky_inverse(out=)` on its own input gave
+    different bits from run to run.
 
     A must be positive definite: floor a rank-deficient one with damped_factor first. The
     explicit inverse costs a second triangular pass once; each step is then one product
     (G A⁻¹: 2.6 ms against the triangular solves' 4.0 ms for a 128 × 785 layer here), and on a
     full batch A's Z̃ᵀZ̃ is inverted once per run.
     """
-    lower, info = torch.linalg.cholesky_ex(a_factor.to(torch.float64))
+    # A is symmetric, so its transpose is the same matrix in LAPACK's column-major order: the
+    # factor comes out with the strides, and what follows with the bits, of the out-of-place
+    # routine's.
+    work = a_factor.to(torch.float64, copy=not in_place).mT
+    info = torch.empty((), dtype=torch.int32, device=work.device)
+    torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) != 0:
         raise ValueError("A is not positive definite: floor it with damped_factor")
-    return torch.cholesky_inverse(lower)
+    return torch.cholesky_inverse(work)
 
 
 def input_layer_step(grad: Tensor, inverse: Tensor, scale: float = 1.0) -> Tensor:

@@ -108,9 +108,13 @@ class KronLayer:
     def prepare_gram(self, inputs: list[Tensor], damping: Damping) -> None:
         """Factor the batch's Z̃ᵀZ̃ (a data layer with the gram bound): it needs the forward
         only, so stage 0 does it before its first backward arrives."""
-        gram = sum(input_gram(self.rows(x), x.dtype) for x in inputs)
-        assert isinstance(gram, Tensor)
-        self.gram_inverse = inverse_factor(damped_factor(gram, damping.factor, damping.floor))
+        self.gram_inverse = None  # the last batch's, freed before this one is formed
+        gram = input_gram(self.rows(inputs[0]), inputs[0].dtype)
+        for x in inputs[1:]:
+            gram.add_(input_gram(self.rows(x), x.dtype))
+        damped = damped_factor(gram, damping.factor, damping.floor)
+        del gram
+        self.gram_inverse = inverse_factor(damped, in_place=True)
 
     def curvature_below(self, j: int, inputs: Tensor, terms: LayerTerms, rounds: int,
                         damping: Damping, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -200,7 +204,7 @@ class KronLayer:
             return input_layer_step(grad, self.gram_inverse, self.max_theta)
         a_factor, _ = self.factors(dtype)
         damped = damped_factor(a_factor, damping.factor, damping.floor)
-        return input_layer_step(grad, inverse_factor(damped))
+        return input_layer_step(grad, inverse_factor(damped, in_place=True))
 
 
 def _basis(factor: Tensor, previous: Eigenbasis | None, refresh: bool) -> Eigenbasis:
