@@ -261,7 +261,7 @@ def weighted_gram(rows: Tensor, weights: Tensor, dtype: torch.dtype = DTYPE) -> 
     symmetric (which eigh and Cholesky assume)."""
     flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
     gram = flat.T @ (weights.reshape(-1, 1).to(dtype) * flat)
-    return 0.5 * (gram + gram.T)
+    return torch.add(gram, gram.T).mul_(0.5)
 
 
 def kronecker_factors(terms: LayerTerms, delta: Tensor | None, eta: float,
@@ -287,4 +287,4 @@ def input_gram(rows: Tensor, dtype: torch.dtype = DTYPE) -> Tensor:
     stage 0's forwards and its backwards (sm_kron's input_bound: gram)."""
     flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
     gram = flat.T @ flat
-    return 0.5 * (gram + gram.T)
+    return torch.add(gram, gram.T).mul_(0.5)  # symmetric to the bit; one d² temporary

@@ -67,10 +67,13 @@ class KronLayer:
     first: nn.Module | None = None  # the module whose input is the layer's (None: affine)
     data_input: bool = False  # stage 0's first layer: its input is data (no Δ term, U = 0)
     gram: bool = False  # a data layer bounded by max m·Z̃ᵀZ̃ (sm_kron's input_bound: gram)
-    # Each microbatch's rows and weights of A and U, kept by the backward: the factors are
-    # formed in the update, off the drain (docs/performance.md measures both placements).
+    # Each microbatch's rows and weights of A and U, kept by the backward: a Linear layer's
+    # factors are formed in the update, off the drain, from rows its graph held anyway. A
+    # convolution's rows are its unfolded patches, k² times its input: its backward forms
+    # each microbatch's share at once (`formed`), so that no patches outlive it.
     pending: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = field(
         default_factory=list)
+    formed: tuple[Tensor, Tensor | None] | None = None
     max_theta: float = 0.0  # max over samples of m_k (the data layer's A ⪯ max m·Z̃ᵀZ̃)
     gram_inverse: Tensor | None = None  # the batch's damped Z̃ᵀZ̃, inverted (gram)
     spectral_sq: float | None = None  # ‖W₀‖₂² of this iteration's weights, once computed
@@ -146,20 +149,25 @@ class KronLayer:
         self.lam_start[j] = vectors
         return lam
 
-    def accumulate(self, terms: LayerTerms, delta: Tensor | None, eta: float) -> None:
-        """Keep a microbatch's share of A and U (sums over samples): its rows and weights;
-        with the gram bound only max m is needed of it."""
+    def accumulate(self, terms: LayerTerms, delta: Tensor | None, eta: float,
+                   dtype: torch.dtype) -> None:
+        """Keep a microbatch's share of A and U (sums over samples): its rows and weights, or
+        for a convolution the share itself, summed in `dtype`; with the gram bound only max m
+        is needed of it."""
         self.max_theta = max(self.max_theta, float(terms.theta_curvature.max()))
         if self.gram:
             return
         a_weights, u_weights = factor_weights(terms, None if self.data_input else delta, eta)
         u_rows = None if u_weights is None else terms.cotangents
         self.pending.append((terms.inputs, a_weights, u_rows, u_weights))
+        if isinstance(self.affine, nn.Conv2d):
+            self.formed = self.factors(dtype)
 
     def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """A and U of the microbatches kept since the last step, summed in `dtype`."""
-        assert self.pending, "no backward since the last step"
-        a = u = None
+        """A and U of the microbatches since the last step, summed in `dtype` in their order
+        (the formed shares first, then the kept rows'); the kept rows are let go."""
+        assert self.pending or self.formed, "no backward since the last step"
+        a, u = self.formed if self.formed is not None else (None, None)
         for rows, a_weights, u_rows, u_weights in self.pending:
             share = weighted_gram(rows, a_weights, dtype)
             a = share if a is None else a.add_(share)
@@ -167,6 +175,7 @@ class KronLayer:
                 share = weighted_gram(u_rows, u_weights, dtype)
                 u = share if u is None else u.add_(share)
         assert a is not None
+        self.pending, self.formed = [], None
         return a, u
 
     def step(self, damping: Damping, refresh: bool,
@@ -192,7 +201,7 @@ class KronLayer:
         steps = {id(weight): dw.to(weight.dtype)}
         if bias is not None and db is not None:
             steps[id(bias)] = db.to(bias.dtype)
-        self.pending = []
+        self.pending, self.formed = [], None
         self.max_theta, self.spectral_sq = 0.0, None
         return steps, value
 

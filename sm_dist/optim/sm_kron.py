@@ -159,7 +159,7 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
         if below:
             c, delta = layer.curvature_below(j, inputs, terms, self.kron.lambda_rounds,
                                              self.damping, self.stage.generator)
-        layer.accumulate(terms, delta, self.kron.eta)
+        layer.accumulate(terms, delta, self.kron.eta, self.dtype)
         return (grads[-1] if below else g), c
 
     def handlers(self) -> dict[ActionKind, Handler]:
