@@ -39,7 +39,7 @@ from sm_dist.pipeline.stage import Stage
 
 # What sm_kron's null options become (SMKronOptions.settle), full batch and minibatches: on
 # the CNN's minibatches the undamped bound with the secant scale judged on each minibatch
-# overfitted it (held-out loss 0.65 to 14 within 60 iterations); a damping of 0.2 and the
+# overfitted it (held-out loss 2.6 to 29 within 60 iterations); a damping of 0.2 and the
 # ratio rule held it near 0.6 (docs/results/peers.md has the runs).
 FULL_BATCH = {"damping": 0.0, "scale_rule": "secant"}
 MINIBATCHES = {"damping": 0.2, "scale_rule": "ratio"}
@@ -69,8 +69,8 @@ class SMKronOptions(SMAdaptiveOptions):
     # against 0.084, and the CNN's minibatches at held-out 0.61 against 1.44.
     loss_curvature_scale: float = field(default=0.1, metadata={"gt": 0})
     scale_max: float = field(default=1e8, metadata={"gt": 0})
-    # The bound's α grows by thousands over a full-batch run; a growth of 10 per step instead
-    # of sm_adaptive's 2 ended the 4-layer MLP of docs/results at 4.4e-7 against 7.6e-6.
+    # The bound's α grows by orders of magnitude over a full-batch run (step_scale in the
+    # runs of docs/results/peers.md); sm_adaptive's growth of 2 per step held it back.
     scale_growth: float = field(default=10.0, metadata={"gt": 1})
     inner_steps: int | InnerStepsConfig = field(default=10, metadata={"min": 1})
 
