@@ -70,7 +70,8 @@ BAD_INPUTS = {
     "wrong type": ({"optimizer": {"name": "sm", "delta_rel": "fast"}},
                    ["optimizer.delta_rel", "number"]),
     "another optimizer's option": ({"optimizer": {"name": "sm", "lr": 0.1}},
-                                   ["optimizer.lr", "an option of gd, sgd, adam and ddg"]),
+                                   ["optimizer.lr", "an option of gd, sgd, adam, ddg, shampoo, "
+                                    "soap, muon and psgd"]),
     "balance": ({"model": {"mlp": {"widths": [6, 5, 4, 3]}, "balance": [1, 1]}},
                 ["model.balance", "2", "3"]),
     "microbatches": ({"data": {"dataset": "synthetic", "microbatches": 0,
