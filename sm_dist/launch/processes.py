@@ -35,7 +35,7 @@ LAUNCHED = "SM_DIST_LAUNCHED"  # set in the children: the launcher reports for t
 NOISE = re.compile(r"^(\[rank\d+\]:)?\[[WE] ?\d*.*(tensorpipe|TensorPipe|ProcessGroupGloo|"
                    r"socket\.cpp|"
                    r"thread_pool\.cpp:\d+\] Exception in thread pool task: unknown)|"
-                   r"^terminate called without an active exception|"
+                   r"^terminate called (without an active exception|recursively)|"
                    r"^FATAL: exception not rethrown|"
                    r"^\s*$")
 GRACE = 10.0  # seconds a child may take to finish after the others are done or stopped
