@@ -20,16 +20,20 @@ from sm_dist.math.kronecker import (
     endpoint_bound,
     input_gram,
     kronecker_factors,
+    largest_curvature,
     linear_lambda_estimate,
     linear_layer_terms,
     spectral_norm_sq,
     split_weight_matrix,
     terms_gradient,
+    terms_root,
+    unit_power_rounds,
     weight_matrix,
 )
 from sm_dist.math.kronecker_conv import (
     ConvGeometry,
     conv_lambda_estimate,
+    conv_largest_curvature,
     conv_layer_terms,
     unpooled,
 )
@@ -157,7 +161,7 @@ class Case:
             geometry = ConvGeometry.of(self.layer)
             return conv_lambda_estimate(w, terms, geometry, self.z.shape, rounds,
                                         generator=gen)[0]
-        return linear_lambda_estimate(w, terms, rounds, generator=gen)[0]
+        return linear_lambda_estimate(w, terms_root(terms), rounds, generator=gen)[0]
 
 
 def _detached(t: Tensor | None) -> Tensor | None:
@@ -353,6 +357,65 @@ def test_bound_can_fail() -> None:
 
 
 # ----------------------------------------------------------------------------- λ per sample
+@pytest.mark.parametrize("pool", [None, (2, 2), (3, 1)])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("dead", [False, True])
+def test_the_largest_curvature_of_a_first_layer_is_the_terms(pool: tuple[int, int] | None,
+                                                             activation: str,
+                                                             dead: bool) -> None:
+    """max m of a first layer (the gram bound needs only it), without the terms: the same
+    number as the terms', or None where the shortcut does not hold (overlapping windows, a
+    curved activation); `dead`: no unit active anywhere, m = 0."""
+    base = conv_case("relu-maxpool", 7)
+    conv = base.layer
+    if dead:
+        with torch.no_grad():
+            conv.bias.fill_(-100.0)
+    factory = ACTIVATIONS[activation]
+    assert factory is not None
+    act = factory()
+    max_pool = None if pool is None else nn.MaxPool2d(pool[0], stride=pool[1])
+    module = nn.Sequential(conv, act, *([] if max_pool is None else [max_pool]))
+    g, c = received(module, base.z, torch.Generator().manual_seed(8))
+    case = dataclasses.replace(base, module=module, g=g, c=c, activation=act, pool=max_pool)
+    with torch.no_grad():
+        pre, out = conv(case.z), module(case.z)
+    expected = float(case.terms().theta_curvature.max())
+    fast = conv_largest_curvature(pre, out, case.c, act, max_pool)
+    if activation == "relu" and pool != (3, 1):
+        assert fast == expected and (expected == 0.0) == dead
+    else:
+        assert fast is None
+    linear = linear_case(activation, 7)
+    with torch.no_grad():
+        if dead:
+            linear.layer.bias.fill_(-100.0)
+        linear_pre = linear.layer(linear.z)
+    assert largest_curvature(linear_pre, linear.g, linear.c, linear.activation) == float(
+        linear.terms().theta_curvature.max())
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (4, 2, 3, 3)])
+def test_a_power_round_keeps_the_vector_of_a_row_whose_product_vanishes(
+        shape: tuple[int, ...]) -> None:
+    """One round: λ = |⟨u, Hu⟩| per row and Hu normalised, except a row whose product is zero
+    (a sample with no active unit), which keeps its start, as a Linear layer's and a
+    convolution's rows."""
+    gen = torch.Generator().manual_seed(5)
+    start = torch.nn.functional.normalize(
+        torch.randn(shape, generator=gen, dtype=DTYPE).flatten(1), dim=1).reshape(shape)
+    weights = torch.tensor([2.0, 0.0, 0.5, 0.0], dtype=DTYPE).reshape(-1, *[1] * (len(shape) - 1))
+    lam, reached = unit_power_rounds(lambda v: weights * v.square(), start, 1)
+    product = (weights * start.square()).flatten(1)
+    torch.testing.assert_close(lam, (start.flatten(1) * product).sum(dim=1).abs(), rtol=0,
+                               atol=0)
+    for row in (0, 2):
+        torch.testing.assert_close(reached[row].flatten(), product[row] / product[row].norm(),
+                                   rtol=1e-15, atol=0)
+    for row in (1, 3):
+        assert torch.equal(reached[row], start[row])
+
+
 @pytest.mark.parametrize("activation", ["linear", "relu", "tanh", "gelu"])
 def test_linear_lambda_estimate_converges(activation: str) -> None:
     """Many rounds reach λ_max(W₀ᵀ|M|W₀) (dense), which is ‖H_zz‖ exactly for ReLU and a
@@ -403,7 +466,7 @@ def test_two_layer_stage_sends_what_layer_by_layer_sm_sends() -> None:
         layer = stage[0]
         terms = linear_layer_terms(inputs, layer.weight.detach(), layer.bias.detach(), g, c,
                                    stage[1])
-        lam = linear_lambda_estimate(layer.weight.detach(), terms, 500,
+        lam = linear_lambda_estimate(layer.weight.detach(), terms_root(terms), 500,
                                      generator=torch.Generator().manual_seed(0))[0]
         c_below, delta = damped_curvature(lam, **damping)
         g_below = terms.cotangents[:, 0] @ layer.weight.detach()  # u·W₀: ∂Ψ/∂z

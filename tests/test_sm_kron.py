@@ -14,8 +14,9 @@ from torch import nn
 from sm_dist.cli import main
 from sm_dist.config.build import build_local_pipeline, build_optimizer, load_job_data
 from sm_dist.config.job import ConfigError, job_from_dict, job_to_dict
+from sm_dist.math.kronecker import linear_samples, terms_root
 from sm_dist.models.cnn import build_cnn
-from sm_dist.optim.kron_layers import stage_layers
+from sm_dist.optim.kron_layers import Damping, KronLayer, stage_layers
 from sm_dist.optim.sm_kron import INPUT_GRAM
 from sm_dist.pipeline.actions import BACKWARD, FORWARD
 from sm_dist.pipeline.schedule import gpipe_schedule, validate_schedule
@@ -108,6 +109,37 @@ def test_microbatch_factors_sum_to_the_batchs(input_bound: str) -> None:
     one, four = losses(1), losses(4)
     assert one[-1] < one[0]
     assert four == pytest.approx(one, rel=1e-10, abs=0)
+
+
+@pytest.mark.parametrize("activation", [None, nn.ReLU(), nn.Tanh(), nn.GELU()])
+def test_a_linear_layers_factors_formed_in_the_update_are_the_backwards(
+        activation: nn.Module | None) -> None:
+    """A Linear layer below another keeps LinearSamples in its backward and forms its weights
+    of A and U in the update: the same c sent down and the same A and U, to the bit, as the
+    terms formed in the backward (what a first layer and a convolution still do)."""
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(5, 4).double()
+    damping = Damping(0.3, 1e-4, 1e-12, 0.0, 1.0, 0.0)
+    deferred, direct = KronLayer(linear, activation), KronLayer(linear, activation)
+    for j in range(2):
+        z = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        g = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+        c = torch.rand(6, generator=gen, dtype=torch.float64)
+        c[0] = 0.0  # a sample with no curvature from above
+        pre = linear(z).detach()
+        out = pre if activation is None else activation(pre)
+        sent = deferred.backward(j, z, pre, out, g, c, 2, damping, torch.float64,
+                                 torch.Generator().manual_seed(j))
+        terms = direct.terms(z, pre, g, c)
+        assert torch.equal(linear_samples(pre, g, c, activation).root(), terms_root(terms))
+        expected, delta = direct.curvature_below(j, z, terms, 2, damping,
+                                                 torch.Generator().manual_seed(j))
+        direct.accumulate(terms, delta, damping.eta, torch.float64)
+        assert sent is not None and torch.equal(sent, expected)
+    assert deferred.samples and not direct.samples
+    for mine, theirs in zip(deferred.factors(torch.float64, 1.0),
+                            direct.factors(torch.float64, 1.0)):
+        assert mine is not None and theirs is not None and torch.equal(mine, theirs)
 
 
 def test_the_loss_never_rises_on_a_full_batch() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,10 +30,11 @@ def activation_derivatives(activation: Activation | None,
     if activation is None:
         return pre, torch.ones_like(pre), torch.zeros_like(pre)
     if type(activation) is nn.ReLU:  # the common cases in closed form (autograd's values)
-        return pre.clamp_min(0.0), (pre > 0).to(pre.dtype), torch.zeros_like(pre)
+        slope = torch.gt(pre, 0, out=torch.empty_like(pre))  # 5x a bool mask's speed on CPU
+        return pre.clamp_min(0.0), slope, torch.zeros_like(pre)
     if type(activation) is nn.Tanh:
         value = pre.tanh()
-        slope = 1.0 - value.square()
+        slope = 1.0 - value * value
         return value, slope, -2.0 * value * slope
     a = pre.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -140,12 +142,92 @@ def assemble_terms(inputs: Tensor, cotangents: Tensor, curvature: Tensor, weight
         spectral_sq = spectral_norm_sq(weight_rows)
     row_sq = weight_rows.to(curvature.dtype).square().sum(dim=1)
     size = curvature if nonnegative else curvature.abs()
-    cross = endpoint_bound(size.square(), row_sq, spectral_sq)
+    cross = endpoint_bound(size * size, row_sq, spectral_sq)  # x·x: 4x torch's pow on CPU
     ell = endpoint_bound(size, row_sq, spectral_sq)
     return LayerTerms(inputs=inputs, cotangents=cotangents, curvature=curvature,
                       theta_curvature=theta, cross_curvature=cross,
                       lam_bound=coverage * ell.amax(dim=1), coverage=coverage,
                       nonnegative=nonnegative)
+
+
+@dataclass(frozen=True)
+class LinearSamples:
+    """A Linear layer's per-sample pieces that depend on its backward: u = σ'(a) ⊙ g and the
+    diagonal M, both (n, d_out). The λ the layer sends down needs only |M|^½ (`root`); A and U
+    need the rest, formed later from what is kept here. Where M = c·σ' with σ' 0 or 1 (ReLU),
+    the 0/1 pattern is kept instead of M, a byte per entry."""
+
+    cotangents: Tensor
+    c: Tensor  # (n,), in the rows' dtype
+    active: Tensor | None = None  # ReLU: σ' (0 or 1, as c's dtype or bool); M = c·active
+    matrix: Tensor | None = None  # otherwise M itself (the identity: c broadcast, a view)
+    nonnegative: bool = False  # M ⪰ 0 known (the identity, ReLU)
+
+    def kept(self) -> LinearSamples:
+        """What is kept to the update: ReLU's σ' as bool, a byte per entry."""
+        if self.active is None or self.active.dtype == torch.bool:
+            return self
+        return dataclasses.replace(self, active=self.active.bool())
+
+    def _mask(self) -> Tensor:
+        assert self.active is not None
+        if self.active.dtype != torch.bool:
+            return self.active
+        # bool to float through bytes: 4x faster on CPU than bool arithmetic, the same 0/1
+        return self.active.view(torch.uint8).to(self.c.dtype)
+
+    def curvature(self) -> Tensor:
+        """M, (n, d_out)."""
+        if self.active is not None:
+            return self.c[:, None] * self._mask()
+        assert self.matrix is not None
+        return self.matrix.contiguous()
+
+    def root(self) -> Tensor:
+        """|M|^½, (n, d_out): on ReLU's pattern one square root per sample, not per entry
+        (the same values: √(c·1) = √c)."""
+        if self.active is not None:
+            return _safe_sqrt(self.c)[:, None] * self._mask()
+        assert self.matrix is not None
+        size = self.matrix if self.nonnegative else self.matrix.abs()
+        return _safe_sqrt(size)
+
+
+def _safe_sqrt(size: Tensor) -> Tensor:
+    # A zero costs 30x a number in CPU sqrt (ReLU leaves half of |M| zero), and the square
+    # root of a clamped zero is a denormal that slows the products 30x: exact zeros instead.
+    return size.clamp_min(torch.finfo(size.dtype).tiny).sqrt().masked_fill_(size == 0, 0.0)
+
+
+def linear_samples(pre: Tensor, grad_out: Tensor, c: Tensor,
+                   activation: Activation | None = None) -> LinearSamples:
+    """u and M of f(z) = σ(W z + b) from the pre-activation the forward computed (n, d_out),
+    the cotangent g at the layer's output and the per-sample curvature c from above."""
+    n, dtype = pre.shape[0], pre.dtype
+    g = grad_out.reshape(n, -1).to(dtype)
+    scale = c.to(dtype)
+    nonnegative = nonnegative_curvature(activation)
+    if activation is None:
+        return LinearSamples(g, scale, matrix=scale[:, None].expand_as(g),
+                             nonnegative=nonnegative)
+    if type(activation) is nn.ReLU:  # σ' the 0/1 mask, σ'' = 0: fewer passes over a
+        # in pre's dtype: a bool mask costs 5x more to make and to multiply by on CPU
+        active = torch.gt(pre, 0, out=torch.empty_like(pre))
+        return LinearSamples(g * active, scale, active=active, nonnegative=nonnegative)
+    _, slope, bend = activation_derivatives(activation, pre)
+    return LinearSamples(slope * g, scale, matrix=scale[:, None] * (slope * slope) + g * bend,
+                         nonnegative=nonnegative)
+
+
+def largest_curvature(pre: Tensor, grad_out: Tensor, c: Tensor,
+                      activation: Activation | None = None) -> float:
+    """max over the samples of m_k = max(0, max_i M_ki): all that a first layer bounded by
+    max m·Z̃ᵀZ̃ needs of its backward. On ReLU, m_k = max(0, c_k) where any unit is active."""
+    if type(activation) is nn.ReLU:
+        m = torch.where(pre.amax(dim=1) > 0, c.to(pre.dtype), 0.0)  # some unit active
+        return float(m.clamp_min(0.0).max())
+    curvature = linear_samples(pre, grad_out, c, activation).curvature()
+    return float(curvature.amax(dim=-1).clamp_min(0.0).max())
 
 
 def linear_layer_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor,
@@ -165,38 +247,41 @@ def linear_layer_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     pre = F.linear(z, w, b) if pre is None else pre.reshape(n, -1).to(dtype)
-    g = grad_out.reshape(n, -1).to(dtype)
-    scale = c.to(dtype)[:, None]
-    if activation is None:
-        cotangents, curvature = g, scale.expand_as(g).contiguous()
-    elif type(activation) is nn.ReLU:  # σ' the 0/1 mask, σ'' = 0: fewer passes over a
-        active = pre > 0
-        cotangents, curvature = g * active, scale * active
-    else:
-        _, slope, bend = activation_derivatives(activation, pre)
-        cotangents, curvature = slope * g, scale * slope.square() + g * bend
-    kept = fold_bias(z, b is not None)[:, None] if rows else z.new_empty((n, 1, 0))
-    return assemble_terms(kept, cotangents[:, None], curvature[:, None], w, 1, spectral_sq,
-                          below, nonnegative_curvature(activation))
+    samples = linear_samples(pre, grad_out, c, activation)
+    return linear_terms_of(inputs, samples, w, b is not None, spectral_sq=spectral_sq,
+                           below=below, rows=rows)
 
 
-def linear_lambda_estimate(weight: Tensor, terms: LayerTerms, rounds: int,
+def linear_terms_of(inputs: Tensor, samples: LinearSamples, weight: Tensor, with_bias: bool, *,
+                    spectral_sq: float | None = None, below: bool = True,
+                    rows: bool = True) -> LayerTerms:
+    """linear_layer_terms from the layer's inputs z (n, ...) and what its backward kept."""
+    n = inputs.shape[0]
+    z = inputs.reshape(n, -1)
+    kept = fold_bias(z, with_bias)[:, None] if rows else z.new_empty((n, 1, 0))
+    return assemble_terms(kept, samples.cotangents[:, None], samples.curvature()[:, None],
+                          weight.to(z.dtype), 1, spectral_sq, below, samples.nonnegative)
+
+
+def terms_root(terms: LayerTerms) -> Tensor:
+    """|M|^½ of a Linear layer's terms, (n, d_out)."""
+    if terms.curvature.shape[1] != 1:
+        raise ValueError("these are a convolution's terms: use conv_lambda_estimate")
+    size = terms.curvature[:, 0]
+    return _safe_sqrt(size if bool(terms.nonnegative) else size.abs())
+
+
+def linear_lambda_estimate(weight: Tensor, root: Tensor, rounds: int,
                            start: Tensor | None = None,
                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """λ_k ≈ λ_max(W₀ᵀ|M_k|W₀) from below, by batched power iteration; (λ, vectors to reuse).
+    `root` is |M|^½, (n, d_out) (LinearSamples.root, terms_root).
 
     Exact, this is ‖∂²Ψ/∂z_k²‖ for ReLU or no activation (M ⪰ 0) and an upper bound of it
     otherwise; |M| keeps the iterated matrix PSD, so no ± pair stalls it. It iterates on
     |M|^½ W₀W₀ᵀ |M|^½ in the d_out-space (the same nonzero eigenvalues): one product with
     the Gram matrix W₀W₀ᵀ per round where that is cheaper than W₀ then W₀ᵀ (d_out < 2 d_in).
     """
-    if terms.curvature.shape[1] != 1:
-        raise ValueError("these are a convolution's terms: use conv_lambda_estimate")
-    size = terms.curvature[:, 0]
-    size = size if bool(terms.nonnegative) else size.abs()
-    # A zero costs 30x a number in CPU sqrt (ReLU leaves half of |M| zero), and the square
-    # root of a clamped zero is a denormal that slows the products 30x: exact zeros instead.
-    root = size.clamp_min(torch.finfo(size.dtype).tiny).sqrt().masked_fill_(size == 0, 0.0)
     w = weight.to(root.dtype)
     if w.shape[0] < 2 * w.shape[1]:
         gram = w @ w.T
@@ -223,10 +308,15 @@ def unit_power_rounds(product: Callable[[Tensor], Tensor], start: Tensor,
         rows = hu.reshape(hu.shape[0], -1)
         lam = (u.reshape(rows.shape) * rows).sum(dim=1).abs()
         norms = rows.norm(dim=1)
-        # A row whose product vanished (a dead ReLU sample) keeps its vector.
         scale = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny),
-                            0.0).reshape(-1, *([1] * (hu.dim() - 1)))
-        u = torch.where(scale > 0, hu * scale, u)
+                            0.0)
+        reached = hu * scale.reshape(-1, *([1] * (hu.dim() - 1)))
+        # A row whose product vanished (a dead ReLU sample) keeps its vector: copied row by
+        # row, where a broadcast torch.where over every entry costs as much as the product.
+        kept = ~(scale > 0)
+        if bool(kept.any()):
+            reached[kept] = u[kept]
+        u = reached
     return lam, u
 
 

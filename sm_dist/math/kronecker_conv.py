@@ -115,7 +115,11 @@ def conv_layer_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_o
     pre = pre.to(dtype)
     activated, slope, bend = activation_derivatives(activation, pre)
     g, counts = unpooled(activated, grad_out, pool)
-    curvature = c.to(dtype).reshape(n, 1, 1, 1) * slope.square() * counts + g * bend
+    scale = c.to(dtype).reshape(n, 1, 1, 1)
+    if nonnegative_curvature(activation):  # σ' is 0 or 1 and σ'' = 0: the same values
+        curvature = scale * slope * counts
+    else:
+        curvature = scale * (slope * slope) * counts + g * bend
     patches = conv_patches(inputs, geometry) if rows else None
 
     def pixel_rows(per_pixel: Tensor) -> Tensor:  # (n, d_out, H', W') -> (n, L, d_out)
@@ -127,6 +131,26 @@ def conv_layer_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_o
     return assemble_terms(kept, pixel_rows(slope * g), pixel_rows(curvature),
                           w.reshape(w.shape[0], -1), coverage, spectral_sq, below,
                           nonnegative_curvature(activation))
+
+
+def conv_largest_curvature(pre: Tensor, out: Tensor, c: Tensor,
+                           activation: Activation | None,
+                           pool: nn.MaxPool2d | None) -> float | None:
+    """max over the samples of m_k = max(0, max M_k) without the terms, where that is cheap:
+    after ReLU with no pooling or a max pooling whose windows do not overlap, M = c·σ'·counts
+    with σ' and counts 0 or 1, so M_k's largest entry is c_k where an active unit reaches the
+    output (the output, `out`, is positive there). None: the terms are needed."""
+    if type(activation) is not nn.ReLU or (pool is not None and not _disjoint(pool)):
+        return None
+    reach = pre if pool is None else out
+    m = torch.where(reach.flatten(1).amax(dim=1) > 0, c.to(pre.dtype), 0.0)
+    return float(m.clamp_min(0.0).max())
+
+
+def _disjoint(pool: nn.MaxPool2d) -> bool:
+    kernel, dilation = _pair(pool.kernel_size), _pair(pool.dilation)
+    stride = kernel if pool.stride is None else _pair(pool.stride)
+    return all(d == 1 and k <= s for k, s, d in zip(kernel, stride, dilation))
 
 
 def conv_patches(inputs: Tensor, geometry: ConvGeometry) -> Tensor:

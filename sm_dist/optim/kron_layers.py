@@ -14,19 +14,25 @@ from sm_dist.math.curvature import damped_curvature
 from sm_dist.math.kronecker import (
     DTYPE,
     LayerTerms,
+    LinearSamples,
     factor_weights,
     fold_bias,
     input_gram,
+    largest_curvature,
     linear_lambda_estimate,
     linear_layer_terms,
+    linear_samples,
+    linear_terms_of,
     spectral_norm_sq,
     split_weight_matrix,
+    terms_root,
     weight_matrix,
     weighted_gram,
 )
 from sm_dist.math.kronecker_conv import (
     ConvGeometry,
     conv_lambda_estimate,
+    conv_largest_curvature,
     conv_layer_terms,
     conv_patches,
 )
@@ -67,10 +73,14 @@ class KronLayer:
     first: nn.Module | None = None  # the module whose input is the layer's (None: affine)
     data_input: bool = False  # stage 0's first layer: its input is data (no Δ term, U = 0)
     gram: bool = False  # a data layer bounded by max m·Z̃ᵀZ̃ (sm_kron's input_bound: gram)
-    # Each microbatch's rows and weights of A and U, kept by the backward: a Linear layer's
-    # factors are formed in the update, off the drain, from rows its graph held anyway. A
-    # convolution's rows are its unfolded patches, k² times its input: its backward forms
-    # each microbatch's share at once (`formed`), so that no patches outlive it.
+    # What each microbatch's backward keeps for A and U. A Linear layer below another keeps
+    # its inputs and LinearSamples (`samples`): its backward computes only the λ it sends
+    # down, which the next stage's backward waits for, and its weights of A and U are formed
+    # in the update, off the drain's critical path (7 backwards in a row on 4 stages and 4
+    # microbatches). A first layer keeps its rows and weights (`pending`). A convolution's
+    # rows are its unfolded patches, k² times its input: its backward forms each
+    # microbatch's share at once (`formed`), so that no patches outlive it.
+    samples: list[tuple[Tensor, LinearSamples, Tensor]] = field(default_factory=list)
     pending: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = field(
         default_factory=list)
     formed: tuple[Tensor, Tensor | None] | None = None
@@ -90,8 +100,8 @@ class KronLayer:
         w, b = self.affine.weight.detach(), self.affine.bias
         b = None if b is None else b.detach()
         below = not self.data_input
-        if below and self.spectral_sq is None:  # the weights change only at the update
-            self.spectral_sq = spectral_norm_sq(w.reshape(w.shape[0], -1))
+        if below:
+            self._spectral()
         if isinstance(self.affine, nn.Conv2d):
             return conv_layer_terms(inputs, w, b, grad_out, c, ConvGeometry.of(self.affine),
                                     self.activation, self.pool, pre=pre,
@@ -100,6 +110,45 @@ class KronLayer:
         return linear_layer_terms(inputs, w, b, grad_out, c, self.activation, pre=pre,
                                   spectral_sq=self.spectral_sq, below=below,
                                   rows=not self.gram)
+
+    def _spectral(self) -> float:
+        """‖W₀‖₂² of this iteration's weights: they change only at the update."""
+        if self.spectral_sq is None:
+            w = self.affine.weight.detach()
+            self.spectral_sq = spectral_norm_sq(w.reshape(w.shape[0], -1))
+        return self.spectral_sq
+
+    def backward(self, j: int, inputs: Tensor, pre: Tensor, out: Tensor, grad_out: Tensor,
+                 c: Tensor, rounds: int, damping: Damping, dtype: torch.dtype,
+                 generator: torch.Generator) -> Tensor | None:
+        """Keep microbatch j's share of the layer's bound for the update; the curvature c
+        its input gets (None: a first layer, whose input is data). `out`: the layer's output."""
+        n = inputs.shape[0]
+        if self.gram:  # only max m is needed, and it is cheaper than the terms
+            if isinstance(self.affine, nn.Linear):
+                theta = largest_curvature(pre.reshape(n, -1).to(inputs.dtype), grad_out, c,
+                                          self.activation)
+            else:
+                theta = conv_largest_curvature(pre.to(inputs.dtype), out, c, self.activation,
+                                               self.pool)
+            if theta is not None:
+                self.max_theta = max(self.max_theta, theta)
+                return None
+        if isinstance(self.affine, nn.Linear) and not self.data_input and rounds > 0:
+            samples = linear_samples(pre.reshape(n, -1).to(inputs.dtype), grad_out, c,
+                                     self.activation)
+            lam = self._lambda_estimate(j, inputs, samples.root(), rounds, generator)
+            c_below, delta = damped_curvature(lam, delta_rel=damping.delta_rel,
+                                              delta_abs=damping.delta_abs,
+                                              delta_floor=damping.delta_floor)
+            self.samples.append((inputs, samples.kept(), delta))
+            return c_below
+        terms = self.terms(inputs, pre, grad_out, c)
+        c_below = delta = None
+        if not self.data_input:
+            c_below, delta = self.curvature_below(j, inputs, terms, rounds, damping, generator)
+        self.accumulate(terms, delta, damping.eta, dtype)
+        return c_below
 
     def rows(self, inputs: Tensor) -> Tensor:
         """The rows z̃ of the layer's inputs (patches for a convolution), in their dtype."""
@@ -127,16 +176,20 @@ class KronLayer:
         if rounds == 0:
             assert terms.lam_bound is not None
             lam = terms.lam_bound
-        else:
+        elif isinstance(self.affine, nn.Conv2d):
             lam = self._lambda_estimate(j, inputs, terms, rounds, generator)
+        else:
+            lam = self._lambda_estimate(j, inputs, terms_root(terms), rounds, generator)
         return damped_curvature(lam, delta_rel=damping.delta_rel, delta_abs=damping.delta_abs,
                                 delta_floor=damping.delta_floor)
 
-    def _lambda_estimate(self, j: int, inputs: Tensor, terms: LayerTerms, rounds: int,
+    def _lambda_estimate(self, j: int, inputs: Tensor, terms: LayerTerms | Tensor, rounds: int,
                          generator: torch.Generator) -> Tensor:
+        """λ by power rounds warm-started from microbatch j's last vectors; `terms` is a
+        convolution's LayerTerms or a Linear layer's |M|^½."""
         start = self.lam_start.get(j)
         weight = self.affine.weight.detach()
-        if isinstance(self.affine, nn.Conv2d):
+        if isinstance(terms, LayerTerms):
             shape = inputs.shape
             if start is not None and start.shape != shape:
                 start = None
@@ -161,14 +214,16 @@ class KronLayer:
         u_rows = None if u_weights is None else terms.cotangents
         self.pending.append((terms.inputs, a_weights, u_rows, u_weights))
         if isinstance(self.affine, nn.Conv2d):
-            self.formed = self.factors(dtype)
+            self.formed = self.factors(dtype, eta)
 
-    def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    def factors(self, dtype: torch.dtype, eta: float) -> tuple[Tensor, Tensor | None]:
         """A and U of the microbatches since the last step, summed in `dtype` in their order
-        (the formed shares first, then the kept rows'); the kept rows are let go."""
-        assert self.pending or self.formed, "no backward since the last step"
+        (the formed shares first, then the kept rows'); what was kept is let go."""
+        assert self.pending or self.formed or self.samples, "no backward since the last step"
         a, u = self.formed if self.formed is not None else (None, None)
-        for rows, a_weights, u_rows, u_weights in self.pending:
+        pending = self.pending + [self._rows_of(*kept, eta) for kept in self.samples]
+        self.samples = []
+        for rows, a_weights, u_rows, u_weights in pending:
             share = weighted_gram(rows, a_weights, dtype)
             a = share if a is None else a.add_(share)
             if u_rows is not None and u_weights is not None:
@@ -177,6 +232,14 @@ class KronLayer:
         assert a is not None
         self.pending, self.formed = [], None
         return a, u
+
+    def _rows_of(self, inputs: Tensor, samples: LinearSamples, delta: Tensor,
+                 eta: float) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """A microbatch's rows and weights of A and U from what a Linear layer's backward kept."""
+        terms = linear_terms_of(inputs, samples, self.affine.weight.detach(),
+                                self.affine.bias is not None, spectral_sq=self._spectral())
+        a_weights, u_weights = factor_weights(terms, delta, eta)
+        return terms.inputs, a_weights, terms.cotangents, u_weights
 
     def step(self, damping: Damping, refresh: bool,
              dtype: torch.dtype) -> tuple[dict[int, Tensor], float]:
@@ -189,7 +252,7 @@ class KronLayer:
             change = self._input_step(grad, damping, dtype)
             value = 0.5 * float((grad * change).sum())
         else:
-            a_factor, u_factor = self.factors(dtype)
+            a_factor, u_factor = self.factors(dtype, damping.eta)
             assert u_factor is not None, "an inner layer has U"
             a_damped = damped_factor(a_factor, damping.factor, damping.floor)
             self.a_basis = _basis(a_damped, self.a_basis, refresh)
@@ -201,7 +264,7 @@ class KronLayer:
         steps = {id(weight): dw.to(weight.dtype)}
         if bias is not None and db is not None:
             steps[id(bias)] = db.to(bias.dtype)
-        self.pending, self.formed = [], None
+        self.pending, self.formed, self.samples = [], None, []
         self.max_theta, self.spectral_sq = 0.0, None
         return steps, value
 
@@ -211,7 +274,7 @@ class KronLayer:
             if self.max_theta <= 0.0:  # no curvature in any sample: the bound has no minimiser
                 return torch.zeros_like(grad)
             return input_layer_step(grad, self.gram_inverse, self.max_theta)
-        a_factor, _ = self.factors(dtype)
+        a_factor, _ = self.factors(dtype, damping.eta)
         damped = damped_factor(a_factor, damping.factor, damping.floor)
         return input_layer_step(grad, inverse_factor(damped, in_place=True))
 

@@ -154,12 +154,11 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
         grads = torch.autograd.grad(out, wrt, g)
         for p, grad in zip(layer.params, grads):
             p.grad = grad.clone() if p.grad is None else p.grad.add_(grad)
-        terms = layer.terms(inputs.detach(), pre.detach(), g.detach(), c)
-        delta = None
-        if below:
-            c, delta = layer.curvature_below(j, inputs, terms, self.kron.lambda_rounds,
-                                             self.damping, self.stage.generator)
-        layer.accumulate(terms, delta, self.kron.eta, self.dtype)
+        below_c = layer.backward(j, inputs.detach(), pre.detach(), out.detach(), g.detach(), c,
+                                 self.kron.lambda_rounds, self.damping, self.dtype,
+                                 self.stage.generator)
+        if below_c is not None:
+            c = below_c
         return (grads[-1] if below else g), c
 
     def handlers(self) -> dict[ActionKind, Handler]:
