@@ -27,10 +27,14 @@ def evaluations(run: Any) -> list[tuple[int, float, float | None]]:
             if r.test_loss is not None and math.isfinite(r.test_loss)]
 
 
+def best_heldout(run: Any) -> float:
+    return min((loss for _, loss, _ in evaluations(run)), default=math.inf)
+
+
 def main() -> None:
     sys.path.insert(0, str(REPO))
+    from benchmarks.compare_runs import best_per_optimizer, load_runs
     from sm_dist.report.compare_time import fastest_schedule
-    from sm_dist.report.run_data import load_run
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", help="a compare --out directory")
@@ -39,23 +43,17 @@ def main() -> None:
     args = parser.parse_args()
     print(f"python benchmarks/heldout_time.py {args.out} --link {args.link} "
           f"--target {args.target}")
-    best: dict[str, tuple[Any, list]] = {}
-    for path in sorted((Path(args.out) / "runs").iterdir()):
-        run = load_run(path)
-        evals = evaluations(run)
-        if not evals:
-            continue
-        name = run.config["optimizer"]["name"]
-        if name not in best or min(e[1] for e in evals) < min(e[1] for e in best[name][1]):
-            best[name] = (run, evals)
+    runs = [run for run in load_runs(args.out) if evaluations(run)]
+    best = best_per_optimizer(runs, best_heldout)
     if args.target not in best:
         sys.exit(f"heldout_time: no {args.target} run with held-out losses in {args.out}")
-    target = min(e[1] for e in best[args.target][1])
+    target = best_heldout(best[args.target])
     print(f"target: {args.target}'s best held-out loss, {target:.4g}; simulated link "
           f"{args.link}, each run on its fastest schedule")
     print(f"{'run':<28} {'schedule':<9} {'best held-out':>13} {'acc':>6} {'@iter':>6} "
           f"{'at (s)':>8} {'to target (s)':>14}")
-    for run, evals in sorted(best.values(), key=lambda pair: min(e[1] for e in pair[1])):
+    for run in sorted(best.values(), key=best_heldout):
+        evals = evaluations(run)
         schedule, times = fastest_schedule(run, args.link)
         iteration, loss, acc = min(evals, key=lambda e: e[1])
         reached = next((t for t, value, _ in evals if value <= target), None)

@@ -59,13 +59,10 @@ def fmt(seconds: float | None) -> str:
 
 
 def report(job: str, runs: list[Any], link: str) -> None:
+    from benchmarks.compare_runs import best_per_optimizer
     from sm_dist.report.compare_time import fastest_schedule
 
-    best: dict[str, Any] = {}
-    for run in runs:
-        name = run.config["optimizer"]["name"]
-        if name not in best or final_loss(run) < final_loss(best[name]):
-            best[name] = run
+    best = best_per_optimizer(runs, final_loss)
     if "adam" not in best:
         print(f"\n{job or 'the job'}: no adam run, skipped")
         return
@@ -98,7 +95,7 @@ def report(job: str, runs: list[Any], link: str) -> None:
 
 def main() -> None:
     sys.path.insert(0, str(REPO))
-    from sm_dist.report.run_data import load_run
+    from benchmarks.compare_runs import load_runs
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", help="a compare --out directory")
@@ -106,10 +103,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"python benchmarks/time_to_loss.py {args.out} --link {args.link}")
     jobs: dict[str, list[Any]] = defaultdict(list)
-    for path in sorted((Path(args.out) / "runs").iterdir()):
-        run = load_run(path)
-        if run.records:
-            jobs[job_of(run)].append(run)
+    for run in load_runs(args.out):
+        jobs[job_of(run)].append(run)
     for job, runs in sorted(jobs.items()):
         report(job, runs, args.link)
 
