@@ -4,6 +4,7 @@ the backward and its closed-form step taken after it (sm_dist/math/kronecker*.py
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -221,9 +222,10 @@ class KronLayer:
         (the formed shares first, then the kept rows'); what was kept is let go."""
         assert self.pending or self.formed or self.samples, "no backward since the last step"
         a, u = self.formed if self.formed is not None else (None, None)
-        pending = self.pending + [self._rows_of(*kept, eta) for kept in self.samples]
-        self.samples = []
-        for rows, a_weights, u_rows, u_weights in pending:
+        kept, self.samples = self.samples, []
+        # One microbatch's rows at a time: a Linear layer's are made here from what it kept.
+        rows_of = (self._rows_of(*samples, eta) for samples in kept)
+        for rows, a_weights, u_rows, u_weights in itertools.chain(self.pending, rows_of):
             share = weighted_gram(rows, a_weights, dtype)
             a = share if a is None else a.add_(share)
             if u_rows is not None and u_weights is not None:
