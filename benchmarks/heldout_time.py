@@ -5,9 +5,11 @@ per stage at its fastest schedule (as compare.md's time tables do: `sm-dist simu
 --link); of a swept optimizer, the learning rate whose best held-out loss is lowest (tuned for
 this figure, not for training loss). It prints, per optimizer, its best held-out loss and
 accuracy, the iteration and simulated time where it got there, and the simulated time at which
-it first reached the best held-out loss of --target (tuned Adam by default), '-' if never.
+it first reached the best held-out loss of --target (tuned Adam by default), '-' if never;
+with --plot, a figure of each run's held-out loss against its simulated time.
 
     python benchmarks/heldout_time.py runs/peers-cnn-minibatch [--link pcie4] [--target adam]
+                                      [--plot FIGURE.png]
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ def best_heldout(run: Any) -> float:
 
 def main() -> None:
     sys.path.insert(0, str(REPO))
-    from benchmarks.compare_runs import best_per_optimizer, load_runs
+    from benchmarks.compare_runs import best_per_optimizer, load_runs, plot_against_time
     from sm_dist.report.compare_time import fastest_schedule
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", help="a compare --out directory")
     parser.add_argument("--link", default="pcie4")
     parser.add_argument("--target", default="adam", help="whose best held-out loss to reach")
+    parser.add_argument("--plot", help="also draw held-out loss against simulated time (PNG)")
     args = parser.parse_args()
     print(f"python benchmarks/heldout_time.py {args.out} --link {args.link} "
           f"--target {args.target}")
@@ -52,6 +55,7 @@ def main() -> None:
           f"{args.link}, each run on its fastest schedule")
     print(f"{'run':<28} {'schedule':<9} {'best held-out':>13} {'acc':>6} {'@iter':>6} "
           f"{'at (s)':>8} {'to target (s)':>14}")
+    series: dict[str, tuple[list[float], list[float]]] = {}
     for run in sorted(best.values(), key=best_heldout):
         evals = evaluations(run)
         schedule, times = fastest_schedule(run, args.link)
@@ -61,6 +65,12 @@ def main() -> None:
         accuracy = f"{100 * acc:.1f}%" if acc is not None else "-"
         print(f"{run.name:<28} {schedule:<9} {loss:>13.4g} {accuracy:>6} {iteration:>6} "
               f"{times[iteration]:>8.2f} {to_target:>14}")
+        series[f"{run.name} ({schedule})"] = ([times[i] for i, _, _ in evals],
+                                             [value for _, value, _ in evals])
+    if args.plot:
+        title = Path(args.out).name
+        plot_against_time({title: series}, args.plot, "held-out loss", {title: target})
+        print(f"figure: {args.plot}")
 
 
 if __name__ == "__main__":
