@@ -224,10 +224,17 @@ def largest_curvature(pre: Tensor, grad_out: Tensor, c: Tensor,
     """max over the samples of m_k = max(0, max_i M_ki): all that a first layer bounded by
     max m·Z̃ᵀZ̃ needs of its backward. On ReLU, m_k = max(0, c_k) where any unit is active."""
     if type(activation) is nn.ReLU:
-        m = torch.where(pre.amax(dim=1) > 0, c.to(pre.dtype), 0.0)  # some unit active
-        return float(m.clamp_min(0.0).max())
+        return largest_where_positive(pre, c)
     curvature = linear_samples(pre, grad_out, c, activation).curvature()
     return float(curvature.amax(dim=-1).clamp_min(0.0).max())
+
+
+def largest_where_positive(reach: Tensor, c: Tensor) -> float:
+    """max(0, max c_k) over the samples k with a positive entry of `reach` (n, ...): max m
+    where M = c·σ'·counts with σ' and counts 0 or 1, `reach` showing which samples have an
+    active unit (the pre-activation, or after max pooling its output)."""
+    m = torch.where(reach.flatten(1).amax(dim=1) > 0, c.to(reach.dtype), 0.0)
+    return float(m.clamp_min(0.0).max())
 
 
 def linear_layer_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor,

@@ -16,6 +16,7 @@ from sm_dist.math.kronecker import (
     activation_derivatives,
     assemble_terms,
     fold_bias,
+    largest_where_positive,
     nonnegative_curvature,
     unit_power_rounds,
 )
@@ -142,9 +143,7 @@ def conv_largest_curvature(pre: Tensor, out: Tensor, c: Tensor,
     output (the output, `out`, is positive there). None: the terms are needed."""
     if type(activation) is not nn.ReLU or (pool is not None and not _disjoint(pool)):
         return None
-    reach = pre if pool is None else out
-    m = torch.where(reach.flatten(1).amax(dim=1) > 0, c.to(pre.dtype), 0.0)
-    return float(m.clamp_min(0.0).max())
+    return largest_where_positive(pre if pool is None else out, c)
 
 
 def _disjoint(pool: nn.MaxPool2d) -> bool:

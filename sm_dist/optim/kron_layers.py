@@ -139,9 +139,7 @@ class KronLayer:
             samples = linear_samples(pre.reshape(n, -1).to(inputs.dtype), grad_out, c,
                                      self.activation)
             lam = self._lambda_estimate(j, inputs, samples.root(), rounds, generator)
-            c_below, delta = damped_curvature(lam, delta_rel=damping.delta_rel,
-                                              delta_abs=damping.delta_abs,
-                                              delta_floor=damping.delta_floor)
+            c_below, delta = _damped(lam, damping)
             self.samples.append((inputs, samples.kept(), delta))
             return c_below
         terms = self.terms(inputs, pre, grad_out, c)
@@ -181,8 +179,7 @@ class KronLayer:
             lam = self._lambda_estimate(j, inputs, terms, rounds, generator)
         else:
             lam = self._lambda_estimate(j, inputs, terms_root(terms), rounds, generator)
-        return damped_curvature(lam, delta_rel=damping.delta_rel, delta_abs=damping.delta_abs,
-                                delta_floor=damping.delta_floor)
+        return _damped(lam, damping)
 
     def _lambda_estimate(self, j: int, inputs: Tensor, terms: LayerTerms | Tensor, rounds: int,
                          generator: torch.Generator) -> Tensor:
@@ -279,6 +276,12 @@ class KronLayer:
         a_factor, _ = self.factors(dtype, damping.eta)
         damped = damped_factor(a_factor, damping.factor, damping.floor)
         return input_layer_step(grad, inverse_factor(damped, in_place=True))
+
+
+def _damped(lam: Tensor, damping: Damping) -> tuple[Tensor, Tensor]:
+    """(c sent below, δ) from λ, with the optimizer's δ options."""
+    return damped_curvature(lam, delta_rel=damping.delta_rel, delta_abs=damping.delta_abs,
+                            delta_floor=damping.delta_floor)
 
 
 def _basis(factor: Tensor, previous: Eigenbasis | None, refresh: bool) -> Eigenbasis:
