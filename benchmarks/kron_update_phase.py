@@ -13,10 +13,12 @@ what sm_kron adds over Adam on that stage as a share of Adam's simulated iterati
 simulated iteration times and their ratio, the figure the acceptance of issue 25 bounds
 (at most 1.3). With --fill, also sm_kron in fill mode, and its simulated iteration time over
 sm_kron's without it (at most 1.02): of the fastest of each, and the median of the pairs
-trained one after the other (which share the machine's load of the moment).
+trained one after the other (which share the machine's load of the moment). --kron-set
+KEY=VALUE (repeatable) overrides an sm_kron option in its runs only, Adam's staying as they are
+(e.g. optimizer.refresh_every=4).
 
     python benchmarks/kron_update_phase.py [--workloads mlp4,mlp8,cnn] [--iterations 6]
-                                           [--repeats 3]
+                                           [--repeats 3] [--fill] [--kron-set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -75,13 +77,20 @@ def main() -> None:
     parser.add_argument("--link", default="pcie4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fill", action="store_true", help="also sm_kron in fill mode")
+    parser.add_argument("--kron-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for the sm_kron runs only (repeatable)")
     args = parser.parse_args()
+    if bad := [value for value in args.kron_set if not value.startswith("optimizer.")]:
+        parser.error(f"--kron-set {bad[0]}: only optimizer.* keys (the job is the same for Adam)")
     common = [f"run.iterations={args.iterations}", "run.eval_every=0",
               "run.checkpoint_every=0", "run.threads=1"]
     print(f"python benchmarks/kron_update_phase.py --workloads {args.workloads} "
           f"--iterations {args.iterations} --link {args.link} --repeats {args.repeats}"
-          + (" --fill" if args.fill else ""))
+          + (" --fill" if args.fill else "")
+          + "".join(f" --kron-set {value}" for value in args.kron_set))
     chosen_runs = {**OPTIMIZERS, **({"sm_kron fill": FILL} if args.fill else {})}
+    chosen_runs = {name: [*sets, *(args.kron_set if "sm_kron" in name else [])]
+                   for name, sets in chosen_runs.items()}
     worst_ratio = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads.split(","):

@@ -18,7 +18,6 @@ from sm_dist.math.kronecker import (
     LayerTerms,
     activation_derivatives,
     endpoint_bound,
-    input_gram,
     kronecker_factors,
     largest_curvature,
     linear_lambda_estimate,
@@ -37,6 +36,7 @@ from sm_dist.math.kronecker_conv import (
     conv_layer_terms,
     unpooled,
 )
+from sm_dist.math.kronecker_gram import input_gram
 from sm_dist.math.kronecker_solve import (
     damped_factor,
     fresh_eigenbasis,
@@ -628,6 +628,33 @@ def test_damping_floor_and_first_layer_gram() -> None:
     grad = terms_gradient(terms)
     expected = -grad @ torch.linalg.inv(scale * damped_factor(gram, 0.1))
     assert_scaled_close(input_layer_step(grad, lower, scale), expected, 1e-10)
+
+
+
+@pytest.mark.parametrize("width", [5, 128, 300])  # one block, exactly one, several and a rest
+def test_a_gram_matrix_summed_in_place_has_the_bits_of_the_sum_of_symmetrised_parts(
+        width: int) -> None:
+    """Stage 0 sums its microbatches' Z̃ᵀZ̃ in place (one d² matrix alive): the result is
+    bit-for-bit the sum of the separately symmetrised matrices, exactly symmetric, and so is
+    the damped factor shifted in that storage."""
+    gen = torch.Generator().manual_seed(width)
+    parts = [torch.randn(n, width, generator=gen) for n in (7, 11, 3)]
+
+    def symmetrised(rows: Tensor) -> Tensor:
+        product = rows.double().T @ rows.double()
+        return (product + product.T) * 0.5
+
+    expected = symmetrised(parts[0])
+    for rows in parts[1:]:
+        expected = expected + symmetrised(rows)
+    summed = input_gram(parts[0])
+    for rows in parts[1:]:
+        assert input_gram(rows, into=summed) is summed
+    assert torch.equal(summed, expected)
+    assert torch.equal(summed, summed.T)
+    copied = damped_factor(expected, 0.1)
+    shifted = damped_factor(summed, 0.1, in_place=True)
+    assert shifted.data_ptr() == summed.data_ptr() and torch.equal(shifted, copied)
 
 
 # ------------------------------------------------------------------------ conv geometry

@@ -377,11 +377,3 @@ def kronecker_factors(terms: LayerTerms, delta: Tensor | None, eta: float,
         return a, None
     return a, weighted_gram(terms.cotangents, u_weights, dtype)
 
-
-def input_gram(rows: Tensor, dtype: torch.dtype = DTYPE) -> Tensor:
-    """Z̃ᵀZ̃ of a first layer's rows z̃ (…, P): A = Σ m z̃z̃ᵀ ⪯ (max m)·Z̃ᵀZ̃, a bound whose matrix
-    does not depend on the backward, so it is factored once per batch, in the bubble between
-    stage 0's forwards and its backwards (sm_kron's input_bound: gram)."""
-    flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
-    gram = flat.T @ flat
-    return torch.add(gram, gram.T).mul_(0.5)  # symmetric to the bit; one d² temporary

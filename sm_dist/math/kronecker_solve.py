@@ -32,14 +32,16 @@ def rounding_floor(dtype: torch.dtype) -> float:
     return max(1e-12, 10.0 * torch.finfo(dtype).eps)
 
 
-def damped_factor(factor: Tensor, damp: float = 0.0, floor: float = 1e-12) -> Tensor:
+def damped_factor(factor: Tensor, damp: float = 0.0, floor: float = 1e-12,
+                  in_place: bool = False) -> Tensor:
     """F + (damp + floor)·tr(F)/dim·I ⪰ F, so the bound stays a bound, in float64.
 
     `damp` (0.1-0.3 helped on minibatches) damps relative to the factor's own scale; `floor`
     keeps a rank-deficient A (a first layer on fewer samples than inputs) from dividing by ~0
-    (rounding_floor of the dtype the factor was summed in).
+    (rounding_floor of the dtype the factor was summed in). `in_place`: shift a float64 factor
+    in its own storage (stage 0's Gram matrix, used once) instead of a copy.
     """
-    factor = factor.to(torch.float64, copy=True)  # a copy of its own: the shift goes in place
+    factor = factor.to(torch.float64, copy=not in_place)
     shift = (damp + floor) * float(torch.trace(factor)) / factor.shape[0]
     factor.diagonal().add_(shift)
     return factor

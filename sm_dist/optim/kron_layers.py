@@ -18,7 +18,6 @@ from sm_dist.math.kronecker import (
     LinearSamples,
     factor_weights,
     fold_bias,
-    input_gram,
     largest_curvature,
     linear_lambda_estimate,
     linear_layer_terms,
@@ -37,6 +36,7 @@ from sm_dist.math.kronecker_conv import (
     conv_layer_terms,
     conv_patches,
 )
+from sm_dist.math.kronecker_gram import input_gram
 from sm_dist.math.kronecker_solve import (
     Eigenbasis,
     damped_factor,
@@ -162,9 +162,9 @@ class KronLayer:
         self.gram_inverse = None  # the last batch's, freed before this one is formed
         gram = input_gram(self.rows(inputs[0]), inputs[0].dtype)
         for x in inputs[1:]:
-            gram.add_(input_gram(self.rows(x), x.dtype))
-        damped = damped_factor(gram, damping.factor, damping.floor)
-        del gram
+            input_gram(self.rows(x), x.dtype, into=gram)
+        damped = damped_factor(gram, damping.factor, damping.floor, in_place=True)
+        del gram  # `damped` may be the same storage (float64): one d² matrix, then its factor
         self.gram_inverse = inverse_factor(damped, in_place=True)
 
     def curvature_below(self, j: int, inputs: Tensor, terms: LayerTerms, rounds: int,
