@@ -39,6 +39,7 @@ from sm_dist.math.kronecker_conv import (
 from sm_dist.math.kronecker_gram import input_gram
 from sm_dist.math.kronecker_solve import (
     damped_factor,
+    floored_inverse,
     fresh_eigenbasis,
     input_layer_step,
     inverse_factor,
@@ -655,6 +656,39 @@ def test_a_gram_matrix_summed_in_place_has_the_bits_of_the_sum_of_symmetrised_pa
     copied = damped_factor(expected, 0.1)
     shifted = damped_factor(summed, 0.1, in_place=True)
     assert shifted.data_ptr() == summed.data_ptr() and torch.equal(shifted, copied)
+
+
+
+def test_a_factor_indefinite_by_rounding_is_floored_until_cholesky_accepts_it() -> None:
+    """One dominant direction (a first layer's inputs' mean) and rounding of about
+    eps·λ_max leave A indefinite beyond the floor relative to tr/dim: the inverse takes the
+    first tenfold floor that works, with the bits of the direct inverse at that floor; a
+    factor that needs no more is inverted as before; a non-finite one fails in one line."""
+    gen = torch.Generator().manual_seed(11)
+    dim, floor = 40, rounding_floor(torch.float32)
+    mean = torch.randn(dim, 1, generator=gen, dtype=DTYPE)
+    noise = torch.randn(dim, dim, generator=gen, dtype=DTYPE)
+    rounding = (noise + noise.T) * 1e-7 * float(mean.square().sum())  # ≈ eps·λ_max
+    a = mean @ mean.T + rounding
+    assert min_eig(damped_factor(a, 0.0, floor)) < 0.0  # the trace floor does not cover it
+    with pytest.raises(ValueError, match="positive definite"):
+        inverse_factor(damped_factor(a, 0.0, floor))
+    floors: list[float] = []
+
+    def damped_with(f: float) -> Tensor:
+        floors.append(f)
+        return damped_factor(a, 0.0, f)
+
+    inverse = floored_inverse(damped_with, floor)
+    assert len(floors) > 1 and floors == [floor * 10.0 ** k for k in range(len(floors))]
+    assert torch.equal(inverse, inverse_factor(damped_factor(a, 0.0, floors[-1])))
+    assert min_eig(damped_factor(a, 0.0, floors[-1]) - a) >= 0.0  # still an upper bound
+    spd_a = spd(6, gen)
+    assert torch.equal(floored_inverse(lambda f: damped_factor(spd_a, 0.1, f), floor),
+                       inverse_factor(damped_factor(spd_a, 0.1, floor)))
+    nan = torch.full((4, 4), float("nan"), dtype=DTYPE)
+    with pytest.raises(ValueError, match="stayed indefinite.*float64"):
+        floored_inverse(lambda f: nan.clone(), floor)
 
 
 # ------------------------------------------------------------------------ conv geometry

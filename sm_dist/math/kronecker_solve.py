@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,28 @@ def inverse_factor(a_factor: Tensor, in_place: bool = False) -> Tensor:
     if int(info) != 0:
         raise ValueError("A is not positive definite: floor it with damped_factor")
     return torch.cholesky_inverse(work)
+
+
+def floored_inverse(damped_with: Callable[[float], Tensor], floor: float,
+                    tries: int = 8) -> Tensor:
+    """inverse_factor of the first of damped_with(floor), damped_with(10·floor), … that
+    Cholesky accepts; `damped_with(f)` makes a float64 damped factor with relative floor f
+    (damped_factor), which the inverse may consume.
+
+    A factor summed in float32 can be indefinite by its rounding, which scales with its largest
+    eigenvalue (about eps·λ_max), where the floor is relative to tr/dim: a first layer whose
+    A is dominated by one direction (the inputs' mean) at a tiny loss failed so (the 2-layer
+    MLP of docs/results with input_bound: exact, at iteration 74). A larger floor keeps the
+    bound a bound, and a factor that needs none is inverted exactly as before.
+    """
+    for attempt in range(tries):
+        try:
+            return inverse_factor(damped_with(floor * 10.0 ** attempt), in_place=True)
+        except ValueError:
+            continue
+    raise ValueError(f"a first layer's factor stayed indefinite with a floor of "
+                     f"{floor * 10.0 ** (tries - 1):g}·tr/dim: its inputs hold non-finite values, "
+                     "or its dtype is too coarse (try run.dtype: float64)")
 
 
 def input_layer_step(grad: Tensor, inverse: Tensor, scale: float = 1.0) -> Tensor:

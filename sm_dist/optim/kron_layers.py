@@ -40,9 +40,9 @@ from sm_dist.math.kronecker_gram import input_gram
 from sm_dist.math.kronecker_solve import (
     Eigenbasis,
     damped_factor,
+    floored_inverse,
     fresh_eigenbasis,
     input_layer_step,
-    inverse_factor,
     kronecker_model_value,
     kronecker_step,
     stale_eigenbasis,
@@ -160,12 +160,15 @@ class KronLayer:
         """Factor the batch's Z̃ᵀZ̃ (a data layer with the gram bound): it needs the forward
         only, so stage 0 does it before its first backward arrives."""
         self.gram_inverse = None  # the last batch's, freed before this one is formed
-        gram = input_gram(self.rows(inputs[0]), inputs[0].dtype)
-        for x in inputs[1:]:
-            input_gram(self.rows(x), x.dtype, into=gram)
-        damped = damped_factor(gram, damping.factor, damping.floor, in_place=True)
-        del gram  # `damped` may be the same storage (float64): one d² matrix, then its factor
-        self.gram_inverse = inverse_factor(damped, in_place=True)
+
+        def damped_gram(floor: float) -> Tensor:  # formed again only if Cholesky refuses it
+            gram = input_gram(self.rows(inputs[0]), inputs[0].dtype)
+            for x in inputs[1:]:
+                input_gram(self.rows(x), x.dtype, into=gram)
+            # float64: damped in its own storage, one d² matrix alive, then its factor
+            return damped_factor(gram, damping.factor, floor, in_place=True)
+
+        self.gram_inverse = floored_inverse(damped_gram, damping.floor)
 
     def curvature_below(self, j: int, inputs: Tensor, terms: LayerTerms, rounds: int,
                         damping: Damping, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -274,8 +277,9 @@ class KronLayer:
                 return torch.zeros_like(grad)
             return input_layer_step(grad, self.gram_inverse, self.max_theta)
         a_factor, _ = self.factors(dtype, damping.eta)
-        damped = damped_factor(a_factor, damping.factor, damping.floor)
-        return input_layer_step(grad, inverse_factor(damped, in_place=True))
+        inverse = floored_inverse(
+            lambda floor: damped_factor(a_factor, damping.factor, floor), damping.floor)
+        return input_layer_step(grad, inverse)
 
 
 def _damped(lam: Tensor, damping: Damping) -> tuple[Tensor, Tensor]:
