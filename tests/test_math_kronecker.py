@@ -631,7 +631,6 @@ def test_damping_floor_and_first_layer_gram() -> None:
     assert_scaled_close(input_layer_step(grad, lower, scale), expected, 1e-10)
 
 
-
 @pytest.mark.parametrize("width", [5, 128, 300])  # one block, exactly one, several and a rest
 def test_a_gram_matrix_summed_in_place_has_the_bits_of_the_sum_of_symmetrised_parts(
         width: int) -> None:
@@ -656,7 +655,6 @@ def test_a_gram_matrix_summed_in_place_has_the_bits_of_the_sum_of_symmetrised_pa
     copied = damped_factor(expected, 0.1)
     shifted = damped_factor(summed, 0.1, in_place=True)
     assert shifted.data_ptr() == summed.data_ptr() and torch.equal(shifted, copied)
-
 
 
 def test_a_factor_indefinite_by_rounding_is_floored_until_cholesky_accepts_it() -> None:

@@ -1,4 +1,4 @@
-"""Stage 0's Z̃ᵀZ̃ summed over microbatches in place: one d² matrix and block-sized temporaries."""
+"""Stage 0's Z̃ᵀZ̃ summed over microbatches in place, each product symmetrised in its own storage."""
 
 from __future__ import annotations
 
@@ -18,19 +18,13 @@ def input_gram(rows: Tensor, dtype: torch.dtype = DTYPE, into: Tensor | None = N
     factored once per batch, in the bubble between stage 0's forwards and its backwards
     (sm_kron's input_bound: gram). `into`: add this microbatch's matrix to a running sum (of
     `dtype`) instead of returning a new one. Either way each entry is (G_ij + G_ji)/2 of the
-    product G, added in the same order as summing whole symmetrised matrices, so the bits are
-    those of that sum; the d × d matrix symmetrised out of place (stage 0's 785² in float64 is
-    4.9 MiB) is never formed.
+    product G, so the bits are those of summing whole symmetrised matrices; the product is
+    symmetrised in its own storage, so no second d × d matrix (stage 0's 785² in float64 is
+    4.9 MiB) is formed for it.
     """
     flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
-    product = flat.T @ flat
-    if into is None:
-        return _symmetrize_(product)
-    size = product.shape[0]
-    for start in range(0, size, _BLOCK):
-        block = slice(start, min(start + _BLOCK, size))
-        into[block].add_(torch.add(product[block], product[:, block].T).mul_(0.5))
-    return into
+    symmetric = _symmetrize_(flat.T @ flat)
+    return symmetric if into is None else into.add_(symmetric)
 
 
 def _symmetrize_(matrix: Tensor) -> Tensor:
