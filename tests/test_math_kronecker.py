@@ -160,7 +160,9 @@ class Case:
         w = self.layer.weight.detach()
         if isinstance(self.layer, nn.Conv2d):
             geometry = ConvGeometry.of(self.layer)
-            return conv_lambda_estimate(w, terms, geometry, self.z.shape, rounds,
+            size = terms.curvature.abs().transpose(1, 2).reshape(
+                self.z.shape[0], w.shape[0], *geometry.output_size(self.z.shape[-2:]))
+            return conv_lambda_estimate(w, size, geometry, self.z.shape, rounds,
                                         generator=gen)[0]
         return linear_lambda_estimate(w, terms_root(terms), rounds, generator=gen)[0]
 

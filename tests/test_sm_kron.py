@@ -116,7 +116,7 @@ def test_a_linear_layers_factors_formed_in_the_update_are_the_backwards(
         activation: nn.Module | None) -> None:
     """A Linear layer below another keeps LinearSamples in its backward and forms its weights
     of A and U in the update: the same c sent down and the same A and U, to the bit, as the
-    terms formed in the backward (what a first layer and a convolution still do)."""
+    terms formed in the backward (what a first layer still does)."""
     gen = torch.Generator().manual_seed(3)
     linear = nn.Linear(5, 4).double()
     damping = Damping(0.3, 1e-4, 1e-12, 0.0, 1.0, 0.0)
@@ -134,7 +134,7 @@ def test_a_linear_layers_factors_formed_in_the_update_are_the_backwards(
         assert torch.equal(linear_samples(pre, g, c, activation).root(), terms_root(terms))
         expected, delta = direct.curvature_below(j, z, terms, 2, damping,
                                                  torch.Generator().manual_seed(j))
-        direct.accumulate(terms, delta, damping.eta, torch.float64)
+        direct.accumulate(terms, delta, damping.eta)
         assert sent is not None and torch.equal(sent, expected)
     assert deferred.samples and not direct.samples
     for mine, theirs in zip(deferred.factors(torch.float64, 1.0),

@@ -340,17 +340,25 @@ def factor_weights(terms: LayerTerms, delta: Tensor | None,
     w_A = m + γ(1+1/η)κ/δ_k and w_U = γ(1+η)/δ_k; `delta` None is a first layer (its input is
     data, 𝓗 = H_θθ): w_A = m and no U.
     """
+    a_weights, u_weights = row_weights(terms.theta_curvature, terms.cross_curvature,
+                                       terms.coverage, delta, eta)
+    return a_weights.reshape(-1), None if u_weights is None else u_weights.reshape(-1)
+
+
+def row_weights(theta: Tensor, cross: Tensor | None, coverage: int, delta: Tensor | None,
+                eta: float) -> tuple[Tensor, Tensor | None]:
+    """factor_weights from m and κ per (sample, location), (n, L): (w_A, w_U) in that shape."""
     if delta is None:
-        return terms.theta_curvature.reshape(-1), None
+        return theta, None
     if eta <= 0.0:
         raise ValueError(f"eta must be > 0, got {eta}")
     if bool((delta <= 0.0).any()):
         raise ValueError("every δ_k must be > 0 (floor it)")
-    assert terms.cross_curvature is not None, "a first layer's terms have no κ"
-    per_delta = terms.coverage / delta.to(terms.theta_curvature.dtype)[:, None]
-    a_weights = terms.theta_curvature + (1.0 + 1.0 / eta) * per_delta * terms.cross_curvature
-    u_weights = ((1.0 + eta) * per_delta).expand(terms.theta_curvature.shape)
-    return a_weights.reshape(-1), u_weights.reshape(-1)
+    assert cross is not None, "a first layer's terms have no κ"
+    per_delta = coverage / delta.to(theta.dtype)[:, None]
+    a_weights = theta + (1.0 + 1.0 / eta) * per_delta * cross
+    u_weights = ((1.0 + eta) * per_delta).expand(theta.shape)
+    return a_weights, u_weights
 
 
 def weighted_gram(rows: Tensor, weights: Tensor, dtype: torch.dtype = DTYPE) -> Tensor:

@@ -23,6 +23,7 @@ from sm_dist.math.kronecker import (
     linear_layer_terms,
     linear_samples,
     linear_terms_of,
+    row_weights,
     spectral_norm_sq,
     split_weight_matrix,
     terms_root,
@@ -31,10 +32,11 @@ from sm_dist.math.kronecker import (
 )
 from sm_dist.math.kronecker_conv import (
     ConvGeometry,
+    conv_factor_shares,
     conv_lambda_estimate,
     conv_largest_curvature,
-    conv_layer_terms,
     conv_patches,
+    conv_pixel_terms,
 )
 from sm_dist.math.kronecker_gram import input_gram
 from sm_dist.math.kronecker_solve import (
@@ -79,8 +81,8 @@ class KronLayer:
     # down, which the next stage's backward waits for, and its weights of A and U are formed
     # in the update, off the drain's critical path (7 backwards in a row on 4 stages and 4
     # microbatches). A first layer keeps its rows and weights (`pending`). A convolution's
-    # rows are its unfolded patches, k² times its input: its backward forms each
-    # microbatch's share at once (`formed`), so that no patches outlive it.
+    # rows would be its patches, k² times its input: its backward forms each microbatch's
+    # share at once from a few samples' patches at a time (`formed`, conv_factor_shares).
     samples: list[tuple[Tensor, LinearSamples, Tensor]] = field(default_factory=list)
     pending: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = field(
         default_factory=list)
@@ -97,17 +99,12 @@ class KronLayer:
         return [p for p in (self.affine.weight, self.affine.bias) if p is not None]
 
     def terms(self, inputs: Tensor, pre: Tensor, grad_out: Tensor, c: Tensor) -> LayerTerms:
-        """The bound's per-sample terms of this layer around what the forward stored."""
+        """The bound's per-sample terms of this Linear layer around what the forward stored."""
         w, b = self.affine.weight.detach(), self.affine.bias
         b = None if b is None else b.detach()
         below = not self.data_input
         if below:
             self._spectral()
-        if isinstance(self.affine, nn.Conv2d):
-            return conv_layer_terms(inputs, w, b, grad_out, c, ConvGeometry.of(self.affine),
-                                    self.activation, self.pool, pre=pre,
-                                    spectral_sq=self.spectral_sq, below=below,
-                                    rows=not self.gram)
         return linear_layer_terms(inputs, w, b, grad_out, c, self.activation, pre=pre,
                                   spectral_sq=self.spectral_sq, below=below,
                                   rows=not self.gram)
@@ -121,9 +118,10 @@ class KronLayer:
 
     def backward(self, j: int, inputs: Tensor, pre: Tensor, out: Tensor, grad_out: Tensor,
                  c: Tensor, rounds: int, damping: Damping, dtype: torch.dtype,
-                 generator: torch.Generator) -> Tensor | None:
+                 generator: torch.Generator, indices: Tensor | None = None) -> Tensor | None:
         """Keep microbatch j's share of the layer's bound for the update; the curvature c
-        its input gets (None: a first layer, whose input is data). `out`: the layer's output."""
+        its input gets (None: a first layer, whose input is data). `out`: the layer's output;
+        `indices`: its max pooling's, as the forward found them (pool_indices)."""
         n = inputs.shape[0]
         if self.gram:  # only max m is needed, and it is cheaper than the terms
             if isinstance(self.affine, nn.Linear):
@@ -135,6 +133,9 @@ class KronLayer:
             if theta is not None:
                 self.max_theta = max(self.max_theta, theta)
                 return None
+        if isinstance(self.affine, nn.Conv2d):
+            return self._conv_backward(j, inputs, pre, grad_out, c, indices, rounds, damping,
+                                       dtype, generator)
         if isinstance(self.affine, nn.Linear) and not self.data_input and rounds > 0:
             samples = linear_samples(pre.reshape(n, -1).to(inputs.dtype), grad_out, c,
                                      self.activation)
@@ -146,7 +147,39 @@ class KronLayer:
         c_below = delta = None
         if not self.data_input:
             c_below, delta = self.curvature_below(j, inputs, terms, rounds, damping, generator)
-        self.accumulate(terms, delta, damping.eta, dtype)
+        self.accumulate(terms, delta, damping.eta)
+        return c_below
+
+    def _conv_backward(self, j: int, inputs: Tensor, pre: Tensor, grad_out: Tensor, c: Tensor,
+                       indices: Tensor | None, rounds: int, damping: Damping,
+                       dtype: torch.dtype, generator: torch.Generator) -> Tensor | None:
+        """backward for a convolution: its terms per output pixel, λ and δ, and microbatch
+        j's share of A and U formed at once (conv_factor_shares)."""
+        geometry = ConvGeometry.of(self.affine)
+        bias = self.affine.bias
+        below = not self.data_input
+        pixels = conv_pixel_terms(
+            inputs, self.affine.weight.detach(), None if bias is None else bias.detach(),
+            grad_out, c, geometry, self.activation, self.pool, pre=pre, indices=indices,
+            spectral_sq=self._spectral() if below else None, below=below,
+            lam_bound=rounds == 0)
+        self.max_theta = max(self.max_theta, float(pixels.theta.max()))
+        c_below = delta = None
+        if below:
+            lam = (pixels.lam_bound if rounds == 0
+                   else self._lambda_estimate(j, inputs, pixels.size(), rounds, generator))
+            assert lam is not None
+            c_below, delta = _damped(lam, damping)
+        if self.gram:
+            return c_below
+        a_weights, u_weights = row_weights(pixels.theta, pixels.cross, pixels.coverage, delta,
+                                           damping.eta)
+        a, u = conv_factor_shares(inputs, pixels.cotangents, a_weights, u_weights, geometry,
+                                  bias is not None, dtype)
+        if self.formed is not None:
+            a = self.formed[0].add_(a)
+            u = None if u is None or self.formed[1] is None else self.formed[1].add_(u)
+        self.formed = (a, u)
         return c_below
 
     def rows(self, inputs: Tensor) -> Tensor:
@@ -178,44 +211,38 @@ class KronLayer:
         if rounds == 0:
             assert terms.lam_bound is not None
             lam = terms.lam_bound
-        elif isinstance(self.affine, nn.Conv2d):
-            lam = self._lambda_estimate(j, inputs, terms, rounds, generator)
         else:
             lam = self._lambda_estimate(j, inputs, terms_root(terms), rounds, generator)
         return _damped(lam, damping)
 
-    def _lambda_estimate(self, j: int, inputs: Tensor, terms: LayerTerms | Tensor, rounds: int,
+    def _lambda_estimate(self, j: int, inputs: Tensor, size: Tensor, rounds: int,
                          generator: torch.Generator) -> Tensor:
-        """λ by power rounds warm-started from microbatch j's last vectors; `terms` is a
-        convolution's LayerTerms or a Linear layer's |M|^½."""
+        """λ by power rounds warm-started from microbatch j's last vectors; `size` is a
+        convolution's |M| per output pixel (ConvPixels.size) or a Linear layer's |M|^½."""
         start = self.lam_start.get(j)
         weight = self.affine.weight.detach()
-        if isinstance(terms, LayerTerms):
+        if isinstance(self.affine, nn.Conv2d):
             shape = inputs.shape
             if start is not None and start.shape != shape:
                 start = None
-            lam, vectors = conv_lambda_estimate(weight, terms, ConvGeometry.of(self.affine),
+            lam, vectors = conv_lambda_estimate(weight, size, ConvGeometry.of(self.affine),
                                                 shape, rounds, start, generator)
         else:
             if start is not None and start.shape[0] != inputs.shape[0]:
                 start = None
-            lam, vectors = linear_lambda_estimate(weight, terms, rounds, start, generator)
+            lam, vectors = linear_lambda_estimate(weight, size, rounds, start, generator)
         self.lam_start[j] = vectors
         return lam
 
-    def accumulate(self, terms: LayerTerms, delta: Tensor | None, eta: float,
-                   dtype: torch.dtype) -> None:
-        """Keep a microbatch's share of A and U (sums over samples): its rows and weights, or
-        for a convolution the share itself, summed in `dtype`; with the gram bound only max m
-        is needed of it."""
+    def accumulate(self, terms: LayerTerms, delta: Tensor | None, eta: float) -> None:
+        """Keep a microbatch's share of A and U (sums over samples): its rows and weights; with
+        the gram bound only max m is needed of it."""
         self.max_theta = max(self.max_theta, float(terms.theta_curvature.max()))
         if self.gram:
             return
         a_weights, u_weights = factor_weights(terms, None if self.data_input else delta, eta)
         u_rows = None if u_weights is None else terms.cotangents
         self.pending.append((terms.inputs, a_weights, u_rows, u_weights))
-        if isinstance(self.affine, nn.Conv2d):
-            self.formed = self.factors(dtype, eta)
 
     def factors(self, dtype: torch.dtype, eta: float) -> tuple[Tensor, Tensor | None]:
         """A and U of the microbatches since the last step, summed in `dtype` in their order

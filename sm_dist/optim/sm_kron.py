@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sm_dist.math.kronecker_conv import pool_indices
 from sm_dist.math.kronecker_solve import Eigenbasis, rounding_floor
 from sm_dist.math.local_loss import flatten
 from sm_dist.math.solvers import SolverReport
@@ -151,12 +152,13 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
         assert inputs is not None and pre is not None and out is not None
         below = not layer.data_input
         wrt = layer.params + ([inputs] if below else [])
+        indices = pool_indices(out) if layer.pool is not None else None  # before it is freed
         grads = torch.autograd.grad(out, wrt, g)
         for p, grad in zip(layer.params, grads):
             p.grad = grad.clone() if p.grad is None else p.grad.add_(grad)
         below_c = layer.backward(j, inputs.detach(), pre.detach(), out.detach(), g.detach(), c,
                                  self.kron.lambda_rounds, self.damping, self.dtype,
-                                 self.stage.generator)
+                                 self.stage.generator, indices)
         if below_c is not None:
             c = below_c
         return (grads[-1] if below else g), c
