@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sm_dist.math.kronecker_conv as kronecker_conv
+import sm_dist.optim.kron_layers as kron_layers
 from sm_dist.math.kronecker import DTYPE, kronecker_factors, row_weights
 from sm_dist.math.kronecker_conv import (
     ConvGeometry,
@@ -101,3 +102,61 @@ def test_a_conv_layers_backward_is_the_same_with_the_forwards_indices() -> None:
     assert saved.formed is not None and again.formed is not None
     for mine, theirs in zip(saved.formed, again.formed):
         assert mine is not None and theirs is not None and torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("pool", [None, nn.MaxPool2d(2)])
+def test_relu_pixel_terms_in_place_leave_their_inputs_alone(pool: nn.MaxPool2d | None) -> None:
+    """After ReLU the pixel terms overwrite their own temporaries: u = σ'·Πᵀg and M =
+    c·σ'·ΠᵀΠ as written out, and neither g nor the pre-activation changes."""
+    gen = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    z = torch.randn(4, 2, 6, 6, generator=gen, dtype=DTYPE)
+    pre = conv(z)
+    out = pre.relu() if pool is None else pool(pre.relu())
+    indices = None if pool is None else pool_indices(out)
+    g = torch.randn(out.shape, generator=gen, dtype=DTYPE)
+    c = torch.rand(4, generator=gen, dtype=DTYPE)
+    g_before, pre_before = g.clone(), pre.detach().clone()
+    pixels = conv_pixel_terms(z, conv.weight.detach(), conv.bias.detach(), g, c,
+                              ConvGeometry.of(conv), nn.ReLU(), pool, pre=pre.detach(),
+                              indices=indices)
+    assert torch.equal(g, g_before) and torch.equal(pre.detach(), pre_before)
+    (selected,) = torch.autograd.grad(out, pre, g, retain_graph=True)  # σ'·Πᵀg
+    counts = torch.autograd.grad(out, pre, torch.ones_like(out))[0] if pool is not None else (
+        (pre > 0).double())
+    assert torch.equal(pixels.cotangents, selected)
+    torch.testing.assert_close(pixels.curvature, c.reshape(4, 1, 1, 1) * counts,
+                               rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_a_conv_layers_backward_a_few_samples_at_a_time_is_the_whole_microbatchs(
+        rounds: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sample at a time or the microbatch at once: the same c sent down and the same
+    factors, to rounding (λ's power rounds from the same warm start, kept in half precision)."""
+    gen = torch.Generator().manual_seed(6)
+    conv, act, pool = nn.Conv2d(2, 3, 3, padding=1).double(), nn.ReLU(), nn.MaxPool2d(2)
+    damping = Damping(0.3, 1e-4, 1e-12, 0.0, 1.0, 0.0)
+    layers = {"one": KronLayer(conv, act, pool), "all": KronLayer(conv, act, pool)}
+    start = torch.randn(5, 2, 6, 6, generator=gen, dtype=DTYPE)
+    start = (start / start.flatten(1).norm(dim=1).reshape(5, 1, 1, 1)).half()
+    for layer in layers.values():
+        layer.lam_start[0] = start
+    z = torch.randn(5, 2, 6, 6, generator=gen, dtype=DTYPE)
+    pre = conv(z)
+    out = pool(act(pre))
+    g = torch.randn(out.shape, generator=gen, dtype=DTYPE)
+    c = torch.rand(5, generator=gen, dtype=DTYPE)
+    sent = {}
+    for name, layer in layers.items():
+        monkeypatch.setattr(kron_layers, "_PIXEL_ENTRIES", 1 if name == "one" else 1 << 18)
+        sent[name] = layer.backward(0, z, pre.detach(), out.detach(), g, c, rounds, damping,
+                                    DTYPE, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sent["one"], sent["all"], rtol=1e-12, atol=0.0)
+    one, whole = layers["one"].formed, layers["all"].formed
+    assert one is not None and whole is not None
+    for mine, theirs in zip(one, whole):
+        assert mine is not None and theirs is not None
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14)
+    if rounds:
+        assert layers["one"].lam_start[0].dtype == torch.float16

@@ -13,18 +13,19 @@ normalisation, embeddings) takes sm_adaptive's step instead: CG on its exact loc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sm_dist.math.kronecker_conv import pool_indices
 from sm_dist.math.kronecker_solve import Eigenbasis, rounding_floor
 from sm_dist.math.local_loss import flatten
 from sm_dist.math.solvers import SolverReport
 from sm_dist.optim.base import MicrobatchStash, Optimizer
-from sm_dist.optim.kron_layers import Capture, Damping, KronLayer, capture_hooks, stage_layers
+from sm_dist.optim.kron_layers import Damping, KronLayer, stage_layers
 from sm_dist.optim.options import InnerStepsConfig, OptimizerOptions
 from sm_dist.optim.sm_adaptive import (
     AdaptiveMetrics,
@@ -79,6 +80,36 @@ class SMKronOptions(SMAdaptiveOptions):
         for key, value in (MINIBATCHES if minibatches else FULL_BATCH).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+
+
+Capture = dict[int, list[Tensor | None]]  # per layer: [input, pre-activation*, output]
+# * after ReLU, its output (capture_hooks)
+
+
+def capture_hooks(layers: list[KronLayer], store: Callable[[], Capture | None]) -> list:
+    """Forward hooks that keep each layer's input, pre-activation and output of a recording
+    forward in the dict `store()` gives (None: not recording: forward-only passes)."""
+    handles = []
+    for k, layer in enumerate(layers):
+        last: nn.Module = layer.pool or layer.activation or layer.affine
+
+        def keep(slot: int, k: int = k, use_input: bool = False) -> Callable:
+            def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+                kept = store()
+                if kept is not None and torch.is_grad_enabled():
+                    kept.setdefault(k, [None, None, None])[slot] = args[0] if use_input else out
+            return hook
+
+        first = layer.first or layer.affine
+        handles.append(first.register_forward_hook(keep(0, use_input=True)))
+        # After ReLU its output stands for the pre-activation: the same σ' and max m, and
+        # autograd keeps it anyway, where the pre-activation would be one more tensor per
+        # microbatch held to the backward (25 MB on the CNN's stage 1).
+        relu = type(layer.activation) is nn.ReLU
+        pre_source = layer.activation if relu and layer.activation is not None else layer.affine
+        handles.append(pre_source.register_forward_hook(keep(1)))
+        handles.append(last.register_forward_hook(keep(2)))
+    return handles
 
 
 class KronSolution:
@@ -152,7 +183,9 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
         assert inputs is not None and pre is not None and out is not None
         below = not layer.data_input
         wrt = layer.params + ([inputs] if below else [])
-        indices = pool_indices(out) if layer.pool is not None else None  # before it is freed
+        # The pooling's indices, before the graph is freed; not for a Gram-bounded first layer,
+        # which reads only max m (holding them would keep a microbatch's indices alive).
+        indices = pool_indices(out) if layer.pool is not None and not layer.gram else None
         grads = torch.autograd.grad(out, wrt, g)
         for p, grad in zip(layer.params, grads):
             p.grad = grad.clone() if p.grad is None else p.grad.add_(grad)
