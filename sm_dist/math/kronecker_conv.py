@@ -151,7 +151,8 @@ def conv_pixel_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_o
     """The terms of f(z) = pool(σ(conv(z, W) + b)) around the stored inputs z (n, C, H, W),
     per output pixel: `grad_out` is g at the layer's output (after the pooling), `c` the
     per-sample curvature from above, `pre` the convolution's output the forward computed (else
-    computed again), `indices` the pooling's (pool_indices). κ and λ as assemble_terms bounds
+    computed again; after ReLU its output serves, the same σ'), `indices` the pooling's
+    (pool_indices). κ and λ as assemble_terms bounds
     them, λ's only if `lam_bound`; `below` False: a first layer (no κ, no λ)."""
     n, dtype = inputs.shape[0], inputs.dtype
     w = weight.to(dtype)
