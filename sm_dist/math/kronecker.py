@@ -138,16 +138,26 @@ def assemble_terms(inputs: Tensor, cotangents: Tensor, curvature: Tensor, weight
         return LayerTerms(inputs=inputs, cotangents=cotangents, curvature=curvature,
                           theta_curvature=theta, cross_curvature=None, lam_bound=None,
                           coverage=coverage, nonnegative=nonnegative)
+    cross, lam = curvature_bounds(curvature if nonnegative else curvature.abs(), weight_rows,
+                                  coverage, spectral_sq)
+    return LayerTerms(inputs=inputs, cotangents=cotangents, curvature=curvature,
+                      theta_curvature=theta, cross_curvature=cross, lam_bound=lam,
+                      coverage=coverage, nonnegative=nonnegative)
+
+
+def curvature_bounds(size: Tensor, weight_rows: Tensor, coverage: int,
+                     spectral_sq: float | None = None,
+                     lam_bound: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(κ per row, certified λ per sample or None if not `lam_bound`) from |M| as rows
+    (n, L, d_out) and W₀ (d_out, P without bias): endpoint_bound of M² and of |M|, as
+    assemble_terms explains; `spectral_sq` as there."""
     if spectral_sq is None:
         spectral_sq = spectral_norm_sq(weight_rows)
-    row_sq = weight_rows.to(curvature.dtype).square().sum(dim=1)
-    size = curvature if nonnegative else curvature.abs()
+    row_sq = weight_rows.to(size.dtype).square().sum(dim=1)
     cross = endpoint_bound(size * size, row_sq, spectral_sq)  # x·x: 4x torch's pow on CPU
-    ell = endpoint_bound(size, row_sq, spectral_sq)
-    return LayerTerms(inputs=inputs, cotangents=cotangents, curvature=curvature,
-                      theta_curvature=theta, cross_curvature=cross,
-                      lam_bound=coverage * ell.amax(dim=1), coverage=coverage,
-                      nonnegative=nonnegative)
+    if not lam_bound:
+        return cross, None
+    return cross, coverage * endpoint_bound(size, row_sq, spectral_sq).amax(dim=1)
 
 
 @dataclass(frozen=True)

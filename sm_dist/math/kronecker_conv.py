@@ -15,13 +15,13 @@ from sm_dist.math.kronecker import (
     Activation,
     LayerTerms,
     activation_derivatives,
-    endpoint_bound,
+    curvature_bounds,
     fold_bias,
     largest_where_positive,
     nonnegative_curvature,
-    spectral_norm_sq,
     unit_power_rounds,
 )
+from sm_dist.math.kronecker_gram import symmetrize_
 
 Pair = tuple[int, int]
 
@@ -152,8 +152,8 @@ def conv_pixel_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_o
     per output pixel: `grad_out` is g at the layer's output (after the pooling), `c` the
     per-sample curvature from above, `pre` the convolution's output the forward computed (else
     computed again; after ReLU its output serves, the same σ'), `indices` the pooling's
-    (pool_indices). κ and λ as assemble_terms bounds
-    them, λ's only if `lam_bound`; `below` False: a first layer (no κ, no λ)."""
+    (pool_indices). κ and λ by curvature_bounds, λ only if `lam_bound`; `below` False: a
+    first layer (no κ, no λ)."""
     n, dtype = inputs.shape[0], inputs.dtype
     w = weight.to(dtype)
     if pre is None:
@@ -183,13 +183,8 @@ def conv_pixel_terms(inputs: Tensor, weight: Tensor, bias: Tensor | None, grad_o
     pixels = ConvPixels(cotangents, curvature, theta, None, None, coverage, nonnegative)
     if not below:
         return pixels
-    weight_rows = w.reshape(w.shape[0], -1)
-    if spectral_sq is None:
-        spectral_sq = spectral_norm_sq(weight_rows)
-    row_sq = weight_rows.square().sum(dim=1)
-    size = pixels.rows(pixels.size())
-    cross = endpoint_bound(size * size, row_sq, spectral_sq)  # x·x: 4x torch's pow on CPU
-    lam = coverage * endpoint_bound(size, row_sq, spectral_sq).amax(dim=1) if lam_bound else None
+    cross, lam = curvature_bounds(pixels.rows(pixels.size()), w.reshape(w.shape[0], -1),
+                                  coverage, spectral_sq, lam_bound)
     return dataclasses.replace(pixels, cross=cross, lam_bound=lam)
 
 
@@ -284,15 +279,14 @@ def conv_factor_shares(inputs: Tensor, cotangents: Tensor, a_weights: Tensor,
         columns = _weighted_columns(padded[first:first + block].to(dtype),
                                     roots[first:first + block], geometry, with_bias)
         a.addmm_(columns, columns.T)
-    a = torch.add(a, a.T).mul_(0.5)
+    symmetrize_(a)
     if u_weights is None:
         return a, None
     d_out = cotangents.shape[1]
     u_columns = torch.mul(cotangents.reshape(n, d_out, locations).to(dtype).transpose(0, 1),
                           u_weights.reshape(1, n, locations).to(dtype).sqrt())
     u_columns = u_columns.reshape(d_out, n * locations)
-    u = u_columns @ u_columns.T
-    return a, torch.add(u, u.T).mul_(0.5)
+    return a, symmetrize_(u_columns @ u_columns.T)
 
 
 def _weighted_columns(padded: Tensor, roots: Tensor, geometry: ConvGeometry,

@@ -1,4 +1,4 @@
-"""Stage 0's Z̃ᵀZ̃ summed over microbatches in place, each product symmetrised in its own storage."""
+"""Stage 0's Z̃ᵀZ̃ summed over microbatches in place; a Gram matrix symmetrised in its own storage."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ def input_gram(rows: Tensor, dtype: torch.dtype = DTYPE, into: Tensor | None = N
     4.9 MiB) is formed for it.
     """
     flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
-    symmetric = _symmetrize_(flat.T @ flat)
+    symmetric = symmetrize_(flat.T @ flat)
     return symmetric if into is None else into.add_(symmetric)
 
 
-def _symmetrize_(matrix: Tensor) -> Tensor:
+def symmetrize_(matrix: Tensor) -> Tensor:
     """matrix ← (matrix + matrixᵀ)/2 in place, block by block (IEEE addition commutes, so the
     two mirrored entries get the same bits)."""
     size = matrix.shape[0]
