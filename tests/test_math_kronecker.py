@@ -633,6 +633,23 @@ def test_damping_floor_and_first_layer_gram() -> None:
     assert_scaled_close(input_layer_step(grad, lower, scale), expected, 1e-10)
 
 
+@pytest.mark.parametrize("size", [6, 300])
+def test_the_inverse_taken_in_place_has_the_bits_of_the_out_of_place_routines(size: int) -> None:
+    """inverse_factor(in_place=True) leaves the inverse in the factor's own storage (one d²
+    matrix alive on stage 0) with exactly the bits of torch's out-of-place Cholesky and
+    inverse, and exactly symmetric; the copying call leaves its input alone."""
+    gen = torch.Generator().manual_seed(5)
+    a = damped_factor(spd(size, gen), 0.1)
+    expected = torch.cholesky_inverse(torch.linalg.cholesky(a))
+    kept = a.clone()
+    assert torch.equal(inverse_factor(a), expected)
+    assert torch.equal(a, kept)
+    inverse = inverse_factor(a, in_place=True)
+    assert inverse.data_ptr() == a.data_ptr()
+    assert torch.equal(inverse, expected)
+    assert torch.equal(inverse, inverse.T)
+
+
 @pytest.mark.parametrize("width", [5, 128, 300])  # one block, exactly one, several and a rest
 def test_a_gram_matrix_summed_in_place_has_the_bits_of_the_sum_of_symmetrised_parts(
         width: int) -> None:

@@ -20,6 +20,7 @@ _spec = importlib.util.spec_from_file_location("tensor_memory",
                                                REPO / "benchmarks" / "tensor_memory.py")
 assert _spec is not None and _spec.loader is not None
 tensor_memory = importlib.util.module_from_spec(_spec)
+sys.modules["tensor_memory"] = tensor_memory  # its dataclasses look their module up
 _spec.loader.exec_module(tensor_memory)
 
 
@@ -78,3 +79,34 @@ def test_a_profiled_run_reports_every_stage(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     peaks = json.loads(done.stdout.strip().splitlines()[-1])["tensor_peak_mb"]
     assert len(peaks) == 2 and all(p > 0 for p in peaks)
+
+
+MB = 2**20
+
+
+def test_the_breakdown_names_what_a_stage_held_at_its_peak() -> None:
+    gram = "sm_dist.action.K (input-layer Gram factor)"
+    events = [
+        Event("sm_dist.stage.0", 0, [Event("sm_dist.action.F (forward)", 0,
+                                           [allocation(0, 1, 100 * MB)])]),
+        Event("sm_dist.stage.0", 1, [Event(gram, 1, [allocation(1, 2, 300 * MB),
+                                                     allocation(2, 3, 200 * MB),
+                                                     allocation(3, 3, -200 * MB)])]),
+        Event("sm_dist.stage.0", 4, [Event("sm_dist.action.B (backward)", 4,
+                                           [allocation(4, 1, -100 * MB),
+                                            allocation(5, 4, 50 * MB)])]),
+        Event("sm_dist.stage.1", 6, [allocation(6, 5, 999 * MB)]),  # another stage: not in it
+    ]
+    peaks = tensor_memory.peak_details(events, detail=0)
+    assert peaks[0].size == 600 * MB and peaks[1].size == 999 * MB
+    assert peaks[0].during == "K (input-layer Gram factor)"
+    assert peaks[0].held == [(300 * MB, "K (input-layer Gram factor)"),
+                             (200 * MB, "K (input-layer Gram factor)"), (100 * MB, "F (forward)")]
+    assert peaks[1].held == []  # only the stage asked for is broken down
+    assert tensor_memory.breakdown_lines(peaks[0], 0, largest=2) == [
+        "stage 0: peak 600.00 MiB of live tensors, during K (input-layer Gram factor); alive "
+        "then, by the action that allocated them:",
+        "    500.00 MiB  K (input-layer Gram factor)",
+        "    100.00 MiB  F (forward)",
+        "  its 2 largest tensors, MiB: 300.00 (K), 200.00 (K)"]
+    assert tensor_memory.stage_peaks(events) == {0: 600 * MB, 1: 999 * MB}
