@@ -161,6 +161,19 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert_resume_continues_exactly(tmp_path, monkeypatch, job)
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_resume_continues_exactly_on_a_cnn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           activation: str) -> None:
+    """The convolutions' state survives a checkpoint too: their eigenbases between refreshes
+    and λ's warm starts, kept in half precision (ReLU with max pooling reads the pooling's
+    saved indices and forms its terms in place; tanh takes the general path)."""
+    job = cnn_job()
+    job["model"]["cnn"]["activation"] = activation
+    job["optimizer"] = {"name": "sm_kron", "refresh_every": 3}
+    job["run"].update(iterations=5, checkpoint_every=2, keep_last=2, eval_every=0)
+    assert_resume_continues_exactly(tmp_path, monkeypatch, job)
+
+
 @pytest.mark.parametrize("batch", [None, 8])
 def test_the_gram_factor_is_made_once_per_batch(tmp_path: Path, batch: int | None) -> None:
     """Full batch: K factors Z̃ᵀZ̃ in the first iteration and is free after it; minibatches:
