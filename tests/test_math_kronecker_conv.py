@@ -10,6 +10,7 @@ from torch import nn
 
 import sm_dist.math.kronecker_conv as kronecker_conv
 import sm_dist.optim.kron_layers as kron_layers
+from sm_dist.math.curvature import damped_curvature
 from sm_dist.math.kronecker import DTYPE, kronecker_factors, row_weights
 from sm_dist.math.kronecker_conv import (
     ConvGeometry,
@@ -20,7 +21,17 @@ from sm_dist.math.kronecker_conv import (
     unpooled,
 )
 from sm_dist.optim.kron_layers import Damping, KronLayer
-from tests.test_math_kronecker import CONV_CASES, DELTA_REL, conv_case
+from tests.test_math_kronecker import (
+    CONV_CASES,
+    DELTA_REL,
+    ETAS,
+    POWER_ROUNDS,
+    bound_matrix,
+    conv_case,
+    local_hessian,
+    min_eig,
+    psi_derivatives,
+)
 
 
 @pytest.mark.parametrize("block_entries", [1, 200, 1 << 20])  # one sample per block, a few, all
@@ -56,6 +67,51 @@ def test_conv_factor_shares_are_kronecker_factors_of_the_patch_rows(
         assert u is not None and expected_u is not None
         torch.testing.assert_close(u, expected_u, rtol=0.0, atol=1e-13 * float(u.abs().max()))
         assert torch.equal(u, u.T)
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_the_offset_factor_is_k_times_as_diagonal_blocks_and_keeps_the_bound(
+        name: str, first: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv_factor_shares(offsets=True) is K times A's diagonal blocks, one per kernel offset
+    and the bias (K of them), a few samples at a time; K·blockdiag ⪰ A, and with it the
+    Kronecker sum B ⪰ 𝓗, checked densely for every η."""
+    monkeypatch.setattr(kronecker_conv, "_BLOCK_ENTRIES", 200)
+    case = conv_case(name, 12)
+    layer = case.layer
+    assert isinstance(layer, nn.Conv2d)
+    geometry, with_bias = ConvGeometry.of(layer), layer.bias is not None
+    w = layer.weight.detach()
+    b = None if layer.bias is None else layer.bias.detach()
+    args = (case.z, w, b, case.g, case.c, geometry, case.activation, case.pool)
+    reference = conv_layer_terms(*args, below=not first)
+    pixels = conv_pixel_terms(*args, below=not first)
+    _, hessian = psi_derivatives(case.module, case.z, case.g, case.c)
+    delta = None
+    if not first:
+        lam = case.lam_estimate(reference, POWER_ROUNDS, 12)
+        _, delta = damped_curvature(lam, delta_rel=DELTA_REL, delta_abs=0.0, delta_floor=1e-12)
+    local = local_hessian(hessian, case.z, delta)
+    offsets = geometry.kernel[0] * geometry.kernel[1]
+    block_of = torch.arange(reference.inputs.shape[-1]) % offsets  # unfold's order (c, i, j)
+    if with_bias:
+        block_of[-1] = offsets  # the bias is a block of its own
+    same_block = block_of[:, None] == block_of[None, :]
+    count = offsets + int(with_bias)
+    for eta in ETAS:
+        a_weights, u_weights = row_weights(pixels.theta, pixels.cross, pixels.coverage, delta,
+                                           eta)
+        whole, u = conv_factor_shares(case.z, pixels.cotangents, a_weights, u_weights,
+                                      geometry, with_bias, DTYPE)
+        loose, loose_u = conv_factor_shares(case.z, pixels.cotangents, a_weights, u_weights,
+                                            geometry, with_bias, DTYPE, offsets=True)
+        torch.testing.assert_close(loose, count * whole * same_block, rtol=0.0,
+                                   atol=1e-13 * float(loose.abs().max()))
+        assert torch.equal(loose, loose.T)
+        assert (u is None and loose_u is None) or (
+            u is not None and loose_u is not None and torch.equal(u, loose_u))
+        assert min_eig(loose - whole) >= -1e-12 * float(whole.abs().max())
+        assert min_eig(bound_matrix(loose, loose_u, layer) - local) >= -1e-10, f"eta={eta}"
 
 
 def test_pool_indices_are_the_forwards_and_spare_pooling_again() -> None:

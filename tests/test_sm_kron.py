@@ -191,9 +191,16 @@ def test_the_gram_factor_is_made_once_per_batch(tmp_path: Path, batch: int | Non
 
 
 # ------------------------------------------------------------------- other workloads
-def test_a_cnn_job_trains() -> None:
-    records = trained({**cnn_job(), "optimizer": {"name": "sm_kron"}})
-    assert records[-1].train_loss < records[0].train_loss
+def test_a_cnn_job_trains_with_either_conv_factor() -> None:
+    """The whole patches' A and the looser one per kernel offset both train, differently."""
+    losses = {}
+    for conv_factor in ("patches", "offsets"):
+        records = trained({**cnn_job(), "optimizer": {"name": "sm_kron",
+                                                      "conv_factor": conv_factor}})
+        assert records[-1].train_loss < records[0].train_loss
+        losses[conv_factor] = [r.train_loss for r in records]
+    assert losses["patches"][0] == losses["offsets"][0]  # the same start
+    assert losses["patches"][1:] != losses["offsets"][1:]
 
 
 def test_a_transformer_job_is_sm_adaptive_on_its_attention_stages() -> None:

@@ -80,6 +80,7 @@ class KronLayer:
     first: nn.Module | None = None  # the module whose input is the layer's (None: affine)
     data_input: bool = False  # stage 0's first layer: its input is data (no Δ term, U = 0)
     gram: bool = False  # a data layer bounded by max m·Z̃ᵀZ̃ (sm_kron's input_bound: gram)
+    offsets: bool = False  # a convolution's A bounded per kernel offset (conv_factor: offsets)
     # What each microbatch's backward keeps for A and U. A Linear layer below another keeps
     # its inputs and LinearSamples (`samples`): its backward computes only the λ it sends
     # down, which the next stage's backward waits for, and its weights of A and U are formed
@@ -198,7 +199,7 @@ class KronLayer:
         a_weights, u_weights = row_weights(pixels.theta, pixels.cross, pixels.coverage, delta,
                                            eta)
         a, u = conv_factor_shares(inputs, pixels.cotangents, a_weights, u_weights, geometry,
-                                  self.affine.bias is not None, dtype)
+                                  self.affine.bias is not None, dtype, self.offsets)
         if self.formed is not None:
             a = self.formed[0].add_(a)
             u = None if u is None or self.formed[1] is None else self.formed[1].add_(u)

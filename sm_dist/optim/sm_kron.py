@@ -59,7 +59,8 @@ class SMKronOptions(SMAdaptiveOptions):
     bound instead of the exact model: the loss's own curvature at the top and an α that may
     grow as far as the measurements take it. input_bound: the first layer's A as the samples
     weight it (exact: formed in every backward) or as max m·Z̃ᵀZ̃ (gram: factored once per batch
-    in stage 0's idle time between its forwards and backwards, a looser bound)."""
+    in stage 0's idle time between its forwards and backwards, a looser bound). conv_factor:
+    a convolution's A over its whole patches, or bounded per kernel offset (offsets)."""
     eta: float = field(default=1.0, metadata={"gt": 0})
     # null: FULL_BATCH's or MINIBATCHES' (settle), which config.yaml then records.
     damping: float | None = field(default=None, metadata={"min": 0})
@@ -67,6 +68,9 @@ class SMKronOptions(SMAdaptiveOptions):
     lambda_rounds: int = field(default=1, metadata={"min": 0})
     input_bound: str = field(default="gram", metadata={"choices": ("gram", "exact")})
     refresh_every: int = field(default=1, metadata={"min": 1})
+    # A convolution's A: over its whole patches, or K·blockdiag over its kernel offsets and
+    # bias (looser, k² times fewer multiply-adds in the backward; docs/results/peers.md).
+    conv_factor: str = field(default="patches", metadata={"choices": ("patches", "offsets")})
     # The top curvature γ: 0.1 against 1 ended the 8-layer MLP of docs/results at 0.009
     # against 0.084, and the CNN's minibatches at held-out 0.61 against 1.44.
     loss_curvature_scale: float = field(default=0.1, metadata={"gt": 0})
@@ -138,6 +142,8 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
         self.layers: list[KronLayer] | None = stage_layers(
             stage.module, stage.is_first, self.kron.input_bound == "gram")
         self.dtype = stage.params[0].dtype  # the factors are summed in the model's dtype
+        for layer in self.layers or []:
+            layer.offsets = self.kron.conv_factor == "offsets"
         self.captured: dict[int, Capture] = {}
         self._recording: int | None = None
         self.updates = 0  # steps taken (every refresh_every-th recomputes the eigenbases)
