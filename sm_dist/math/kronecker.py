@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sm_dist.math.curvature import initial_vectors
+from sm_dist.math.symmetric import symmetrize_
 
 # The per-sample terms are in the model's dtype, the sums into A and U in the dtype the caller
 # gives; the solve is float64 whatever the model's dtype: in float32 the rounding noise of G
@@ -375,8 +376,7 @@ def weighted_gram(rows: Tensor, weights: Tensor, dtype: torch.dtype = DTYPE) -> 
     """Σ_r w_r x_r x_rᵀ over the flat rows x_r of `rows` (…, P), formed in `dtype`, exactly
     symmetric (which eigh and Cholesky assume)."""
     flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
-    gram = flat.T @ (weights.reshape(-1, 1).to(dtype) * flat)
-    return torch.add(gram, gram.T).mul_(0.5)
+    return symmetrize_(flat.T @ (weights.reshape(-1, 1).to(dtype) * flat))
 
 
 def kronecker_factors(terms: LayerTerms, delta: Tensor | None, eta: float,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from sm_dist.math.kronecker import (
     nonnegative_curvature,
     unit_power_rounds,
 )
-from sm_dist.math.kronecker_gram import symmetrize_
+from sm_dist.math.symmetric import symmetrize_
 
 Pair = tuple[int, int]
 
@@ -78,11 +79,17 @@ class ConvGeometry:
     def coverage(self, input_size: Pair) -> int:
         """γ = max over input pixels of the patch entries that read it: 𝒰ᵀ𝒰 = diag(counts)
         for the unfold map 𝒰 (each entry reads one pixel or a zero), so ‖𝒰‖² = γ."""
-        ones = torch.ones(1, 1, *input_size, dtype=DTYPE)
-        columns = F.unfold(ones, self.kernel, self.dilation, self.padding, self.stride)
-        counts = F.fold(columns, input_size, self.kernel, self.dilation, self.padding,
-                        self.stride)
-        return int(counts.max())
+        return _coverage(self, input_size)
+
+
+@functools.cache  # a few geometries and sizes per model: not an unfold per block of samples
+def _coverage(geometry: ConvGeometry, input_size: Pair) -> int:
+    ones = torch.ones(1, 1, *input_size, dtype=DTYPE)
+    columns = F.unfold(ones, geometry.kernel, geometry.dilation, geometry.padding,
+                       geometry.stride)
+    counts = F.fold(columns, input_size, geometry.kernel, geometry.dilation, geometry.padding,
+                    geometry.stride)
+    return int(counts.max())
 
 
 def pool_indices(out: Tensor) -> Tensor | None:

@@ -1,4 +1,4 @@
-"""Stage 0's Z̃ᵀZ̃ summed over microbatches in place; a Gram matrix symmetrised in its own storage."""
+"""Stage 0's Z̃ᵀZ̃ summed over microbatches in place."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import torch
 from torch import Tensor
 
 from sm_dist.math.kronecker import DTYPE
-
-# Rows per block of the in-place symmetrisation: its temporaries are _BLOCK × d, not d × d.
-_BLOCK = 128
+from sm_dist.math.symmetric import symmetrize_
 
 
 def input_gram(rows: Tensor, dtype: torch.dtype = DTYPE, into: Tensor | None = None) -> Tensor:
@@ -25,17 +23,3 @@ def input_gram(rows: Tensor, dtype: torch.dtype = DTYPE, into: Tensor | None = N
     flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
     symmetric = symmetrize_(flat.T @ flat)
     return symmetric if into is None else into.add_(symmetric)
-
-
-def symmetrize_(matrix: Tensor) -> Tensor:
-    """matrix ← (matrix + matrixᵀ)/2 in place, block by block (IEEE addition commutes, so the
-    two mirrored entries get the same bits)."""
-    size = matrix.shape[0]
-    for start in range(0, size, _BLOCK):
-        rows = slice(start, min(start + _BLOCK, size))
-        for col_start in range(start, size, _BLOCK):
-            cols = slice(col_start, min(col_start + _BLOCK, size))
-            mean = torch.add(matrix[rows, cols], matrix[cols, rows].T).mul_(0.5)
-            matrix[rows, cols] = mean
-            matrix[cols, rows] = mean.T
-    return matrix
