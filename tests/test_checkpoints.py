@@ -81,6 +81,27 @@ def assert_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert list((tmp_path / "b").glob("metrics.jsonl.before-resume-*"))
 
 
+def test_a_checkpoint_ahead_of_its_record_puts_the_record_back_on_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An iteration's record is written once the next iteration's result is in, so a run
+    that dies (a full disk) between them leaves the newest checkpoint one iteration ahead of
+    metrics.jsonl; resuming from it writes that record back from the checkpoint's own copy
+    and goes on exactly as a run that never stopped."""
+    monkeypatch.chdir(tmp_path)
+    path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "adam", "lr": 0.05}))
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "a",
+                 "--set", "run.iterations=8"]) == 0
+    assert main(["train", str(path), "--single-process", "--no-live", "--out", "b"]) == 0
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:-1]))  # iteration 5's record lost, its checkpoint kept
+    assert main(["train", str(path), "--single-process", "--no-live", "--resume", "b",
+                 "--set", "run.iterations=8"]) == 0
+    straight, resumed = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["iteration"] for r in resumed] == list(range(1, 9))
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+
+
 @pytest.fixture
 def finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A 5-iteration single-process run in tmp_path/run, checkpointed at 4 and 5; its job file
