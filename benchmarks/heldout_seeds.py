@@ -12,7 +12,6 @@ evaluation at which each seed's run reached that seed's target loss ('-' if neve
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import statistics
 import sys
@@ -40,13 +39,13 @@ def parse_targets(text: str) -> dict[int, float]:
 
 def evaluations(run_dir: Path) -> list[tuple[int, float]]:
     """(iteration, held-out loss) of every finite evaluation of a run."""
+    from benchmarks.heldout_time import evaluations as with_accuracy
     from sm_dist.report.run_data import ReportError, load_run
     try:
-        records = load_run(run_dir).records
+        run = load_run(run_dir)
     except ReportError as err:
         bad_input(str(err))
-    return [(r.iteration, r.test_loss) for r in records
-            if r.test_loss is not None and math.isfinite(r.test_loss)]
+    return [(iteration, loss) for iteration, loss, _ in with_accuracy(run)]
 
 
 def variant_line(variant: str, runs: dict[int, list[tuple[int, float]]],

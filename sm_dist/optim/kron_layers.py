@@ -338,11 +338,12 @@ def _basis(factor: Tensor, previous: Eigenbasis | None, refresh: bool) -> Eigenb
     return stale_eigenbasis(factor, previous.vectors)
 
 
-def stage_layers(module: nn.Module, first_stage: bool,
-                 input_gram_bound: bool = False) -> list[KronLayer] | None:
+def stage_layers(module: nn.Module, first_stage: bool, input_gram_bound: bool = False,
+                 conv_offsets: bool = False) -> list[KronLayer] | None:
     """The stage's SM layers, in order, or None when a module of it has no Kronecker bound
     here (attention, normalisation, embeddings, average pooling, two activations in a row):
-    such a stage keeps SM's inner loop on its exact local loss."""
+    such a stage keeps SM's inner loop on its exact local loss. `conv_offsets`: each
+    convolution's A bounded per kernel offset (sm_kron's conv_factor: offsets)."""
     leaves = _leaves(module)
     if leaves is None:
         return None
@@ -354,7 +355,8 @@ def stage_layers(module: nn.Module, first_stage: bool,
         if isinstance(leaf, (nn.Linear, nn.Conv2d)):
             if isinstance(leaf, nn.Conv2d) and not ConvGeometry.covers(leaf):
                 return None
-            layers.append(KronLayer(leaf, first=pending[0] if pending else None))
+            layers.append(KronLayer(leaf, first=pending[0] if pending else None,
+                                    offsets=conv_offsets))
             pending = []
         elif isinstance(leaf, nn.Flatten):
             pending.append(leaf)

@@ -140,10 +140,9 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
         super().__init__(owner, stage)
         self.kron: SMKronOptions = owner.config  # type: ignore[assignment]
         self.layers: list[KronLayer] | None = stage_layers(
-            stage.module, stage.is_first, self.kron.input_bound == "gram")
+            stage.module, stage.is_first, self.kron.input_bound == "gram",
+            self.kron.conv_factor == "offsets")
         self.dtype = stage.params[0].dtype  # the factors are summed in the model's dtype
-        for layer in self.layers or []:
-            layer.offsets = self.kron.conv_factor == "offsets"
         self.captured: dict[int, Capture] = {}
         self._recording: int | None = None
         self.updates = 0  # steps taken (every refresh_every-th recomputes the eigenbases)
