@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -62,6 +64,24 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "sm_dist", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The same command as run_cli, run by `main` in this process from `cwd`, its output
+    captured: for the commands a test needs as a reference rather than as a process of its own
+    (a single-process run beside an engine run), without a Python and torch start-up each."""
+    from sm_dist.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(list(args))
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(["sm-dist", *args], code, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from sm_dist.run.checkpoints import (
     complete_checkpoints,
     job_fingerprint,
 )
-from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, run_here, synthetic_job, write_job
 
 
 def records(out: Path) -> list[dict[str, Any]]:
@@ -223,10 +223,10 @@ def test_resume_refuses_a_different_job(tmp_path: Path, finished_run: Path,
 def test_engine_resumes_a_single_process_checkpoint_identically(tmp_path: Path) -> None:
     """Checkpoints are the same files either way: the engine continues a run exactly."""
     path = write_job(tmp_path / "job.yaml", checkpointed_job({"name": "sm", "inner_steps": 3}))
-    straight = run_cli("train", str(path), "--single-process", "--out", "a",
-                       "--set", "run.iterations=7", cwd=tmp_path)
+    straight = run_here("train", str(path), "--single-process", "--out", "a",
+                        "--set", "run.iterations=7", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
-    first = run_cli("train", str(path), "--single-process", "--out", "b", cwd=tmp_path)
+    first = run_here("train", str(path), "--single-process", "--out", "b", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     resumed = run_cli("train", str(path), "--no-live", "--resume", "b",
                       "--set", "run.iterations=7", cwd=tmp_path)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import REPO, metric_rows, run_cli, synthetic_job, write_job
+from tests.conftest import REPO, metric_rows, run_cli, run_here, synthetic_job, write_job
 
 BALANCES = {1: [4], 2: [2, 2], 4: [1, 1, 1, 1]}
 OPTIMIZERS = {
@@ -51,7 +51,7 @@ def model_params(out: Path) -> list[dict[str, torch.Tensor]]:
 
 def train_both(tmp_path: Path, job: dict[str, Any]) -> tuple[Path, Path]:
     path = write_job(tmp_path / "job.yaml", job)
-    single = run_cli("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
+    single = run_here("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     multi = run_cli("train", str(path), "--no-live", "--out", "multi", cwd=tmp_path)
     assert multi.returncode == 0, multi.stderr
@@ -152,7 +152,7 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
                 "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
     two_agents(tmp_path, path, torchrun, env, timeout=240)
-    single = run_cli("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
+    single = run_here("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     assert_same_training(tmp_path / "single", tmp_path / "multi")
 

@@ -19,7 +19,7 @@ from sm_dist.data.batches import split_microbatches
 from sm_dist.pipeline.memory import MemoryProbe
 from sm_dist.run.metrics import IterationRecord
 from sm_dist.run.monitor import LiveMonitor, format_record
-from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, run_here, synthetic_job, write_job
 from tests.helpers_math import make_job
 from tests.test_cnn import cnn_job
 from tests.test_transformer import text_job
@@ -106,9 +106,9 @@ def test_recompute_gives_exactly_the_iterates_of_kept_graphs(tmp_path: Path,
     path = write_job(tmp_path / "job.yaml", job)
     for value in ("false", "true"):
         # Warm starts kept in both: recompute alone drops them (their default follows it).
-        result = run_cli("train", str(path), "--single-process", "--no-live", "--out", value,
-                         "--set", f"optimizer.recompute={value}",
-                         "--set", "optimizer.power_warm_start=true", cwd=tmp_path)
+        result = run_here("train", str(path), "--single-process", "--no-live", "--out", value,
+                          "--set", f"optimizer.recompute={value}",
+                          "--set", "optimizer.power_warm_start=true", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     kept, rebuilt = records(tmp_path / "false"), records(tmp_path / "true")
     for a, b in zip(kept, rebuilt, strict=True):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, run_cli, synthetic_job, write_job
+from tests.conftest import REPO, run_cli, run_here, synthetic_job, write_job
 from tests.test_engine import (
     OPTIMIZERS,
     assert_same_training,
@@ -171,7 +171,7 @@ def test_two_nodes_of_four_processes_run_four_stages_times_two_replicas(tmp_path
                 "127.0.0.1", "--master-port", str(port)]
     outputs = two_agents(tmp_path, path, torchrun, env, timeout=400)
     assert "4 stages x 2 replicas = 8 processes" in outputs[0][0]
-    single = run_cli("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
+    single = run_here("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     assert_same_training(tmp_path / "single", tmp_path / "multi")
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())

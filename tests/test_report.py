@@ -46,7 +46,7 @@ from sm_dist.report.summary import (
     write_report,
 )
 from sm_dist.run.metrics import IterationRecord
-from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, run_here, synthetic_job, write_job
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ITERATIONS = 4
@@ -62,8 +62,8 @@ def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         run={"iterations": ITERATIONS, "eval_every": 2, "threads": 1, "rpc_timeout": 60}))
     dirs = {"pipeline": root / "pipeline", "single": root / "single"}
     for kind, extra in (("pipeline", []), ("single", ["--single-process"])):
-        result = run_cli("train", str(job), "--no-live", *extra, "--out", str(dirs[kind]),
-                         cwd=root)
+        run = run_here if extra else run_cli  # the single-process one in this process
+        result = run("train", str(job), "--no-live", *extra, "--out", str(dirs[kind]), cwd=root)
         assert result.returncode == 0, result.stderr
     return dirs
 

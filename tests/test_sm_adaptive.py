@@ -16,7 +16,7 @@ from sm_dist.math.line_search import ArmijoRule
 from sm_dist.math.solvers import TruncatedCG
 from sm_dist.optim.step_scale import line_minimum, next_scale, retry_scale
 from sm_dist.run.trainer import train
-from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, run_here, synthetic_job, write_job
 from tests.helpers_math import DTYPE, DenseLocalLoss, randn, seeded
 
 CPU = torch.device("cpu")
@@ -171,7 +171,8 @@ def trained_in_both_runtimes_ending_at_the_start(tmp_path: Path, raw: dict) -> l
     runs = []
     for how in (["--single-process"], ["--no-live"]):
         out = "single" if how == ["--single-process"] else "multi"
-        result = run_cli("train", str(path), *how, "--out", out, cwd=tmp_path)
+        run = run_here if how == ["--single-process"] else run_cli
+        result = run("train", str(path), *how, "--out", out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         runs.append(metric_rows(tmp_path / out))
         final = torch.load(tmp_path / out / "model.pt")["stages"]
