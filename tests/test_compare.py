@@ -30,7 +30,7 @@ from sm_dist.report.grid import (
 )
 from sm_dist.report.run_data import RunData
 from sm_dist.run.metrics import IterationRecord
-from tests.conftest import metric_rows, run_cli, synthetic_job, write_job
+from tests.conftest import metric_rows, run_cli, run_here, synthetic_job, write_job
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The end-to-end grid: SM at N = 1, 2 and Adam at two learning rates, each at depths 2 and 3 of
@@ -306,7 +306,7 @@ def grid_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The tiny grid, trained for real once: its directory and the command's output."""
     root = tmp_path_factory.mktemp("compare")
     write_job(root / "job.yaml", synthetic_job())
-    result = run_cli("compare", "job.yaml", *GRID, "--out", "out", cwd=root)
+    result = run_here("compare", "job.yaml", *GRID, "--out", "out", cwd=root)  # runs: processes
     assert result.returncode == 0, result.stdout + result.stderr
     return root, result.stdout
 
@@ -501,8 +501,8 @@ def test_a_run_that_diverges_and_stops_is_a_result_not_a_failure(tmp_path: Path)
     """run.on_nonfinite: stop ends a diverging run early (exit 1 and stopped.txt): compare
     keeps it, shows it as diverged from that iteration and still exits 0."""
     write_job(tmp_path / "job.yaml", synthetic_job(run={"iterations": 6, "eval_every": 0}))
-    result = run_cli("compare", "job.yaml", "--optimizers", "gd", "--lrs", "0.1,1e8",
-                     "--single-process", "--out", "out", cwd=tmp_path)
+    result = run_here("compare", "job.yaml", "--optimizers", "gd", "--lrs", "0.1,1e8",
+                      "--single-process", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "gd-lr1e08  stopped: diverged at iteration 2" in result.stdout
     text = (tmp_path / "out" / "compare.md").read_text()
