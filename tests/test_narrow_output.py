@@ -13,9 +13,8 @@ import pytest
 import yaml
 from rich.console import Console
 
-from sm_dist.cli import main
 from sm_dist.report.summary import finish_run, report_main
-from tests.conftest import run_cli, synthetic_job, write_job
+from tests.conftest import run_cli, run_here, synthetic_job, write_job
 
 ITERATIONS = 4
 SHORT = ("sm-fill", "sm_adaptive", "adam")
@@ -40,12 +39,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, (optimizer, extra) in jobs.items():
         job = write_job(root / f"{name}.yaml", synthetic_job(optimizer=optimizer, run=run))
         dirs[name] = root / name
-        args = ["train", str(job), "--no-live", *extra, "--out", str(dirs[name])]
-        if extra:  # in this process: the same code, without a Python and torch start-up
-            assert main(args) == 0
-        else:
-            result = run_cli(*args, cwd=root)
-            assert result.returncode == 0, result.stderr
+        runner = run_here if extra else run_cli  # the single-process ones in this process
+        result = runner("train", str(job), "--no-live", *extra, "--out", str(dirs[name]), cwd=root)
+        assert result.returncode == 0, result.stderr
     dirs[COMPARE_LIKE] = shutil.copytree(dirs["sm_adaptive"], root / COMPARE_LIKE)
     dirs[PLUGIN] = shutil.copytree(dirs["adam"], root / PLUGIN)
     config = yaml.safe_load((dirs[PLUGIN] / "config.yaml").read_text())

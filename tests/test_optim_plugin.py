@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sm_dist.cli import main
 from sm_dist.config.build import build_local_pipeline, build_stage_modules, load_job_data
 from sm_dist.config.job import ConfigError, job_from_dict
 from sm_dist.optim import registry
@@ -34,7 +33,7 @@ from sm_dist.pipeline.actions import (
 from sm_dist.pipeline.executor import Handler, PlanRun
 from sm_dist.pipeline.schedule import UpdateActions
 from sm_dist.run.trainer import train
-from tests.conftest import run_cli, synthetic_job, write_job
+from tests.conftest import run_cli, run_here, synthetic_job, write_job
 
 SPEC = "tests.test_optim_plugin:SignGD"  # how a job file names an optimizer outside sm_dist
 
@@ -156,17 +155,15 @@ def test_a_registered_optimizer_trains_in_one_process_as_written() -> None:
     assert "sign_gd" in registry.NAMES and registry.names_sweeping("lr")[-1] == "sign_gd"
 
 
-def test_an_optimizer_from_outside_shows_its_action_metric_and_option(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_optimizer_from_outside_shows_its_action_metric_and_option(tmp_path: Path) -> None:
     """Named by its module in the job file: every stage process imports it; the engine and one
     process compute the same; its metric is in metrics.jsonl and the live line, its action Q
     in the schedule grid and in the timeline (trace.json and the plot's legend); its option
     is validated like the package's own. Only the engine run starts processes; the other
-    commands run `main` here."""
+    commands run in this process (run_here)."""
     path = write_job(tmp_path / "job.yaml", toy_job(SPEC))
-    monkeypatch.chdir(tmp_path)
-    assert main(["train", str(path), "--single-process", "--out", "single"]) == 0
+    single = run_here("train", str(path), "--single-process", "--out", "single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
     multi = run_cli("train", str(path), "--no-live", "--out", "multi", cwd=tmp_path)
     assert multi.returncode == 0, multi.stderr
     a, b = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
@@ -182,14 +179,13 @@ def test_an_optimizer_from_outside_shows_its_action_metric_and_option(
     trace = json.loads((tmp_path / "multi" / "trace.json").read_text())
     assert sum(e.get("name") == "Q" for e in trace["traceEvents"]) == 3 * 4
     assert (tmp_path / "multi" / "timeline.png").is_file()
-    capsys.readouterr()
-    assert main(["schedule", str(path)]) == 0
-    grid = capsys.readouterr().out
-    assert "stage 0: F0 F1 B1 B0 Q A" in grid
-    assert " Q " in grid.split("\n\n", 1)[1]  # in the grid's cells too
+    grid = run_here("schedule", str(path), cwd=tmp_path)
+    assert grid.returncode == 0, grid.stderr
+    assert "stage 0: F0 F1 B1 B0 Q A" in grid.stdout
+    assert " Q " in grid.stdout.split("\n\n", 1)[1]  # in the grid's cells too
 
-    assert main(["validate", str(path), "--set", "optimizer.step_decay=2"]) == 2
-    assert "optimizer.step_decay: must be <= 1" in capsys.readouterr().err
+    bad = run_here("validate", str(path), "--set", "optimizer.step_decay=2", cwd=tmp_path)
+    assert bad.returncode == 2 and "optimizer.step_decay: must be <= 1" in bad.stderr
 
 
 def test_a_plugins_kinds_are_named_in_the_timelines_legend(tmp_path: Path) -> None:

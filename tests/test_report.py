@@ -62,8 +62,9 @@ def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         run={"iterations": ITERATIONS, "eval_every": 2, "threads": 1, "rpc_timeout": 60}))
     dirs = {"pipeline": root / "pipeline", "single": root / "single"}
     for kind, extra in (("pipeline", []), ("single", ["--single-process"])):
-        run = run_here if extra else run_cli  # the single-process one in this process
-        result = run("train", str(job), "--no-live", *extra, "--out", str(dirs[kind]), cwd=root)
+        runner = run_here if extra else run_cli  # the single-process one in this process
+        result = runner("train", str(job), "--no-live", *extra, "--out", str(dirs[kind]),
+                        cwd=root)
         assert result.returncode == 0, result.stderr
     return dirs
 

@@ -90,35 +90,31 @@ def test_a_steered_pass_waits_for_everything_before_it() -> None:
 
 
 # ------------------------------------------------------------------- sm-dist simulate
-def test_simulate_a_single_process_run_and_an_engine_run(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulate_a_single_process_run_and_an_engine_run(tmp_path: Path) -> None:
     """Both kinds of run directory can be replayed; the JSON has the figures the docs name.
-    The engine run is a real launch; the rest runs `main` in this process (the same code
-    path, without a Python and torch start-up per command)."""
+    The engine run is a real launch; the other commands run in this process (run_here)."""
     import json
 
-    from sm_dist.cli import main
-    from tests.conftest import run_cli, synthetic_job, write_job
+    from tests.conftest import run_cli, run_here, synthetic_job, write_job
 
     job = synthetic_job(optimizer={"name": "sm", "inner_steps": {"min": 2, "max": 20}},
                         run={"iterations": 4, "eval_every": 2})
     path = write_job(tmp_path / "job.yaml", job)
-    monkeypatch.chdir(tmp_path)
-    assert main(["train", str(path), "--single-process", "--no-live", "--out", "single"]) == 0
-    result = run_cli("train", str(path), "--no-live", "--out", "multi", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    for run, how, out in ((run_here, ["--single-process"], "single"),
+                          (run_cli, ["--no-live"], "multi")):
+        result = run("train", str(path), *how, "--out", out, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
     assert (tmp_path / "single" / "actions.json").is_file()
-    capsys.readouterr()
     for out in ("single", "multi"):
-        assert main(["simulate", out, "--json", "--link", "10gbe"]) == 0
-        figures = json.loads(capsys.readouterr().out)
+        result = run_here("simulate", out, "--json", "--link", "10gbe", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        figures = json.loads(result.stdout)
         assert figures["iteration_time"] > 0 and 0 <= figures["bubble_fraction"] < 1
         assert len(figures["busy_fraction"]) == 3 and figures["link"] == "10gbe"
         assert figures["costs_from"] == ("actions.json" if out == "single" else "trace.json")
-    assert main(["simulate", "single", "--microbatches", "4"]) == 0
-    printed = capsys.readouterr().out
-    assert "iteration time" in printed and "bubble" in printed
+    printed = run_here("simulate", "single", "--microbatches", "4", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    assert "iteration time" in printed.stdout and "bubble" in printed.stdout
     assert (tmp_path / "single" / "simulated-timeline.png").is_file()
-    assert main(["simulate", "single", "--link", "fast"]) == 2
-    assert "--link 'fast'" in capsys.readouterr().err
+    bad = run_here("simulate", "single", "--link", "fast", cwd=tmp_path)
+    assert bad.returncode == 2 and "--link 'fast'" in bad.stderr

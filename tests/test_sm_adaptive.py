@@ -169,10 +169,9 @@ def trained_in_both_runtimes_ending_at_the_start(tmp_path: Path, raw: dict) -> l
              for m in build_stage_modules(job_from_dict(raw))]
     path = write_job(tmp_path / "job.yaml", raw)
     runs = []
-    for how in (["--single-process"], ["--no-live"]):
-        out = "single" if how == ["--single-process"] else "multi"
-        run = run_here if how == ["--single-process"] else run_cli
-        result = run("train", str(path), *how, "--out", out, cwd=tmp_path)
+    for run, how, out in ((run_here, "--single-process", "single"),
+                          (run_cli, "--no-live", "multi")):
+        result = run("train", str(path), how, "--out", out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         runs.append(metric_rows(tmp_path / out))
         final = torch.load(tmp_path / out / "model.pt")["stages"]
