@@ -3,14 +3,15 @@
 For the 4-stage MLP, CNN and transformer jobs of configs/, one engine run each (one process
 per stage) of: Adam, SM keeping every microbatch's Ψ graph through the update (the default),
 SM with `optimizer.recompute: true` (one graph alive at a time, no warm-start vectors kept),
-recompute with `power_warm_start: true`, and sm_kron. Runs go one after another,
-never side by side. It prints two figures per stage (pipeline/memory.py): the peak since
-training started, and what training added on top of what the process held at its start.
-On CPU both are resident memory, so the peak includes torch itself (hundreds of MiB) and the
-added part includes first-use allocations any optimizer makes; on CUDA (`--device cuda`)
-they are allocated tensor bytes. Rank 0 also holds the coordinator (the data, the records).
-On CPU it then measures the same five runs' live tensor bytes per stage in one profiled
-process (benchmarks/tensor_memory.py): the CPU counterpart of CUDA's allocated memory.
+recompute with `power_warm_start: true`, sm_kron, and sm_kron with `gram_block: 128`. Runs
+go one after another, never side by side. It prints two figures per stage
+(pipeline/memory.py): the peak since training started, and what training added on top of what
+the process held at its start. On CPU both are resident memory, so the peak includes torch
+itself (hundreds of MiB) and the added part includes first-use allocations any optimizer
+makes; on CUDA (`--device cuda`) they are allocated tensor bytes. Rank 0 also holds the
+coordinator (the data, the records). On CPU it then measures the same runs' live tensor bytes
+per stage in one profiled process (benchmarks/tensor_memory.py): the CPU counterpart of
+CUDA's allocated memory.
 
     python benchmarks/memory_per_stage.py [--iterations 3] [--workloads mlp,cnn,transformer]
 """
@@ -82,7 +83,10 @@ SM_RUNS = {"sm, graphs kept": ["optimizer.recompute=false"],
            "sm, recompute + warm starts": ["optimizer.recompute=true",
                                            "optimizer.power_warm_start=true"],
            # Each layer's rows and weights of A and U kept from the backward to the update.
-           "sm_kron": ["optimizer.name=sm_kron", "optimizer.recompute=false"]}
+           "sm_kron": ["optimizer.name=sm_kron", "optimizer.recompute=false"],
+           # Stage 0's Z̃ᵀZ̃ summed 128 samples at a time (no microbatch's d × d product).
+           "sm_kron, gram_block 128": ["optimizer.name=sm_kron", "optimizer.recompute=false",
+                                       "optimizer.gram_block=128"]}
 
 
 def main() -> None:

@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sm_dist.math.curvature import damped_curvature, initial_vectors, power_iteration
 from sm_dist.math.kronecker import (
     LayerTerms,
     activation_derivatives,
     endpoint_bound,
+    fold_bias,
     kronecker_factors,
     largest_curvature,
     linear_lambda_estimate,
@@ -36,7 +38,7 @@ from sm_dist.math.kronecker_conv import (
     conv_layer_terms,
     unpooled,
 )
-from sm_dist.math.kronecker_gram import input_gram
+from sm_dist.math.kronecker_gram import input_gram, summed_input_gram
 from sm_dist.math.kronecker_solve import (
     damped_factor,
     floored_inverse,
@@ -674,6 +676,54 @@ def test_a_gram_matrix_summed_in_place_has_the_bits_of_the_sum_of_symmetrised_pa
     copied = damped_factor(expected, 0.1)
     shifted = damped_factor(summed, 0.1, in_place=True)
     assert shifted.data_ptr() == summed.data_ptr() and torch.equal(shifted, copied)
+
+
+class _NewTensors(TorchDispatchMode):
+    """The shapes of the tensors each op makes anew (in-place ops make none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in (*args, *(kwargs or {}).values())
+                 if isinstance(t, Tensor)}
+        if isinstance(out, Tensor) and out.untyped_storage().data_ptr() not in given:
+            self.shapes.append(tuple(out.shape))  # not a view, not written in place
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_gram_matrix_summed_in_blocks_is_the_whole_one_without_its_products(
+        dtype: torch.dtype) -> None:
+    """gram_block: stage 0's Z̃ᵀZ̃ summed a few samples at a time by addmm is the microbatch-
+    at-a-time sum up to rounding, exactly symmetric, and forms no d × d matrix but the sum
+    and no rows of a whole microbatch; the microbatch-at-a-time sum forms one per microbatch."""
+    gen = torch.Generator().manual_seed(2)
+    # wider than symmetrize_'s blocks, whose temporaries are then narrower than the sum
+    inputs = [torch.randn(n, 200, generator=gen, dtype=dtype) for n in (30, 30, 17)]
+
+    def rows_of(x: Tensor) -> Tensor:
+        return fold_bias(x, True)
+
+    whole = summed_input_gram(inputs, rows_of)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    for block in (1, 8, 30, 64):
+        made = _NewTensors()
+        with made:
+            blocked = summed_input_gram(inputs, rows_of, block)
+        assert blocked.dtype == dtype and torch.equal(blocked, blocked.T)
+        torch.testing.assert_close(blocked, whole, rtol=tolerance,
+                                   atol=tolerance * float(whole.abs().max()))
+        assert made.shapes.count((201, 201)) == 1, block  # the sum, formed once
+        rows = [shape for shape in made.shapes if len(shape) == 2 and shape[1] == 201
+                and shape != (201, 201)]
+        assert rows and max(shape[0] for shape in rows) == min(block, 30), block
+    made = _NewTensors()
+    with made:
+        summed_input_gram(inputs, rows_of)
+    assert made.shapes.count((201, 201)) == len(inputs)
 
 
 def test_a_factor_indefinite_by_rounding_is_floored_until_cholesky_accepts_it() -> None:

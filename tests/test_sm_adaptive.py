@@ -195,6 +195,34 @@ def test_the_loss_never_rises_and_retries_cost_forward_passes() -> None:
         assert math.isfinite(r.metric("step_scale"))
 
 
+@pytest.mark.parametrize("warm_start", [0.0, 0.5])
+def test_an_accepted_step_frees_what_would_undo_it_before_the_drain(warm_start: float) -> None:
+    """θ before a step and its direction are held until a forward pass judges the step:
+    through the backwards of a rejected one (the retry needs them), not of an accepted one,
+    whose direction stays only as CG's warm start."""
+    job = job_from_dict(eager_job(8, warm_start=warm_start))
+    pipeline = build_local_pipeline(job, CPU)
+    seen: list[tuple[bool, bool, bool]] = []
+    for stage in pipeline.stages:
+        part = stage.optimizer
+        backward = part.backward
+
+        def watched(*args: object, part: object = part, backward: object = backward) -> object:
+            seen.append((part.rejected, part.base is None, part.last_d is None))
+            return backward(*args)
+
+        part.backward = watched  # type: ignore[method-assign]
+    records = train(job, pipeline, load_job_data(job), lambda r: None)
+    assert any(r.metric("step_rejected") for r in records)
+    first = len(pipeline.stages) * job.data.microbatches  # iteration 1's: no step yet
+    accepted = [held for held in seen[first:] if not held[0]]
+    rejected = [held for held in seen[first:] if held[0]]
+    assert accepted and rejected
+    assert all(freed_base and freed_d == (warm_start == 0.0)
+               for _, freed_base, freed_d in accepted)
+    assert not any(freed_base or freed_d for _, freed_base, freed_d in rejected)
+
+
 def test_without_acceptance_the_eager_step_is_kept() -> None:
     job = job_from_dict(eager_job(3, accept_steps=False))
     records = train(job, build_local_pipeline(job, CPU), load_job_data(job), lambda r: None)

@@ -99,12 +99,13 @@ def test_engine_and_single_process_agree(tmp_path: Path, input_bound: str) -> No
     assert_same_training(*train_both(tmp_path, kron_job(3, input_bound=input_bound)))
 
 
-@pytest.mark.parametrize("input_bound", ["gram", "exact"])
-def test_microbatch_factors_sum_to_the_batchs(input_bound: str) -> None:
-    """λ by its certified bound (no random start): one microbatch or four, the same steps."""
+@pytest.mark.parametrize("input_bound,gram_block", [("gram", 0), ("gram", 3), ("exact", 0)])
+def test_microbatch_factors_sum_to_the_batchs(input_bound: str, gram_block: int) -> None:
+    """λ by its certified bound (no random start): one microbatch or four, the same steps;
+    stage 0's Gram matrix summed a microbatch or 3 samples at a time."""
     def losses(microbatches: int) -> list[float]:
         raw = kron_job(4, lambda_rounds=0, input_bound=input_bound, step_scale=2.0,
-                       scale_rule="fixed", accept_steps=False)
+                       scale_rule="fixed", accept_steps=False, gram_block=gram_block)
         raw["data"]["microbatches"] = microbatches
         return [r.train_loss for r in trained(raw)]
 
@@ -142,6 +143,14 @@ def test_a_linear_layers_factors_formed_in_the_update_are_the_backwards(
     for mine, theirs in zip(deferred.factors(torch.float64, 1.0),
                             direct.factors(torch.float64, 1.0)):
         assert mine is not None and theirs is not None and torch.equal(mine, theirs)
+
+
+def test_stage_0_summing_its_gram_matrix_in_blocks_trains_as_the_whole_sum() -> None:
+    """gram_block rounds the sum differently and nothing else: the same losses to rounding."""
+    whole = [r.train_loss for r in trained(kron_job(6))]
+    blocked = [r.train_loss for r in trained(kron_job(6, gram_block=5))]
+    assert blocked == pytest.approx(whole, rel=1e-6)
+    assert blocked[-1] < blocked[0]
 
 
 def test_the_loss_never_rises_on_a_full_batch() -> None:
@@ -232,6 +241,7 @@ def test_engine_and_single_process_agree_on_cnn_and_transformer(tmp_path: Path,
     ({"input_bound": "both"}, "optimizer.input_bound"),
     ({"lambda_rounds": -1}, "optimizer.lambda_rounds"),
     ({"eta": 0}, "optimizer.eta"),
+    ({"gram_block": -1}, "optimizer.gram_block"),
 ])
 def test_bad_options_are_named(option: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

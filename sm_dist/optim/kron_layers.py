@@ -38,7 +38,7 @@ from sm_dist.math.kronecker_conv import (
     conv_patches,
     conv_pixel_terms,
 )
-from sm_dist.math.kronecker_gram import input_gram
+from sm_dist.math.kronecker_gram import summed_input_gram
 from sm_dist.math.kronecker_solve import (
     Eigenbasis,
     damped_factor,
@@ -212,15 +212,14 @@ class KronLayer:
             return fold_bias(conv_patches(inputs, ConvGeometry.of(self.affine)), with_bias)
         return fold_bias(inputs.reshape(inputs.shape[0], -1), with_bias)
 
-    def prepare_gram(self, inputs: list[Tensor], damping: Damping) -> None:
-        """Factor the batch's Z̃ᵀZ̃ (a data layer with the gram bound): it needs the forward
-        only, so stage 0 does it before its first backward arrives."""
+    def prepare_gram(self, inputs: list[Tensor], damping: Damping, block: int = 0) -> None:
+        """Factor the batch's Z̃ᵀZ̃ (a data layer with the gram bound), summed `block` samples
+        at a time (0: a microbatch at a time): it needs the forward only, so stage 0 does it
+        before its first backward arrives."""
         self.gram_inverse = None  # the last batch's, freed before this one is formed
 
         def damped_gram(floor: float) -> Tensor:  # formed again only if Cholesky refuses it
-            gram = input_gram(self.rows(inputs[0]), inputs[0].dtype)
-            for x in inputs[1:]:
-                input_gram(self.rows(x), x.dtype, into=gram)
+            gram = summed_input_gram(inputs, self.rows, block)
             # float64: damped in its own storage, one d² matrix alive, then its factor
             return damped_factor(gram, damping.factor, floor, in_place=True)
 

@@ -154,10 +154,21 @@ class AdaptiveStageOptimizer(SMStageOptimizer):
     def backward_note(self, j: int, same_batch: bool) -> Any:
         if self._decision is None:
             self._decision = self._decide(same_batch)
+            self._settle()
         return self._decision
 
     def take_backward_note(self, j: int, note: Any) -> None:
         self._decision = note
+        self._settle()
+
+    def _settle(self) -> None:
+        """An accepted step is never undone: θ before it, and its direction unless CG starts
+        from it, are freed before the drain rather than held through it (two parameter-sized
+        tensors, the largest of stage 0's backward peak beside sm_kron's Gram inverse)."""
+        if self._decision is not None and self._decision.accept:
+            self.base = None
+            if not self.adaptive.warm_start:
+                self.last_d = None
 
     # ---------------------------------------------------------------------- decision
     def _decide(self, same_batch: bool) -> Decision:
@@ -213,9 +224,10 @@ class AdaptiveStageOptimizer(SMStageOptimizer):
                            fallback_step=cfg.armijo_init, radius=radius, start=start)
 
     def step_to_apply(self, d: Tensor, model_value: float) -> Tensor:
-        grad = flatten([p.grad for p in self.stage.params])
+        # g·d from a flat copy of the gradient, freed before the copies the step is held by
+        self.last_slope = float(flatten([p.grad for p in self.stage.params]) @ d)
         self.base = [p.detach().clone() for p in self.stage.params]
-        self.last_d, self.last_model, self.last_slope = d.clone(), model_value, float(grad @ d)
+        self.last_d, self.last_model = d.clone(), model_value
         assert self._decision is not None
         self.scale = self.last_scale = self._decision.scale
         self.pending = True

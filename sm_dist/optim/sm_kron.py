@@ -67,6 +67,10 @@ class SMKronOptions(SMAdaptiveOptions):
     scale_rule: str | None = field(default=None, metadata={"choices": SCALE_RULES})
     lambda_rounds: int = field(default=1, metadata={"min": 0})
     input_bound: str = field(default="gram", metadata={"choices": ("gram", "exact")})
+    # Samples per product added into stage 0's Z̃ᵀZ̃ (input_bound: gram). 0: a microbatch's
+    # whole product at a time, which the results in docs/ were made with; N: stage 0 holds
+    # no microbatch's d × d product nor its rows (summed_input_gram; docs/performance.md).
+    gram_block: int = field(default=0, metadata={"min": 0})
     refresh_every: int = field(default=1, metadata={"min": 1})
     # A convolution's A: over its whole patches, or K·blockdiag over its kernel offsets and
     # bias (looser, k² times fewer multiply-adds in the backward; docs/results/peers.md).
@@ -121,7 +125,8 @@ class KronSolution:
     Kronecker layers take no inner steps."""
 
     def __init__(self, d: Tensor, value: float) -> None:
-        self.d, self.hd = d, torch.zeros_like(d)
+        # 𝓗d is never read here (the value is the bound's): a zero that allocates nothing
+        self.d, self.hd = d, d.new_zeros(()).expand_as(d)
         self.value = value
         self.steps, self.stopped = 0, None
 
@@ -192,8 +197,8 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
         # which reads only max m (holding them would keep a microbatch's indices alive).
         indices = pool_indices(out) if layer.pool is not None and not layer.gram else None
         grads = torch.autograd.grad(out, wrt, g)
-        for p, grad in zip(layer.params, grads):
-            p.grad = grad.clone() if p.grad is None else p.grad.add_(grad)
+        for p, grad in zip(layer.params, grads):  # autograd.grad's own tensors: no copy
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
         below_c = layer.backward(j, inputs.detach(), pre.detach(), out.detach(), g.detach(), c,
                                  self.kron.lambda_rounds, self.damping, self.dtype,
                                  self.stage.generator, indices)
@@ -211,7 +216,8 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
                                                 first.gram_inverse is not None):
             return "skipped"
         inputs = [self.captured[j][0][0] for j in sorted(self.captured)]
-        first.prepare_gram([x.detach() for x in inputs if x is not None], self.damping)
+        first.prepare_gram([x.detach() for x in inputs if x is not None], self.damping,
+                           self.kron.gram_block)
         return ""
 
     def begin(self) -> None:
