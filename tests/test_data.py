@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ import torch
 import torchvision
 
 from sm_dist.data import datasets as data
+from sm_dist.data import idx_cache
 from sm_dist.data.batches import BatchStream, split_microbatches
 from sm_dist.data.datasets import (
     DEFAULT_FASHION_MNIST_DIR,
@@ -19,6 +24,7 @@ from sm_dist.data.datasets import (
     Dataset,
     load_dataset,
 )
+from sm_dist.data.idx_cache import CACHE_NAME, read_cached
 
 # Decompressed sizes of the IDX files: a 16-byte header for images, 8 for labels.
 IDX_SIZES = {
@@ -126,6 +132,61 @@ def test_fashion_mnist_reuses_copy_and_subsets(
     )
     assert raw.train_x.dtype == torch.bfloat16 and raw.test_x.shape == (10000, 784)
     assert raw.train_x.min().item() == 0.0 and raw.train_x.max().item() == 1.0
+
+
+def test_a_later_process_reads_the_decoded_arrays_without_torchvision(
+    fashion_full: Dataset, fashion_root: Path
+) -> None:
+    """The first load leaves torchvision's arrays beside its files; a fresh process loads the
+    same dataset from them without importing torchvision (about 1.8 s per process)."""
+    assert (fashion_root / "FashionMNIST" / CACHE_NAME).is_file()
+    script = (
+        "import sys, torch\n"
+        "from sm_dist.data.datasets import load_dataset\n"
+        f"d = load_dataset('fashion_mnist', {str(fashion_root)!r}, train_subset=None, "
+        "test_subset=None, normalize='standard', flatten=True, dtype=torch.float32)\n"
+        "print(any(m.startswith('torchvision') for m in sys.modules))\n"
+        "print(repr(float(d.train_x.double().sum())), int(d.test_y.sum()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, check=True)
+    imported, sums = done.stdout.splitlines()
+    assert imported == "False"
+    expected = float(fashion_full.train_x.double().sum()), int(fashion_full.test_y.sum())
+    assert sums == f"{expected[0]!r} {expected[1]}"
+
+
+def test_the_decoded_arrays_follow_their_files(
+    fashion_full: Dataset, fashion_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cut-off cache, or one made from other files, is decoded again and replaced; a root
+    that cannot take one still loads."""
+    class_dir = tmp_path / "FashionMNIST"
+    shutil.copytree(fashion_root / "FashionMNIST" / "raw", class_dir / "raw")
+    cache = class_dir / CACHE_NAME
+
+    def labels() -> torch.Tensor:
+        return load_dataset("fashion_mnist", str(tmp_path), train_subset=None,
+                            test_subset=None, normalize="none", flatten=True,
+                            dtype=torch.float32).train_y
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", _fail_download)
+    assert torch.equal(labels(), fashion_full.train_y) and read_cached(class_dir) is not None
+    cache.write_bytes(b"cut off")
+    assert read_cached(class_dir) is None
+    assert torch.equal(labels(), fashion_full.train_y) and read_cached(class_dir) is not None
+    image = class_dir / "raw" / IDX_FILES[0]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert read_cached(class_dir) is None  # the files changed since
+    assert torch.equal(labels(), fashion_full.train_y) and read_cached(class_dir) is not None
+    cache.unlink()
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(idx_cache.tempfile, "mkstemp", read_only)
+    assert torch.equal(labels(), fashion_full.train_y)
+    assert not cache.exists() and not list(class_dir.glob(".*"))
 
 
 def test_subset_larger_than_set(fashion_full: Dataset, fashion_root: Path) -> None:

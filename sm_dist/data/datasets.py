@@ -14,11 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sm_dist.data.idx_cache import read_cached, write_cached
 from sm_dist.data.text import DEFAULT_TEXT_BYTES, VOCAB, TextError, load_text
 
 DATASETS = ("mnist", "fashion_mnist", "synthetic", "text")
 NORMALIZATIONS = ("standard", "none")
 DISPLAY_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+# torchvision's dataset classes, whose names are also their directories under data.root.
+TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 # Where Debian's `dataset-fashion-mnist` package installs the gzipped IDX files.
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -252,12 +255,16 @@ def _missing_dataset_message(dataset: str, root: str, raw_dir: Path, error: Exce
 
 
 def _load_idx_dataset(dataset: str, root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """uint8 images and labels of both splits, from local files, the Debian package, or network."""
+    """uint8 images and labels of both splits, from local files, the Debian package, or network
+    (decoded by torchvision once, then read back from beside its files: idx_cache)."""
+    class_dir = Path(root) / TORCHVISION_CLASSES[dataset]
+    cached = read_cached(class_dir)
+    if cached is not None:
+        return cached
     # Imported here: torchvision is slow to import and only these two datasets need it.
     import torchvision.datasets as tvd
 
-    cls = tvd.FashionMNIST if dataset == "fashion_mnist" else tvd.MNIST
-    class_dir = Path(root) / cls.__name__
+    cls = getattr(tvd, TORCHVISION_CLASSES[dataset])
     raw_dir, processed_dir = class_dir / "raw", class_dir / "processed"
 
     download = False
@@ -282,7 +289,9 @@ def _load_idx_dataset(dataset: str, root: str) -> tuple[Tensor, Tensor, Tensor, 
             f"{dataset} files under {class_dir} could not be read ({type(exc).__name__}: {exc}): "
             f"delete {raw_dir} and {processed_dir} so they are fetched again"
         ) from exc
-    return train.data, train.targets, test.data, test.targets
+    arrays = (train.data, train.targets, test.data, test.targets)
+    write_cached(class_dir, arrays)
+    return arrays
 
 
 def _make_synthetic(params: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
