@@ -226,6 +226,26 @@ def test_a_transformer_job_is_sm_adaptive_on_its_attention_stages() -> None:
     assert [r.train_loss for r in kron] == [r.train_loss for r in adaptive]
 
 
+def test_recompute_rebuilds_the_graphs_of_the_stages_without_a_bound_only() -> None:
+    """recompute on sm_kron: the transformer's stages (sm_adaptive's update) rebuild their
+    graphs, with sm_adaptive's recompute numbers; the MLP's Kronecker stages record their
+    forwards as before, the same numbers to the bit."""
+    shared = {"inner_steps": 3, "loss_curvature_scale": 1.0, "scale_max": 1e8,
+              "scale_rule": "secant", "scale_growth": 10.0, "recompute": True,
+              "power_warm_start": True}
+    kron = trained({**text_job(), "optimizer": {"name": "sm_kron", **shared}})
+    adaptive = trained({**text_job(), "optimizer": {"name": "sm_adaptive", **shared}})
+    assert [r.train_loss for r in kron] == [r.train_loss for r in adaptive]
+    job = job_from_dict({**text_job(), "optimizer": {"name": "sm_kron", **shared}})
+    pipeline = build_local_pipeline(job, CPU)
+    assert not any(stage.optimizer.keeps_forward_graph() for stage in pipeline.stages)
+    mlp = [r.train_loss for r in trained(kron_job(3, recompute=True))]
+    assert mlp == [r.train_loss for r in trained(kron_job(3))]
+    job = job_from_dict(kron_job(3, recompute=True))
+    assert all(stage.optimizer.keeps_forward_graph()
+               for stage in build_local_pipeline(job, CPU).stages)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [cnn_job, text_job])
 def test_engine_and_single_process_agree_on_cnn_and_transformer(tmp_path: Path,
@@ -237,7 +257,6 @@ def test_engine_and_single_process_agree_on_cnn_and_transformer(tmp_path: Path,
 # ------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("option,message", [
     ({"curvature": "batch"}, "optimizer.curvature: sm_kron's bound is per sample"),
-    ({"recompute": True}, "optimizer.recompute: sm_kron's layers read what the forward kept"),
     ({"input_bound": "both"}, "optimizer.input_bound"),
     ({"lambda_rounds": -1}, "optimizer.lambda_rounds"),
     ({"eta": 0}, "optimizer.eta"),

@@ -163,6 +163,11 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
     def _capture(self) -> Capture | None:
         return None if self._recording is None else self.captured.setdefault(self._recording, {})
 
+    def keeps_forward_graph(self) -> bool:
+        # recompute is for the stages that take sm_adaptive's update (no Kronecker bound); a
+        # Kronecker stage's backward reads what its forward recorded, so it always records.
+        return self.layers is not None or super().keeps_forward_graph()
+
     def take_forward_note(self, j: int, note: Any) -> None:
         super().take_forward_note(j, note)
         self._recording = j  # the forward that follows records microbatch j's layers
@@ -301,7 +306,4 @@ class SMKron(SMAdaptive):
         if config.curvature != "sample":
             errors.append("optimizer.curvature: sm_kron's bound is per sample; set "
                           "optimizer.curvature: sample")
-        if config.recompute:
-            errors.append("optimizer.recompute: sm_kron's layers read what the forward kept; "
-                          "set optimizer.recompute: false")
         return errors
