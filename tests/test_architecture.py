@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -182,12 +183,10 @@ def test_the_engine_knows_no_training_loop_or_report() -> None:
 def test_a_stage_process_imports_no_plotting() -> None:
     """What a stage process imports before training (the command line, the rank, the worker)
     leaves matplotlib out: only rank 0 draws, at the end (0.4 s of start-up per process)."""
-    import subprocess
-
     code = ("import sys, sm_dist.cli, sm_dist.launch.rank, sm_dist.engine.worker; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, cwd=Path(sm_dist.__file__).parents[1])
+                            check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"
 
 

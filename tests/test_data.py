@@ -25,6 +25,7 @@ from sm_dist.data.datasets import (
     load_dataset,
 )
 from sm_dist.data.idx_cache import CACHE_NAME, read_cached
+from tests.conftest import REPO
 
 # Decompressed sizes of the IDX files: a 16-byte header for images, 8 for labels.
 IDX_SIZES = {
@@ -149,7 +150,7 @@ def test_a_later_process_reads_the_decoded_arrays_without_torchvision(
         "print(repr(float(d.train_x.double().sum())), int(d.test_y.sum()))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent, check=True)
+                          cwd=REPO, check=True)
     imported, sums = done.stdout.splitlines()
     assert imported == "False"
     expected = float(fashion_full.train_x.double().sum()), int(fashion_full.test_y.sum())

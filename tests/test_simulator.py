@@ -100,9 +100,9 @@ def test_simulate_a_single_process_run_and_an_engine_run(tmp_path: Path) -> None
     job = synthetic_job(optimizer={"name": "sm", "inner_steps": {"min": 2, "max": 20}},
                         run={"iterations": 4, "eval_every": 2})
     path = write_job(tmp_path / "job.yaml", job)
-    for run, how, out in ((run_here, ["--single-process"], "single"),
-                          (run_cli, ["--no-live"], "multi")):
-        result = run("train", str(path), *how, "--out", out, cwd=tmp_path)
+    for runner, how, out in ((run_here, ["--single-process"], "single"),
+                             (run_cli, ["--no-live"], "multi")):
+        result = runner("train", str(path), *how, "--out", out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     assert (tmp_path / "single" / "actions.json").is_file()
     for out in ("single", "multi"):

@@ -22,8 +22,8 @@ def source_stamp(class_dir: Path) -> Stamp:
     """What the cache was made from: every file under the class's raw/ and processed/."""
     files = sorted(p for sub in ("raw", "processed") if (class_dir / sub).is_dir()
                    for p in (class_dir / sub).iterdir() if p.is_file() and p.name[0] != ".")
-    return [[str(p.relative_to(class_dir)), p.stat().st_size, p.stat().st_mtime_ns]
-            for p in files]
+    stamps = [(p, p.stat()) for p in files]
+    return [[str(p.relative_to(class_dir)), st.st_size, st.st_mtime_ns] for p, st in stamps]
 
 
 def read_cached(class_dir: Path) -> Arrays | None:
