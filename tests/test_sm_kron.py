@@ -73,10 +73,10 @@ def test_stage_0_factors_its_gram_matrix_between_forwards_and_backwards() -> Non
     assert exact.prepare_actions(2)(0) == []
 
 
-def test_minibatches_settle_a_damping_and_the_ratio_rule() -> None:
+def test_minibatches_settle_a_damping() -> None:
     """Left null, sm_kron's damping and scale rule follow the data: none and secant on a full
-    batch; 0.2 and ratio on minibatches, which overfit one minibatch less. The top curvature
-    γ is 0.1 on both. Given, they stay; config.yaml records what was chosen."""
+    batch; 0.5 and secant on minibatches, where the damping overfits one minibatch less. The
+    top curvature γ is 0.1 on both. Given, they stay; config.yaml records what was chosen."""
     def settled(raw: dict) -> tuple:
         cfg = job_from_dict(raw).optimizer
         return cfg.damping, cfg.scale_rule, cfg.loss_curvature_scale
@@ -84,11 +84,11 @@ def test_minibatches_settle_a_damping_and_the_ratio_rule() -> None:
     assert settled(kron_job()) == (0.0, "secant", 0.1)
     minibatch = kron_job()
     minibatch["data"]["batch"] = 8
-    assert settled(minibatch) == (0.2, "ratio", 0.1)
+    assert settled(minibatch) == (0.5, "secant", 0.1)
     given = {**minibatch, "optimizer": {"name": "sm_kron", "damping": 0.05,
-                                        "scale_rule": "secant", "loss_curvature_scale": 0.5}}
-    assert settled(given) == (0.05, "secant", 0.5)
-    assert job_to_dict(job_from_dict(minibatch))["optimizer"]["damping"] == 0.2
+                                        "scale_rule": "ratio", "loss_curvature_scale": 0.5}}
+    assert settled(given) == (0.05, "ratio", 0.5)
+    assert job_to_dict(job_from_dict(minibatch))["optimizer"]["damping"] == 0.5
 
 
 # ------------------------------------------------------------------------- the numbers
@@ -220,7 +220,7 @@ def test_a_transformer_job_is_sm_adaptive_on_its_attention_stages() -> None:
     """Every stage of the tiny transformer holds an embedding, attention or LayerNorm: each
     takes sm_adaptive's step, with sm_kron's scale and acceptance options."""
     shared = {"inner_steps": 3, "loss_curvature_scale": 1.0, "scale_max": 1e8,
-              "scale_rule": "secant", "scale_growth": 10.0}
+              "scale_rule": "secant", "scale_growth": 10.0, "recompute": False}
     kron = trained({**text_job(), "optimizer": {"name": "sm_kron", **shared}})
     adaptive = trained({**text_job(), "optimizer": {"name": "sm_adaptive", **shared}})
     assert kron[-1].train_loss < kron[0].train_loss
@@ -229,9 +229,10 @@ def test_a_transformer_job_is_sm_adaptive_on_its_attention_stages() -> None:
 
 
 def test_recompute_rebuilds_the_graphs_of_the_stages_without_a_bound_only() -> None:
-    """recompute on sm_kron: the transformer's stages (sm_adaptive's update) rebuild their
-    graphs, with sm_adaptive's recompute numbers; the MLP's Kronecker stages record their
-    forwards as before, the same numbers to the bit."""
+    """recompute, sm_kron's default: the transformer's stages (sm_adaptive's update) rebuild
+    their graphs, with sm_adaptive's recompute numbers; the MLP's Kronecker stages record their
+    forwards as without it, the same numbers to the bit."""
+    assert job_from_dict(kron_job()).optimizer.recompute
     shared = {"inner_steps": 3, "loss_curvature_scale": 1.0, "scale_max": 1e8,
               "scale_rule": "secant", "scale_growth": 10.0, "recompute": True,
               "power_warm_start": True}
@@ -242,7 +243,7 @@ def test_recompute_rebuilds_the_graphs_of_the_stages_without_a_bound_only() -> N
     pipeline = build_local_pipeline(job, CPU)
     assert not any(stage.optimizer.keeps_forward_graph() for stage in pipeline.stages)
     mlp = [r.train_loss for r in trained(kron_job(3, recompute=True))]
-    assert mlp == [r.train_loss for r in trained(kron_job(3))]
+    assert mlp == [r.train_loss for r in trained(kron_job(3, recompute=False))]
     job = job_from_dict(kron_job(3, recompute=True))
     assert all(stage.optimizer.keeps_forward_graph()
                for stage in build_local_pipeline(job, CPU).stages)

@@ -41,10 +41,11 @@ from sm_dist.pipeline.stage import Stage
 
 # What sm_kron's null options become (SMKronOptions.settle), full batch and minibatches: on
 # the CNN's minibatches the undamped bound with the secant scale judged on each minibatch
-# overfitted it (held-out loss 2.6 to 29 within 60 iterations); a damping of 0.2 and the
-# ratio rule held it near 0.6 (docs/results/peers.md has the runs).
+# overfitted it (held-out loss 2.6 to 25 within 60 iterations); over five seeds a damping of
+# 0.5 with the secant rule ended lowest and steadiest of six rules and dampings (final
+# held-out 0.62 on average against 0.70 for 0.2 and ratio; docs/results/peers.md has the runs).
 FULL_BATCH = {"damping": 0.0, "scale_rule": "secant"}
-MINIBATCHES = {"damping": 0.2, "scale_rule": "ratio"}
+MINIBATCHES = {"damping": 0.5, "scale_rule": "secant"}
 
 # Stage 0 factors its batch's Z̃ᵀZ̃ between its last forward and its first backward, where
 # GPipe leaves it idle while the microbatches go up and come back (input_bound: gram).
@@ -83,6 +84,10 @@ class SMKronOptions(SMAdaptiveOptions):
     # runs of docs/results/peers.md); sm_adaptive's growth of 2 per step held it back.
     scale_growth: float = field(default=10.0, metadata={"gt": 1})
     inner_steps: int | InnerStepsConfig = field(default=10, metadata={"min": 1})
+    # Only the stages without a Kronecker bound rebuild their graphs (keeps_forward_graph): on
+    # the transformer, kept graphs made sm_kron's live tensors 2.3-2.5 times Adam's, rebuilt
+    # 1.0-1.1 times, for a slower update (docs/performance.md).
+    recompute: bool = True
 
     def settle(self, minibatches: bool) -> None:
         for key, value in (MINIBATCHES if minibatches else FULL_BATCH).items():
