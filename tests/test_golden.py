@@ -1,6 +1,7 @@
 """Every job of docs/results, shortened (tests/golden.py), gives the numbers it gave before the
 architecture's second round: the refactoring moved code, not arithmetic. float64, fixed inner
-steps, one process; every record field but times, memory and utilisation, to the bit."""
+steps, one process; every record field but times, memory and utilisation, to the bit, against
+the numbers stored for this machine's arithmetic where it has its own (tests/golden.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 
 import pytest
 
-from tests.golden import JOBS, STORED, GoldenJob, train_numbers
+from tests.golden import JOBS, GoldenJob, stored_path, train_numbers
 
+STORED = stored_path()  # this machine's own numbers where it has them (tests/golden.py)
 STORED_NUMBERS = json.loads(STORED.read_text()) if STORED.exists() else {}
 
 

@@ -112,7 +112,8 @@ def inverse_factor(a_factor: Tensor, in_place: bool = False) -> Tensor:
     """
     # A is symmetric, so its transpose is the same matrix in LAPACK's column-major order:
     # Cholesky and the inverse (LAPACK's potri, which works in place) then run in that
-    # storage with no copy, and give the bits of the out-of-place routines (a test checks).
+    # storage with no copy, and give the out-of-place routines' result (to the bit with some
+    # LAPACK builds, to rounding with others; a test checks).
     work = a_factor.to(torch.float64, copy=not in_place).mT
     info = torch.empty((), dtype=torch.int32, device=work.device)
     torch.linalg.cholesky_ex(work, out=(work, info))
