@@ -133,9 +133,14 @@ def machine_key() -> str:
     return digest.hexdigest()[:12]
 
 
+def machine_path() -> Path:
+    """Where this machine's own numbers are stored (`--machine`)."""
+    return STORED.with_name(f"golden_records.{machine_key()}.json")
+
+
 def stored_path() -> Path:
     """This machine's stored numbers if it has its own, else the first machine's."""
-    own = STORED.with_name(f"golden_records.{machine_key()}.json")
+    own = machine_path()
     return own if own.exists() else STORED
 
 
@@ -169,7 +174,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="labels, comma-separated")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
-    target = STORED.with_name(f"golden_records.{machine_key()}.json") if args.machine else STORED
+    target = machine_path() if args.machine else STORED
     stored = json.loads(target.read_text()) if target.exists() else {}
     for job in JOBS:
         if only is not None and job.label not in only:
