@@ -4,7 +4,7 @@ For the 4-stage MLP, CNN and transformer jobs of configs/, one engine run each (
 per stage) of: Adam, SM keeping every microbatch's Ψ graph through the update (the default),
 SM with `optimizer.recompute: true` (one graph alive at a time, no warm-start vectors kept),
 recompute with `power_warm_start: true`, sm_kron (its defaults), sm_kron keeping the graphs
-of its stages without a Kronecker bound, and sm_kron with `gram_block: 128`. Runs
+of its stages without a Kronecker bound, and sm_kron with `gram_block: 0`. Runs
 go one after another, never side by side. It prints two figures per stage
 (pipeline/memory.py): the peak since training started, and what training added on top of what
 the process held at its start. On CPU both are resident memory, so the peak includes torch
@@ -86,10 +86,11 @@ SM_RUNS = {"sm, graphs kept": ["optimizer.recompute=false"],
            # Each layer's rows and weights of A and U kept from the backward to the update;
            # a stage without a Kronecker bound rebuilds its graphs (sm_kron's recompute).
            "sm_kron": ["optimizer.name=sm_kron"],
-           # Such a stage keeping its graphs instead (sm_kron's default before this round).
+           # Such a stage keeping its graphs instead (sm_kron's default before an earlier round).
            "sm_kron, graphs kept": ["optimizer.name=sm_kron", "optimizer.recompute=false"],
-           # Stage 0's Z̃ᵀZ̃ summed 128 samples at a time (no microbatch's d × d product).
-           "sm_kron, gram_block 128": ["optimizer.name=sm_kron", "optimizer.gram_block=128"]}
+           # Stage 0's Z̃ᵀZ̃ formed a microbatch's whole product at a time (the default before
+           # this round; by default a Linear input layer sums it 128 samples at a time).
+           "sm_kron, gram_block 0": ["optimizer.name=sm_kron", "optimizer.gram_block=0"]}
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from sm_dist.engine.failures import StageError
 from sm_dist.engine.worker import InputTimeout, Mailbox, StageWorker
 from sm_dist.optim.fill_budget import FillBudget
 from sm_dist.optim.sm import FILL, SMStageOptimizer
+from sm_dist.optim.step_scale import Decision
 from sm_dist.pipeline.actions import FORWARD, Action
 from sm_dist.pipeline.executor import Call, Plan
 from sm_dist.pipeline.local import LocalChannel
@@ -226,3 +227,25 @@ def test_the_coordinator_and_workers_give_the_single_process_numbers(engine,
     assert [r.test_loss for r in remote] == [r.test_loss for r in local]
     assert [r.forward_passes for r in remote] == [r.forward_passes for r in local]
     assert all(len(r.busy_fraction or []) == 3 for r in remote)  # timed by the workers
+
+
+def test_a_workers_delivery_hands_a_gradients_note_to_its_optimizer(engine) -> None:
+    """StageWorker.deliver gives the note that comes down with a gradient to the stage's
+    optimizer when it is delivered (note_arrived), once per gradient, before the backward that
+    takes it: what lets stage 0 free the step held for acceptance before its first backward."""
+    raw = synthetic_job(optimizer={"name": "sm_kron"}, data={"microbatches": 3},
+                        run={"iterations": 3, "eval_every": 0})
+    job = job_from_dict(raw)
+    pipeline, world = engine(raw)
+    optimizer = world.handlers[0].stage.optimizer
+    notes: list[Any] = []
+    arrived = optimizer.note_arrived
+
+    def spied(note: Any) -> None:
+        notes.append(note)
+        arrived(note)
+
+    optimizer.note_arrived = spied  # type: ignore[method-assign]
+    train(job, pipeline, load_job_data(job), lambda r: None)
+    assert len(notes) == 3 * 3  # every gradient stage 0 received
+    assert all(isinstance(note, Decision) and note.accept for note in notes)

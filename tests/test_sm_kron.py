@@ -4,6 +4,7 @@ input layer's Gram factor in stage 0's bubble, and the jobs it refuses."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +149,61 @@ def test_a_linear_layers_factors_formed_in_the_update_are_the_backwards(
 def test_stage_0_summing_its_gram_matrix_in_blocks_trains_as_the_whole_sum() -> None:
     """gram_block rounds the sum differently and nothing else: the same losses to rounding
     (and not to the bit: the option reaches stage 0's K)."""
-    whole = [r.train_loss for r in trained(kron_job(6))]
+    whole = [r.train_loss for r in trained(kron_job(6, gram_block=0))]
     blocked = [r.train_loss for r in trained(kron_job(6, gram_block=5))]
     assert blocked == pytest.approx(whole, rel=1e-6)
     assert blocked != whole
     assert blocked[-1] < blocked[0]
+
+
+@pytest.mark.parametrize("make,block", [(kron_job, 128), (cnn_job, 0)])
+def test_gram_block_by_default_blocks_a_linear_input_layer_only(
+        make: Callable, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """null: 128 samples at a time on a Linear input layer, whole microbatches on a
+    convolution; training then gives to the bit what that setting gives."""
+    blocks: list[int] = []
+    prepare = KronLayer.prepare_gram
+
+    def spied(self: KronLayer, inputs: list, damping: Damping, block: int = 0) -> None:
+        blocks.append(block)
+        prepare(self, inputs, damping, block)
+
+    monkeypatch.setattr(KronLayer, "prepare_gram", spied)
+
+    def losses(**options: Any) -> list[float]:
+        raw = make()
+        raw["optimizer"] = {"name": "sm_kron", **options}
+        raw["run"] = {**raw.get("run", {}), "iterations": 3, "eval_every": 0}
+        return [r.train_loss for r in trained(raw)]
+
+    default = losses()
+    assert blocks and set(blocks) == {block}
+    assert default == losses(gram_block=block)
+
+
+def test_stage_0_frees_the_held_step_when_the_decision_is_delivered() -> None:
+    """An accepted step's θ before it and direction go as soon as the first gradient (with the
+    top's decision) reaches stage 0's mailbox, not when stage 0's first backward runs, after
+    every gradient has arrived (one process runs stage 1's backwards first)."""
+    job = job_from_dict(kron_job(4))
+    pipeline = build_local_pipeline(job, CPU)
+    optimizer = pipeline.stages[0].optimizer
+    seen: list[tuple[bool, bool, int]] = []  # held before, held after, gradients waiting
+    arrived = pipeline.channels[1].arrivals[0]
+
+    def watched(key: Any, payload: Any) -> None:
+        before = optimizer.base is not None  # type: ignore[attr-defined]
+        arrived(key, payload)
+        waiting = sum(k[1] == BACKWARD.letter for k in pipeline.channels[0].mailbox)
+        seen.append((before, optimizer.base is not None, waiting))  # type: ignore[attr-defined]
+
+    pipeline.channels[1].arrivals[0] = watched
+    records = train(job, pipeline, load_job_data(job), lambda r: None)
+    assert not any(r.metric("step_rejected") for r in records)
+    firsts = [entry for entry in seen if entry[2] == 1]
+    assert len(firsts) == len(records)
+    # from the second iteration on a step is held when the first gradient comes, freed by it
+    assert [entry[:2] for entry in firsts[1:]] == [(True, False)] * (len(records) - 1)
 
 
 def test_the_loss_never_rises_on_a_full_batch() -> None:

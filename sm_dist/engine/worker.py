@@ -195,6 +195,9 @@ class StageWorker:
 
     def deliver(self, key: Hashable, payload: Any) -> None:
         self.mailbox.put(key, payload)
+        # On this RPC thread: a gradient's note may free what the optimizer holds for its
+        # decision, which nothing reads again before this stage's next update (a later plan).
+        self.executor.arrived(key, payload)
 
     def run_plan(self, plan: Plan) -> Future:
         done: Future = Future()

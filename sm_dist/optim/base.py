@@ -161,6 +161,11 @@ class BaseStageOptimizer:
     def take_backward_note(self, j: int, note: Any) -> None:
         """The note that came down with microbatch j's gradient (the last stage: its own)."""
 
+    def note_arrived(self, note: Any) -> None:
+        """A note from above is in this stage's mailbox, before the backward that takes it
+        runs (on the engine, on an RPC thread): only for releasing what the note makes
+        unnecessary; the backward still takes it by take_backward_note."""
+
     def release_held(self) -> dict[int, Tensor]:
         """Curvatures held back by the backward, released after the last one (SM's `batch`)."""
         return {}

@@ -161,14 +161,23 @@ class AdaptiveStageOptimizer(SMStageOptimizer):
         self._decision = note
         self._settle()
 
+    def note_arrived(self, note: Any) -> None:
+        # The decision frees the held step as soon as it is delivered: stage 0 would otherwise
+        # hold it beside every cotangent that arrives before its first backward runs.
+        if isinstance(note, Decision) and note.accept:
+            self._release_step()
+
     def _settle(self) -> None:
+        if self._decision is not None and self._decision.accept:
+            self._release_step()
+
+    def _release_step(self) -> None:
         """An accepted step is never undone: θ before it, and its direction unless CG starts
         from it, are freed before the drain rather than held through it (two parameter-sized
         tensors, the largest of stage 0's backward peak beside sm_kron's Gram inverse)."""
-        if self._decision is not None and self._decision.accept:
-            self.base = None
-            if not self.adaptive.warm_start:
-                self.last_d = None
+        self.base = None
+        if not self.adaptive.warm_start:
+            self.last_d = None
 
     # ---------------------------------------------------------------------- decision
     def _decide(self, same_batch: bool) -> Decision:

@@ -47,6 +47,13 @@ from sm_dist.pipeline.stage import Stage
 FULL_BATCH = {"damping": 0.0, "scale_rule": "secant"}
 MINIBATCHES = {"damping": 0.5, "scale_rule": "secant"}
 
+# gram_block's null. A Linear input layer sums its Z̃ᵀZ̃ 128 samples at a time: a microbatch's
+# whole 785² product beside the sum and its rows made stage 0 of the 4-layer MLP 2.18 times
+# Adam's live tensors, blocks 1.48 (docs/performance.md). A convolution's Z̃ᵀZ̃ is (C·k² + 1)²,
+# 10² on the CNN, whose stage 0 is within 1.11 times Adam's either way: whole microbatches,
+# the rounding its results in docs/ were made with.
+LINEAR_GRAM_BLOCK = 128
+
 # Stage 0 factors its batch's Z̃ᵀZ̃ between its last forward and its first backward, where
 # GPipe leaves it idle while the microbatches go up and come back (input_bound: gram).
 INPUT_GRAM = register_kind(ActionKind("K", "input-layer Gram factor", Direction.LOCAL,
@@ -69,15 +76,15 @@ class SMKronOptions(SMAdaptiveOptions):
     lambda_rounds: int = field(default=1, metadata={"min": 0})
     input_bound: str = field(default="gram", metadata={"choices": ("gram", "exact")})
     # Samples per product added into stage 0's Z̃ᵀZ̃ (input_bound: gram). 0: a microbatch's
-    # whole product at a time, which the results in docs/ were made with; N: stage 0 holds
-    # no microbatch's d × d product nor its rows (summed_input_gram; docs/performance.md).
-    gram_block: int = field(default=0, metadata={"min": 0})
+    # whole product at a time; N: stage 0 holds no microbatch's d × d product nor its rows
+    # (summed_input_gram). null: LINEAR_GRAM_BLOCK's rule below.
+    gram_block: int | None = field(default=None, metadata={"min": 0})
     refresh_every: int = field(default=1, metadata={"min": 1})
     # A convolution's A: over its whole patches, or K·blockdiag over its kernel offsets and
     # bias (looser, k² times fewer multiply-adds in the backward; docs/results/peers.md).
     conv_factor: str = field(default="patches", metadata={"choices": ("patches", "offsets")})
-    # The top curvature γ: 0.1 against 1 ended the 8-layer MLP of docs/results at 0.009
-    # against 0.084, and the CNN's minibatches at held-out 0.61 against 1.44.
+    # The top curvature γ: 0.1 against 1 ended the 8-layer MLP of docs/results at 0.021
+    # against 0.087, and the CNN's minibatches at held-out 0.61 against 1.44.
     loss_curvature_scale: float = field(default=0.1, metadata={"gt": 0})
     scale_max: float = field(default=1e8, metadata={"gt": 0})
     # The bound's α grows by orders of magnitude over a full-batch run (step_scale in the
@@ -226,8 +233,10 @@ class KronStageOptimizer(AdaptiveStageOptimizer):
                                                 first.gram_inverse is not None):
             return "skipped"
         inputs = [self.captured[j][0][0] for j in sorted(self.captured)]
-        first.prepare_gram([x.detach() for x in inputs if x is not None], self.damping,
-                           self.kron.gram_block)
+        block = self.kron.gram_block
+        if block is None:
+            block = LINEAR_GRAM_BLOCK if isinstance(first.affine, nn.Linear) else 0
+        first.prepare_gram([x.detach() for x in inputs if x is not None], self.damping, block)
         return ""
 
     def begin(self) -> None:

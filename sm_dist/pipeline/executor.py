@@ -294,6 +294,12 @@ class StageExecutor:
     def start(self, plan: Plan) -> PlanRun:
         return PlanRun(self, plan)
 
+    def arrived(self, key: MailKey, payload: Any) -> None:
+        """A neighbour's message was put in this stage's mailbox: a gradient's note goes to the
+        optimizer at once (note_arrived), before the backward that takes it runs."""
+        if key[1] == BACKWARD.letter:  # type: ignore[index]
+            self.stage.optimizer.note_arrived(payload[2])
+
     def run(self, plan: Plan) -> PlanResult:
         """Perform a whole plan, action after action (the engine's way)."""
         run = self.start(plan)

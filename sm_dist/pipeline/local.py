@@ -19,6 +19,8 @@ class LocalChannel:
     def __init__(self, mailboxes: list[dict[MailKey, Any]], index: int) -> None:
         self.mailboxes = mailboxes
         self.index = index
+        # per stage, what is told of each delivery to it (StageExecutor.arrived)
+        self.arrivals: list[Callable[[MailKey, Any], None]] = []
 
     @property
     def mailbox(self) -> dict[MailKey, Any]:
@@ -33,6 +35,8 @@ class LocalChannel:
 
     def send(self, stage: int, key: MailKey, payload: Any) -> None:
         self.mailboxes[stage][key] = payload
+        if self.arrivals:
+            self.arrivals[stage](key, payload)
 
     def flush(self) -> None:
         pass
@@ -63,6 +67,8 @@ class LocalPipeline(Pipeline):
         self.channels = [LocalChannel(mailboxes, s) for s in range(len(stages))]
         self.executors = [StageExecutor(stage, channel)
                           for stage, channel in zip(stages, self.channels)]
+        for channel in self.channels:
+            channel.arrivals = [executor.arrived for executor in self.executors]
 
     def _dispatch(self, plans: list[Plan]) -> Pending[list[PlanResult]]:
         runs = [executor.start(plan) for executor, plan in zip(self.executors, plans,
