@@ -154,30 +154,26 @@ class AdaptiveStageOptimizer(SMStageOptimizer):
     def backward_note(self, j: int, same_batch: bool) -> Any:
         if self._decision is None:
             self._decision = self._decide(same_batch)
-            self._settle()
+            self._release_if_accepted(self._decision)
         return self._decision
 
     def take_backward_note(self, j: int, note: Any) -> None:
         self._decision = note
-        self._settle()
+        self._release_if_accepted(note)
 
     def note_arrived(self, note: Any) -> None:
         # The decision frees the held step as soon as it is delivered: stage 0 would otherwise
-        # hold it beside every cotangent that arrives before its first backward runs.
-        if isinstance(note, Decision) and note.accept:
-            self._release_step()
+        # hold it beside every gradient that arrives before its first backward runs.
+        self._release_if_accepted(note)
 
-    def _settle(self) -> None:
-        if self._decision is not None and self._decision.accept:
-            self._release_step()
-
-    def _release_step(self) -> None:
+    def _release_if_accepted(self, decision: Decision | None) -> None:
         """An accepted step is never undone: θ before it, and its direction unless CG starts
         from it, are freed before the drain rather than held through it (two parameter-sized
         tensors, the largest of stage 0's backward peak beside sm_kron's Gram inverse)."""
-        self.base = None
-        if not self.adaptive.warm_start:
-            self.last_d = None
+        if isinstance(decision, Decision) and decision.accept:
+            self.base = None
+            if not self.adaptive.warm_start:
+                self.last_d = None
 
     # ---------------------------------------------------------------------- decision
     def _decide(self, same_batch: bool) -> Decision:

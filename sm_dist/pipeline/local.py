@@ -67,8 +67,9 @@ class LocalPipeline(Pipeline):
         self.channels = [LocalChannel(mailboxes, s) for s in range(len(stages))]
         self.executors = [StageExecutor(stage, channel)
                           for stage, channel in zip(stages, self.channels)]
-        for channel in self.channels:
-            channel.arrivals = [executor.arrived for executor in self.executors]
+        arrivals = [executor.arrived for executor in self.executors]
+        for channel in self.channels:  # one list, as the mailboxes are one list
+            channel.arrivals = arrivals
 
     def _dispatch(self, plans: list[Plan]) -> Pending[list[PlanResult]]:
         runs = [executor.start(plan) for executor, plan in zip(self.executors, plans,
